@@ -1,0 +1,151 @@
+"""Orbax checkpoints of the whole train state, with resume and best-by-metric.
+
+Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` is the TrainState
+(params, optimizer and model state, step, RNG); the data position is the step
+itself (see data.batch_indices). `meta` is JSON: the resolved config, the code
+version and, for checkpoints written after an evaluation, its metrics.
+
+Orbax writes each step into a temporary folder and renames it once complete, so
+a checkpoint cut short by a crash is never listed; restore also falls back to an
+older step when the newest cannot be read. Kept: the last `keep` steps plus the
+best one by `best_metric`.
+"""
+
+import os
+import subprocess
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+import research
+from research.errors import UserError
+
+BEST_METRIC = "accuracy"  # higher is better; test-split accuracy from the evaluation
+
+
+def code_version() -> dict:
+  """Package version and git commit (with a dirty flag) of the running code."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    try:
+      return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+
+  commit = git("rev-parse", "HEAD")
+  dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+  return {"package_version": research.__version__, "git_commit": commit or None, "git_dirty": dirty}
+
+
+class Checkpointer:
+  """Saves and restores TrainStates in WORKDIR/checkpoints."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=keep),
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                      keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+        enable_async_checkpointing=async_save,
+        read_only=read_only,
+        create=not read_only,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def save(self, state, meta: dict, metrics: dict | None = None) -> None:
+    """Starts an (async) save of `state` at its step; `metrics` mark it for best-keeping."""
+    step = int(jax.device_get(state.step))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    """Blocks until every started save is durable on disk."""
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores `step` (default: the newest readable one) -> (state, meta) or None.
+
+    Unreadable newer checkpoints are skipped with a warning naming them.
+    """
+    self._log_incomplete()
+    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    for candidate in candidates:
+      self._check_shapes(candidate, abstract_state)
+      try:
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # a damaged step can fail in many layers of Orbax/TensorStore
+        if step is not None:
+          raise UserError(f"Checkpoint step {candidate} in {self.directory} cannot be read: "
+                          f"{type(e).__name__}: {e}") from e
+        logging.warning("Skipping checkpoint step %d in %s: it cannot be read (%s: %s).",
+                        candidate, self.directory, type(e).__name__, str(e)[:300])
+        continue
+      return restored.state, restored.meta
+    return None
+
+  def _log_incomplete(self) -> None:
+    if not os.path.isdir(self.directory):
+      return
+    for entry in sorted(os.listdir(self.directory)):
+      if "tmp" in entry:
+        logging.warning("Ignoring incomplete checkpoint %s (its write never finished).",
+                        os.path.join(self.directory, entry))
+
+  def _check_shapes(self, step: int, abstract_state) -> None:
+    """Fails with the names of parameters whose stored shape differs from the model's."""
+    try:
+      stored = self.manager.item_metadata(step).state
+    except Exception:  # unreadable metadata: let restore report or skip this step
+      return
+    if stored is None:
+      return
+    expected = _shapes_by_path(abstract_state)
+    found = _shapes_by_path(stored)
+    problems = [f"{path}: checkpoint {found.get(path, 'missing')}, model {shape}"
+                for path, shape in expected.items() if found.get(path) != shape]
+    problems += [f"{path}: in checkpoint only" for path in found if path not in expected]
+    if problems:
+      raise UserError(
+          f"Checkpoint step {step} in {self.directory} does not fit this model/optimizer:\n  "
+          + "\n  ".join(problems[:20]) + "\nUse a fresh --workdir, or the config the "
+          "checkpoint was written with (saved in WORKDIR/config.json).")
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))
+          for path, leaf in flat}
+
+
+def fingerprint(params) -> str:
+  """A short hash of the parameters' bytes in a fixed (path-sorted) order."""
+  import hashlib
+
+  digest = hashlib.sha256()
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in sorted(flat, key=lambda item: jax.tree_util.keystr(item[0])):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  return digest.hexdigest()[:12]

@@ -1,0 +1,125 @@
+"""The input pipeline: datasets held in memory, the epoch order, padded eval sets.
+
+Small image datasets (MNIST, Fashion-MNIST, CIFAR) fit in memory many times over,
+so a split is read once from TFDS into uint8 arrays and put on the devices; the
+compiled train step gathers each batch from there by index. The host only
+decides the order: `batch_indices(...)` returns, for any range of steps, which
+examples each step sees. It depends on (seed, step) alone, so a resumed run sees
+exactly the batches an uninterrupted one would.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+
+import numpy as np
+from absl import logging
+
+from research import prepare_data
+from research.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
+  """Returns (info, train split, eval split), preparing the dataset if needed."""
+  builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
+  features = builder.info.features
+  info = DatasetInfo(
+      name=dataset_config.name,
+      image_shape=tuple(features["image"].shape),
+      num_classes=features["label"].num_classes,
+      class_names=tuple(features["label"].names),
+  )
+  train = read_split(builder, dataset_config.train_split)
+  evaluation = read_split(builder, dataset_config.eval_split)
+  return info, train, evaluation
+
+
+def read_split(builder, split: str) -> Split:
+  """Reads a whole split into memory, through a decoded-array cache beside the data."""
+  cache = os.path.join(os.fspath(builder.data_path) + ".decoded", re.sub(r"[^\w.%-]", "_", split) + ".npz")
+  if os.path.exists(cache):
+    try:
+      with np.load(cache) as arrays:
+        return Split(arrays["images"], arrays["labels"])
+    except (OSError, ValueError, KeyError) as e:
+      logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
+  split_data = _decode_split(builder, split)
+  _write_atomically(cache, split_data)
+  return split_data
+
+
+def _decode_split(builder, split: str) -> Split:
+  try:
+    source = builder.as_data_source(split=split)
+    examples = source.__getitems__(range(len(source)))
+  except ValueError as e:  # tfds reports unknown splits as ValueError
+    raise UserError(f"Split {split!r} of {builder.name}: {e}. Accepted: a split name "
+                    f"({', '.join(builder.info.splits)}) or a slice such as 'train[:90%]'.") from e
+  except Exception as e:  # damaged files surface as many exception types
+    raise UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
+                    f"({type(e).__name__}: {e}). The prepared data looks damaged: delete that "
+                    "folder and run `make data` to prepare it again.") from e
+  images = np.stack([example["image"] for example in examples]).astype(np.uint8)
+  labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
+  return Split(images, labels)
+
+
+def _write_atomically(path: str, split: Split) -> None:
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, images=split.images, labels=split.labels)
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only data dir only costs the decode next time
+    logging.warning("Could not write the decoded cache %s: %s", path, e)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The shuffled order of the training examples in `epoch`, fixed by (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples).astype(np.int32)
+
+
+def batch_indices(seed: int, first_step: int, num_steps: int, batch_size: int,
+                  num_examples: int) -> np.ndarray:
+  """Example indices [num_steps, batch_size] for steps first_step.. (remainder dropped)."""
+  steps_per_epoch = num_examples // batch_size
+  rows = []
+  for step in range(first_step, first_step + num_steps):
+    epoch, position = divmod(step, steps_per_epoch)
+    order = epoch_order(seed, epoch, num_examples)
+    rows.append(order[position * batch_size:(position + 1) * batch_size])
+  return np.stack(rows)
+
+
+def padded_for_eval(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pads a split to whole batches: (images, labels, mask); padded rows have mask 0.
+
+  Every example is evaluated exactly once; nothing is dropped.
+  """
+  count = len(split)
+  padded = -(-count // batch_size) * batch_size
+  pad = padded - count
+  images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
+  labels = np.concatenate([split.labels, np.zeros((pad,), np.int32)])
+  mask = np.concatenate([np.ones((count,), np.float32), np.zeros((pad,), np.float32)])
+  shape = (padded // batch_size, batch_size)
+  return (images.reshape(*shape, *images.shape[1:]), labels.reshape(shape), mask.reshape(shape))

@@ -1,0 +1,17 @@
+"""User-facing errors: a mistake the user can fix, reported without a traceback."""
+
+
+class UserError(Exception):
+  """Something the user asked for cannot be done; the message says how to fix it.
+
+  `main` prints the message and exits with status 2 (1 for runtime failures such
+  as a non-finite loss, see `TrainingFailure`).
+  """
+
+  exit_code = 2
+
+
+class TrainingFailure(UserError):
+  """Training started but had to stop (non-finite loss, disk full, ...)."""
+
+  exit_code = 1

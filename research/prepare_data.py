@@ -1,0 +1,229 @@
+"""Makes sure a TFDS dataset is prepared, offline sources first.
+
+Order of attempts for `ensure_prepared(name)`:
+  1. the dataset is already prepared in the TFDS data dir -> use it as is;
+  2. a local copy of the original source files exists (Debian's
+     `dataset-fashion-mnist` for fashion_mnist; installed with apt-get when
+     missing and we are root) -> TFDS prepares from it via `manual_dir`, checking
+     TFDS's registered checksums;
+  3. the dataset's download host answers -> TFDS's normal download;
+  4. otherwise a `UserError` that says how to get the data.
+
+Run as `python -m research.prepare_data --dataset=fashion_mnist` (`make data`).
+"""
+
+import dataclasses
+import gzip
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from typing import Mapping
+
+from absl import app, flags, logging
+
+from research.errors import UserError
+
+OFFLINE_ENV = "RESEARCH_OFFLINE"  # set to 1 to never try a network download
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSource:
+  """Original source files of a dataset as shipped by a Debian package."""
+
+  debian_package: str
+  directory: str
+  # File name -> modification time stored in the original gzip header. Debian
+  # rewrote the headers (name dropped, mtime changed); putting the original
+  # header back yields byte-identical originals, which TFDS then checksums.
+  gzip_mtimes: Mapping[str, int]
+  download_host: str
+
+
+LOCAL_SOURCES = {
+    "fashion_mnist": LocalSource(
+        debian_package="dataset-fashion-mnist",
+        directory="/usr/share/datasets/fashion-mnist",
+        gzip_mtimes={
+            "train-images-idx3-ubyte.gz": 0x59A7E9DE,
+            "train-labels-idx1-ubyte.gz": 0x59A7E9DE,
+            "t10k-images-idx3-ubyte.gz": 0x59A7E9F3,
+            "t10k-labels-idx1-ubyte.gz": 0x59A7E9F3,
+        },
+        download_host="fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    ),
+}
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def builder_for(name: str, data_dir: str | None):
+  """Returns the TFDS builder, or a UserError naming the known datasets."""
+  import tensorflow_datasets as tfds
+
+  try:
+    return tfds.builder(name, data_dir=data_dir or default_data_dir(), file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise UserError(
+        f"dataset.name={name!r} is not a TFDS dataset. Use a name from "
+        "`tfds.list_builders()`, e.g. fashion_mnist, mnist, cifar10.") from e
+
+
+def is_prepared(builder) -> bool:
+  return (builder.data_path / "dataset_info.json").exists()
+
+
+def ensure_prepared(name: str, data_dir: str | None = None, allow_apt: bool = True):
+  """Returns a builder whose dataset is prepared (see module docstring)."""
+  data_dir = data_dir or default_data_dir()
+  builder = builder_for(name, data_dir)
+  if is_prepared(builder):
+    return builder
+  _clear_unfinished(builder)
+  logging.info("Dataset %s is not prepared in %s.", name, builder.data_dir)
+  source = LOCAL_SOURCES.get(name)
+  if source and not _has_local_files(source) and allow_apt:
+    _apt_install(source.debian_package)
+  if source and _has_local_files(source):
+    _prepare_from_local_files(builder, source, data_dir)
+  elif _download_allowed(source):
+    logging.info("Downloading %s with TFDS.", name)
+    builder.download_and_prepare()
+  else:
+    raise UserError(_missing_data_message(name, builder, source))
+  return builder
+
+
+def _has_local_files(source: LocalSource) -> bool:
+  return all(os.path.exists(os.path.join(source.directory, f)) for f in source.gzip_mtimes)
+
+
+def _apt_install(package: str) -> None:
+  if os.geteuid() != 0 or not shutil.which("apt-get"):
+    return
+  logging.info("Installing Debian package %s for its dataset files.", package)
+  env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+  for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+      logging.warning("%s failed: %s", " ".join(command), result.stderr.strip()[-500:])
+      return
+
+
+def _download_allowed(source: LocalSource | None) -> bool:
+  """TFDS retries an unreachable host for minutes; ask the host once first."""
+  if os.environ.get(OFFLINE_ENV) == "1":
+    return False
+  if source is None:  # host unknown here: let TFDS try
+    return True
+  try:
+    socket.create_connection((source.download_host, 80), timeout=5).close()
+    return True
+  except OSError:
+    return False
+
+
+def restore_original_gzip(src: str, dst: str, mtime: int) -> None:
+  """Writes `src` with the gzip header the original file had (FNAME + mtime)."""
+  with open(src, "rb") as f:
+    data = f.read()
+  if data[:3] != b"\x1f\x8b\x08":
+    raise UserError(f"{src} is not a gzip file. Reinstall it: apt-get install --reinstall "
+                    "dataset-fashion-mnist")
+  flags_byte = data[3]
+  if flags_byte & 0x08:  # already carries a file name: keep the file as it is
+    body_with_header = data
+  elif flags_byte == 0:
+    name = os.path.basename(src)[:-len(".gz")].encode()
+    header = b"\x1f\x8b\x08\x08" + struct.pack("<I", mtime) + b"\x00\x03" + name + b"\x00"
+    body_with_header = header + data[10:]
+  else:
+    body_with_header = data
+  with open(dst, "wb") as f:
+    f.write(body_with_header)
+
+
+def _clear_unfinished(builder) -> None:
+  """TFDS treats an existing version folder as prepared; an empty one is a leftover."""
+  path = builder.data_path
+  if not path.exists():
+    return
+  if any(path.iterdir()):
+    raise UserError(f"{path} exists but holds no prepared dataset (no dataset_info.json): an "
+                    "interrupted or damaged preparation. Delete that folder and run `make data`.")
+  path.rmdir()
+
+
+def _prepare_from_local_files(builder, source: LocalSource, data_dir: str) -> None:
+  import tensorflow_datasets as tfds
+
+  logging.info("Preparing %s from %s.", builder.name, source.directory)
+  with tempfile.TemporaryDirectory(prefix="manual-", dir=_writable_dir(data_dir)) as manual:
+    for file_name, mtime in source.gzip_mtimes.items():
+      src = os.path.join(source.directory, file_name)
+      _check_gzip_stream(src)
+      restore_original_gzip(src, os.path.join(manual, file_name), mtime)
+    config = tfds.download.DownloadConfig(manual_dir=manual)
+    try:
+      builder.download_and_prepare(download_config=config)
+    except tfds.download.NonMatchingChecksumError as e:
+      raise UserError(
+          f"A source file of {builder.name} in {source.directory} does not match TFDS's "
+          f"registered checksum ({e}). The file is damaged: run "
+          f"`apt-get install --reinstall {source.debian_package}`.") from e
+
+
+def _check_gzip_stream(path: str) -> None:
+  """Names the damaged file before TFDS reports a checksum somewhere deep inside."""
+  try:
+    with gzip.open(path, "rb") as f:
+      while f.read(1 << 22):
+        pass
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise UserError(f"{path} is corrupt or truncated ({e}). Reinstall it: "
+                    "apt-get install --reinstall dataset-fashion-mnist") from e
+
+
+def _writable_dir(data_dir) -> str:
+  path = os.fspath(data_dir)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"Cannot create the TFDS data dir {path}: {e}. Set TFDS_DATA_DIR or "
+                    "--config.dataset.data_dir to a writable folder.") from e
+  return path
+
+
+def _missing_data_message(name, builder, source) -> str:
+  ways = [f"- put an already prepared copy in {builder.data_dir} (TFDS layout), or set "
+          "TFDS_DATA_DIR / --config.dataset.data_dir to where one is;"]
+  if source:
+    ways.append(f"- install the original files: `sudo apt-get install {source.debian_package}` "
+                f"(they land in {source.directory}), then run `make data`;")
+  ways.append(f"- on a machine with internet: `python -m research.prepare_data --dataset={name}` "
+              "downloads and prepares it with TFDS.")
+  return f"Dataset {name} is not available offline and cannot be downloaded here.\n" + "\n".join(ways)
+
+
+_DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "TFDS dataset name.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or "
+                                "~/tensorflow_datasets).")
+
+
+def main(argv):
+  del argv
+  try:
+    builder = ensure_prepared(_DATASET.value, _DATA_DIR.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  print(f"{builder.name} is prepared in {builder.data_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,90 @@
+"""Pure functions where the math is: loss, one train step, one eval step.
+
+Everything a step needs comes in as arguments and the new state goes out, so
+the same functions serve one CPU, many devices and many hosts. Per-step
+randomness is `fold_in(state.rng, state.step)`: no mutable RNG, exact resume.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  model_state: Any  # non-trainable collections (e.g. BatchNorm statistics); {} if none
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so it checkpoints like any other array
+
+
+def preprocess(images):
+  """uint8 pixels -> float32 in [0, 1]."""
+  return images.astype(jnp.float32) / 255.0
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
+               tx: optax.GradientTransformation):
+  """One optimizer step on a batch of uint8 images -> (new state, metrics)."""
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    variables = {"params": params, **state.model_state}
+    logits, new_model_state = apply_fn(
+        variables, preprocess(images), train=True, rngs={"dropout": step_rng},
+        mutable=list(state.model_state))
+    loss = cross_entropy(logits, labels).mean()
+    return loss, (logits, new_model_state)
+
+  (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      model_state=new_model_state,
+      opt_state=opt_state)
+  metrics = {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "grad_norm": optax.tree.norm(grads),
+  }
+  return new_state, metrics
+
+
+def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable):
+  """Sums over one padded batch: masked loss, correct count, example count."""
+  logits = apply_fn({"params": params, **model_state}, preprocess(images), train=False)
+  return {
+      "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      "count": jnp.sum(mask),
+  }
+
+
+def train_many(state, all_images, all_labels, batch_indices, **step_kwargs):
+  """Runs len(batch_indices) train steps in one compiled loop, gathering each batch
+  from the device-resident dataset. Returns (state, per-step metrics)."""
+
+  def body(state, indices):
+    return train_step(state, all_images[indices], all_labels[indices], **step_kwargs)
+
+  return jax.lax.scan(body, state, batch_indices)
+
+
+def evaluate_all(params, model_state, images, labels, mask, **step_kwargs):
+  """Evaluates padded batches [num_batches, batch, ...] -> summed totals."""
+
+  def body(totals, batch):
+    sums = eval_step(params, model_state, *batch, **step_kwargs)
+    return jax.tree.map(jnp.add, totals, sums), None
+
+  zeros = {"loss_sum": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+  totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
+  return totals
