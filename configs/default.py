@@ -39,7 +39,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every_steps = 0  # 0 = after every epoch
   config.checkpoint_every_steps = 0  # 0 = at every evaluation (and at the end)
   config.keep_checkpoints = 3
-  config.steps_per_call = 0  # steps per compiled call; 0 = up to the next log line
+
+  # Start a new run from another run's parameters (a workdir or its checkpoints/ folder);
+  # a checkpoint in this run's own workdir always wins (resume order in README).
+  config.init_from = ""
+  config.init_reinit_head = False  # re-initialize the classifier if the class count differs
+
+  # `--mode=eval`: which checkpoint ("latest", "best" or a step number) on which split.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.checkpoint_step = "latest"
+  config.eval.split = "test"
+
+  # GPU only: deterministic XLA reductions (slower); CPU runs are deterministic anyway.
+  config.deterministic = False
 
   if arg == "smoke":
     config.num_train_steps = 300

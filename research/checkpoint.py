@@ -13,6 +13,7 @@ best one by `best_metric`.
 
 import os
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -56,10 +57,13 @@ class Checkpointer:
         best_fn=lambda m: m[BEST_METRIC], best_mode="max",
         enable_async_checkpointing=async_save,
         read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
         create=not read_only,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def save(self, state, meta: dict, metrics: dict | None = None) -> None:
     """Starts an (async) save of `state` at its step; `metrics` mark it for best-keeping."""
@@ -98,9 +102,43 @@ class Checkpointer:
                           f"{type(e).__name__}: {e}") from e
         logging.warning("Skipping checkpoint step %d in %s: it cannot be read (%s: %s).",
                         candidate, self.directory, type(e).__name__, str(e)[:300])
+        self._set_aside(candidate)
         continue
       return restored.state, restored.meta
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves an unreadable step out of the manager's way (kept for inspection, never
+    deleted), so that training can write that step again."""
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
+      os.makedirs(aside, exist_ok=True)
+      target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+      os.replace(os.path.join(self.directory, str(step)), target)
+      logging.warning("Moved unreadable checkpoint step %d to %s.", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"set_aside_checkpoint_{step}")
+    self.manager.reload()
+
+  def resolve_step(self, which) -> int:
+    """'latest', 'best' or a step number -> an existing step, or a UserError listing them."""
+    available = self.steps()
+    if not available:
+      raise UserError(f"No checkpoint in {self.directory}: train first, or check --workdir.")
+    which = str(which).strip()
+    if which == "latest":
+      return available[-1]
+    if which == "best":
+      best = self.best_step()
+      if best is None:
+        raise UserError(f"No evaluated checkpoint in {self.directory} to call 'best'.")
+      return best
+    if which.isdigit() and int(which) in available:
+      return int(which)
+    raise UserError(f"eval.checkpoint_step={which!r} is not available. Accepted: 'latest', "
+                    f"'best' or one of the steps {available}.")
 
   def _log_incomplete(self) -> None:
     if not os.path.isdir(self.directory):
@@ -133,10 +171,66 @@ class Checkpointer:
     self.manager.close()
 
 
-def _shapes_by_path(tree) -> dict[str, tuple]:
+def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
+  """Returns `state` with params and model state taken from another run's latest checkpoint.
+
+  `source` is that run's workdir (or its checkpoints/ folder). With `reinit_head`, arrays
+  whose last axis is the class count and differs keep their fresh initialization.
+  """
+  source = os.path.abspath(source)
+  workdir = os.path.dirname(source) if os.path.basename(source) == "checkpoints" else source
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"init_from={source!r} has no checkpoints/ folder; give a training workdir.")
+  other = Checkpointer(workdir, read_only=True)
+  step = other.resolve_step("latest")
+  restored = other.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  other.close()
+  stored = restored.state
+  taken = {}
+  for name in ("params", "model_state"):
+    fresh, found = getattr(state, name), _by_path(stored.get(name, {}))
+    problems, reinitialized = [], []
+
+    def pick(path, leaf):
+      key = path_name(path)
+      if key not in found:
+        problems.append(f"{name}/{key}: missing in {workdir}")
+        return leaf
+      value = found[key]
+      if tuple(np.shape(value)) == leaf.shape:
+        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+      if reinit_head and leaf.shape[-1] == num_classes:
+        reinitialized.append(f"{name}/{key}")
+        return leaf
+      problems.append(f"{name}/{key}: {tuple(np.shape(value))} in {workdir}, {leaf.shape} here")
+      return leaf
+
+    taken[name] = jax.tree_util.tree_map_with_path(pick, fresh)
+    if problems:
+      hint = (" Set --config.init_reinit_head=True to re-initialize the classifier."
+              if not reinit_head else "")
+      raise UserError("init_from does not fit this model:\n  " + "\n  ".join(problems[:20]) + hint)
+    if reinitialized:
+      logging.info("init_from: re-initialized %s (class count differs).", ", ".join(reinitialized))
+  logging.info("Initialized from %s step %d.", workdir, step)
+  return state.replace(**taken)
+
+
+def path_name(path) -> str:
+  """'params/Dense_0/kernel' for any pytree path; dataclass fields, dict keys and list
+  indices look alike, so a tree and its stored metadata name leaves the same way."""
+  parts = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  return "/".join(str(part) for part in parts)
+
+
+def _by_path(tree) -> dict:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", np.shape(leaf)))
-          for path, leaf in flat}
+  return {path_name(path): leaf for path, leaf in flat}
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+  return {name: tuple(getattr(leaf, "shape", np.shape(leaf)))
+          for name, leaf in _by_path(tree).items()}
 
 
 def fingerprint(params) -> str:
@@ -145,7 +239,7 @@ def fingerprint(params) -> str:
 
   digest = hashlib.sha256()
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  for path, leaf in sorted(flat, key=lambda item: jax.tree_util.keystr(item[0])):
-    digest.update(jax.tree_util.keystr(path).encode())
+  for path, leaf in sorted(flat, key=lambda item: path_name(item[0])):
+    digest.update(path_name(path).encode())
     digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
   return digest.hexdigest()[:12]

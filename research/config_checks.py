@@ -24,9 +24,13 @@ class Schedule:
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
 
-  def next_stop(self, step: int, max_chunk: int) -> int:
-    """The next step at which the host must act (log, eval, checkpoint, end)."""
-    stop = min(self.total_steps, step + max_chunk)
+  def next_stop(self, step: int) -> int:
+    """The next step at which the host must act (log, eval, checkpoint, end).
+
+    Stops depend on the step alone, so a resumed run compiles and runs exactly
+    the same chunks of steps as an uninterrupted one.
+    """
+    stop = self.total_steps
     for every in (self.log_every, self.eval_every, self.checkpoint_every):
       if every > 0:
         stop = min(stop, (step // every + 1) * every)

@@ -40,16 +40,25 @@ class Split:
 def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
   """Returns (info, train split, eval split), preparing the dataset if needed."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
+  train = read_split(builder, dataset_config.train_split)
+  evaluation = read_split(builder, dataset_config.eval_split)
+  return dataset_info(builder), train, evaluation
+
+
+def load_split(dataset_config, split: str) -> tuple[DatasetInfo, Split]:
+  """Returns (info, one split), e.g. for evaluating a checkpoint on `split`."""
+  builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
+  return dataset_info(builder), read_split(builder, split)
+
+
+def dataset_info(builder) -> DatasetInfo:
   features = builder.info.features
-  info = DatasetInfo(
-      name=dataset_config.name,
+  return DatasetInfo(
+      name=builder.name,
       image_shape=tuple(features["image"].shape),
       num_classes=features["label"].num_classes,
       class_names=tuple(features["label"].names),
   )
-  train = read_split(builder, dataset_config.train_split)
-  evaluation = read_split(builder, dataset_config.eval_split)
-  return info, train, evaluation
 
 
 def read_split(builder, split: str) -> Split:

@@ -6,6 +6,9 @@ can take an argument: `--config=configs/default.py:smoke`. The work happens in
 mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
+import json
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,6 +17,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (resumes automatically) or eval: evaluate a checkpoint of "
+                          "--workdir, with the config stored there, on --config.eval.split.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Continue a workdir whose stored config differs from this one.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
@@ -24,16 +30,37 @@ class _QuietLibraries:
   renames) still show warnings and errors."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/research/" in record.pathname
+    return record.levelno >= std_logging.WARNING or "/research/" in record.pathname
+
+
+def _stored_config(workdir: str, command_config):
+  """The config a workdir was trained with; only `eval.*` comes from the command line."""
+  import ml_collections
+
+  from research.errors import UserError
+
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      stored = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserError(f"--mode=eval needs {path} (written by training): {e}") from e
+  stored.eval = command_config.eval
+  return stored
 
 
 def main(argv):
   if not _VERBOSE.value:
-    logging.get_absl_logger().addFilter(_QuietLibraries())
+    logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/default")
+  config = _CONFIG.value
+  if config.get("deterministic"):
+    # Read by XLA when the GPU backend starts, hence before JAX is imported.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_gpu_deterministic_ops=true").strip()
   import jax
 
   from research import train
@@ -42,7 +69,10 @@ def main(argv):
   logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+    if _MODE.value == "eval":
+      train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
+    else:
+      train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except UserError as e:
     if _VERBOSE.value:
       raise

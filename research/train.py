@@ -21,6 +21,34 @@ from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console, format_eta
 
 
+def build_model_and_state(config, info, mesh):
+  """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`)."""
+  model = models.build(config.model, info.num_classes)
+  tx = optim.build_optimizer(config.optimizer)
+  init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
+                    static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
+  abstract_state = jax.eval_shape(init_fn, config.seed)
+  abstract_state = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=mesh_lib.replicated(mesh)),
+      abstract_state)
+  return model, tx, init_fn, abstract_state
+
+
+def make_evaluator(model, split: data.Split, batch_size: int, mesh):
+  """Returns evaluate(state) -> metrics over every example of `split`, exactly once."""
+  arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
+            for a in data.padded_for_eval(split, batch_size)]
+  evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply))
+
+  def evaluate(state) -> dict:
+    totals = jax.device_get(evaluate_all(state.params, state.model_state, *arrays))
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
+            "num_examples": int(count), "params_fingerprint": checkpoint.fingerprint(state.params)}
+
+  return evaluate
+
+
 def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
   """Initial parameters, optimizer state and RNG from `seed` (pure; jit-able)."""
   root = jax.random.key(seed)
@@ -69,18 +97,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   mesh = mesh_lib.make_mesh()
   train_images = mesh_lib.put_replicated(train_split.images, mesh)
   train_labels = mesh_lib.put_replicated(train_split.labels, mesh)
-  eval_arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
-                 for a in data.padded_for_eval(eval_split, config.eval_batch_size)]
 
   # ---- Model, optimizer, state ---------------------------------------------
-  model = models.build(config.model, info.num_classes)
-  tx = optim.build_optimizer(config.optimizer)
-  init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
-                    static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
-  abstract_state = jax.eval_shape(init_fn, config.seed)
-  abstract_state = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=mesh_lib.replicated(mesh)),
-      abstract_state)
+  model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh)
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -90,19 +109,16 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     console("Resumed from checkpoint step %d in %s.", int(state.step), checkpointer.directory)
   else:
     state = init_fn(config.seed)
+    if config.init_from:
+      state = checkpoint.initialize_from(state, config.init_from, info.num_classes,
+                                         config.init_reinit_head)
   start_step = int(jax.device_get(state.step))
   meta = {"config": config.to_dict(), **checkpoint.code_version()}
 
   # ---- Compiled steps -------------------------------------------------------
   train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx),
                        donate_argnums=0)
-  evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply))
-
-  def evaluate(state) -> dict:
-    totals = jax.device_get(evaluate_all(state.params, state.model_state, *eval_arrays))
-    count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
-            "num_examples": int(count), "params_fingerprint": checkpoint.fingerprint(state.params)}
+  evaluate = make_evaluator(model, eval_split, config.eval_batch_size, mesh)
 
   run_log = RunLog(workdir, resume_step=start_step)
   if start_step >= plan.total_steps:
@@ -125,7 +141,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   window = []  # per-step train metrics since the last log line
   with _PreemptionFlag() as preempted:
     while step < plan.total_steps:
-      stop = plan.next_stop(step, max_chunk=config.steps_per_call or plan.log_every)
+      stop = plan.next_stop(step)
       indices = data.batch_indices(config.seed, step, stop - step, config.batch_size,
                                    len(train_split))
       state, metrics = train_many(state, train_images, train_labels,
@@ -208,3 +224,27 @@ def _last_eval(workdir: str) -> dict:
         if record.get("split") == "test":
           last = record
   return last
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """`--mode=eval`: evaluates one checkpoint of `workdir` on `config.eval.split`.
+
+  Appends the result to WORKDIR/eval.jsonl (metrics.jsonl stays the training record).
+  """
+  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+  step = checkpointer.resolve_step(config.eval.checkpoint_step)
+  info, split = data.load_split(config.dataset, config.eval.split)
+  mesh = mesh_lib.make_mesh()
+  model, _, _, abstract_state = build_model_and_state(config, info, mesh)
+  state, _ = checkpointer.restore(abstract_state, step)
+  metrics = make_evaluator(model, split, config.eval_batch_size, mesh)(state)
+  checkpointer.close()
+  record = {"step": step, "checkpoint": str(config.eval.checkpoint_step),
+            "split": config.eval.split, **metrics}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+  console("Checkpoint step %d on %s: loss %.4f accuracy %.4f (%d examples) | params %s", step,
+          config.eval.split, metrics["loss"], metrics["accuracy"], metrics["num_examples"],
+          metrics["params_fingerprint"])
+  return record

@@ -1,0 +1,153 @@
+"""Exact, preemption-safe resume with real processes and real signals."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_main
+
+RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=240",
+       "--config.log_every_steps=10", "--config.eval_every_steps=80",
+       "--config.checkpoint_every_steps=30"]
+TIMING_FIELDS = {"elapsed", "steps_per_sec"}
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in f]
+
+
+def _last_train_step(workdir):
+  try:
+    records = _records(workdir)
+  except (OSError, ValueError):
+    return 0
+  steps = [r["step"] for r in records if r["split"] == "train"]
+  return steps[-1] if steps else 0
+
+
+def _final_params(workdir):
+  import orbax.checkpoint as ocp
+
+  directory = os.path.join(workdir, "checkpoints", "240", "state")
+  state = ocp.StandardCheckpointer().restore(directory)
+  return state["params"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = run_main(workdir, *RUN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _interrupt_and_resume(workdir, sig, at_step):
+  command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *RUN]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 300
+  while _last_train_step(workdir) < at_step and process.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  process.send_signal(sig)
+  _, stderr = process.communicate(timeout=300)
+  return process.returncode, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path, sig):
+  at_step = random.Random(int(sig)).randrange(10, 230)
+  workdir = str(tmp_path / "run")
+  code, stderr = _interrupt_and_resume(workdir, sig, at_step)
+  if code != 0:  # the run may have finished before the signal landed
+    if sig == signal.SIGKILL:
+      assert code == -signal.SIGKILL
+    else:
+      assert code == 128 + sig, stderr[-3000:]
+      assert "Preempted" in stderr and "checkpoint at step" in stderr
+  resumed = run_main(workdir, *RUN)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  if code != 0:
+    assert "Resumed from checkpoint step" in resumed.stderr
+  assert _records(workdir) == _records(reference)
+  for a, b in zip(_final_params(workdir).values(), _final_params(reference).values()):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  workdir = str(tmp_path / "run")
+  short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
+  assert run_main(workdir, *short).returncode == 0
+  data_dir = os.path.join(workdir, "checkpoints", "90", "state", "ocdbt.process_0", "d")
+  for name in os.listdir(data_dir):
+    path = os.path.join(data_dir, name)
+    os.truncate(path, os.path.getsize(path) // 2)
+  longer = run_main(workdir, *RUN[:1], "--config.num_train_steps=120", *RUN[2:],
+                    "--allow_config_change")
+  assert longer.returncode == 0, longer.stderr[-3000:]
+  assert "Skipping checkpoint step 90" in longer.stderr
+  assert "Resumed from checkpoint step 80" in longer.stderr  # the newest readable one
+  assert os.listdir(os.path.join(workdir, "checkpoints_unreadable"))  # kept, not deleted
+  assert "90" in os.listdir(os.path.join(workdir, "checkpoints"))  # written again
+
+
+def test_eval_mode_evaluates_a_chosen_step_without_training(tmp_path):
+  workdir = str(tmp_path / "run")
+  short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
+  assert run_main(workdir, *short).returncode == 0
+  before = _records(workdir)
+  result = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=60")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.jsonl")) as f:
+    record = json.loads(f.readline())
+  assert record["step"] == 60 and record["split"] == "test" and record["num_examples"] == 10000
+  assert 0 < record["accuracy"] <= 1 and len(record["params_fingerprint"]) == 12
+  assert _records(workdir) == before  # no training happened
+  missing = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=61")
+  assert missing.returncode == 2 and "one of the steps [60, 80, 90]" in missing.stderr
+
+
+def test_init_from_another_run_and_head_reinitialization(tmp_path):
+  source = str(tmp_path / "source")
+  assert run_main(source, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  fine_tuned = run_main(str(tmp_path / "fine_tuned"), *RUN[:1], "--config.num_train_steps=10",
+                        f"--config.init_from={source}")
+  assert fine_tuned.returncode == 0, fine_tuned.stderr[-3000:]
+  assert f"Initialized from {source} step 30" in fine_tuned.stderr
+
+
+def test_two_fresh_runs_are_bitwise_equal(reference, tmp_path):
+  workdir = str(tmp_path / "again")
+  assert run_main(workdir, *RUN).returncode == 0
+  assert _records(workdir) == _records(reference)
+
+
+def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_path):
+  import jax
+  import optax
+
+  from research import checkpoint, mesh as mesh_lib, train
+  from research.errors import UserError
+  from research.models.cnn import CNN
+
+  workdir = str(tmp_path / "run")
+  assert run_main(workdir, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  wider = CNN(num_classes=10, conv_features=(48, 64))
+  abstract = jax.eval_shape(lambda: train.create_state(wider, optax.adam(1e-3), (28, 28, 1), 0))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=mesh_lib.replicated(mesh_lib.make_mesh())), abstract)
+  with pytest.raises(UserError) as error:
+    checkpoint.Checkpointer(workdir, read_only=True).restore(abstract)
+  message = str(error.value)
+  assert "params/Conv_0/kernel: checkpoint (3, 3, 1, 32), model (3, 3, 1, 48)" in message
+  assert "Traceback" not in message
