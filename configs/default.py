@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 125
   config.eval_every_steps = 0  # 0 = after every epoch
   config.checkpoint_every_steps = 0  # 0 = at every evaluation (and at the end)
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # the newest ones; the best one by best_metric is kept as well
+  config.best_metric = "accuracy"  # or "loss": picks the "best" checkpoint (test split)
 
   # Start a new run from another run's parameters (a workdir or its checkpoints/ folder);
   # a checkpoint in this run's own workdir always wins (resume order in README).

@@ -23,7 +23,8 @@ from absl import logging
 import research
 from research.errors import UserError
 
-BEST_METRIC = "accuracy"  # higher is better; test-split accuracy from the evaluation
+# Metrics an evaluation produces that can pick the "best" checkpoint, and which way is better.
+BEST_METRIC_MODES = {"accuracy": "max", "loss": "min"}
 
 
 def code_version() -> dict:
@@ -45,16 +46,21 @@ def code_version() -> dict:
 class Checkpointer:
   """Saves and restores TrainStates in WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+  def __init__(self, workdir: str, keep: int = 3, best_metric: str = "accuracy",
+               async_save: bool = True, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.best_metric = best_metric
+    mode = BEST_METRIC_MODES[best_metric]
+    metric = lambda metrics: metrics[best_metric]
+    # LatestN alone would evict the best step; BestN alone would evict recent ones.
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+        ocp.checkpoint_managers.BestN(get_metric_fn=metric, reverse=(mode == "min"), n=1,
                                       keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy,
-        best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+        best_fn=metric, best_mode=mode,
         enable_async_checkpointing=async_save,
         read_only=read_only,
         save_interval_steps=0 if read_only else 1,

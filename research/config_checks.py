@@ -66,6 +66,8 @@ def validate(config) -> None:
            "a positive number of steps")
   _require(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints,
            "a positive number")
+  _require(config.best_metric in ("accuracy", "loss"), "best_metric", config.best_metric,
+           "'accuracy' or 'loss'")
   learning_rate = config.optimizer.learning_rate
   _require(isinstance(learning_rate, (int, float)) and learning_rate > 0,
            "optimizer.learning_rate", learning_rate, "a positive number")

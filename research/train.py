@@ -79,6 +79,16 @@ class _PreemptionFlag:
     logging.warning("Received %s: will checkpoint and exit after the current step.",
                     signal.Signals(signum).name)
 
+  def agreed(self, step: int, checkpointer) -> bool:
+    """True on every process once any process was signalled, or once JAX's preemption
+    notifier (Orbax's `reached_preemption`) says so: all hosts save the same step."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    from jax.experimental import multihost_utils
+
+    signalled = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return bool(np.any(signalled)) or checkpointer.manager.reached_preemption(step)
+
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
@@ -102,7 +112,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh)
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
-  checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                         best_metric=config.best_metric)
   restored = checkpointer.restore(abstract_state)
   if restored is not None:
     state = restored[0]
@@ -171,17 +182,19 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         console("step %d epoch %.2f | test loss %.4f acc %.4f (%d examples) | params %s", step,
                 plan.epoch(step), final["loss"], final["accuracy"], final["num_examples"],
                 final["params_fingerprint"])
+      stop_now = preempted.agreed(step, checkpointer) and step < plan.total_steps
       if (eval_now or config_checks.is_time(step, plan.checkpoint_every)
-          or step == plan.total_steps or preempted.signal):
+          or step == plan.total_steps or stop_now):
         checkpointer.save(state, meta, metrics=(
-            {checkpoint.BEST_METRIC: final[checkpoint.BEST_METRIC]} if eval_now else None))
-      if preempted.signal and step < plan.total_steps:
+            {config.best_metric: final[config.best_metric]} if eval_now else None))
+      if stop_now:
         checkpointer.wait()
+        signum = preempted.signal or signal.SIGTERM  # another host may have been signalled
         console("Preempted (%s): checkpoint at step %d is on disk; rerun the same command to "
-                "resume.", signal.Signals(preempted.signal).name, step)
+                "resume.", signal.Signals(signum).name, step)
         run_log.close()
         checkpointer.close()
-        raise SystemExit(128 + preempted.signal)
+        raise SystemExit(128 + signum)
       progress.restart_clock()
 
   checkpointer.wait()
@@ -231,7 +244,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 
   Appends the result to WORKDIR/eval.jsonl (metrics.jsonl stays the training record).
   """
-  checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+  checkpointer = checkpoint.Checkpointer(workdir, best_metric=config.best_metric, read_only=True)
   step = checkpointer.resolve_step(config.eval.checkpoint_step)
   info, split = data.load_split(config.dataset, config.eval.split)
   mesh = mesh_lib.make_mesh()
