@@ -150,8 +150,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   step = start_step
   final = {}
   window = []  # per-step train metrics since the last log line
+  train_seconds = 0.0  # time inside training chunks only (no eval, no checkpoints)
   with _PreemptionFlag() as preempted:
     while step < plan.total_steps:
+      chunk_started = time.perf_counter()
       stop = plan.next_stop(step)
       indices = data.batch_indices(config.seed, step, stop - step, config.batch_size,
                                    len(train_split))
@@ -162,6 +164,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       window.append(metrics)
       step = stop
       elapsed = time.perf_counter() - started
+      train_seconds += time.perf_counter() - chunk_started
 
       if config_checks.is_time(step, plan.log_every) or step == plan.total_steps:
         train_metrics = {k: float(np.mean(np.concatenate([w[k] for w in window])))
@@ -169,7 +172,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         window = []
         speed = progress.update(step)
         run_log.write("train", step, plan.epoch(step), elapsed, **train_metrics,
-                      steps_per_sec=round(speed["steps_per_sec"], 2))
+                      steps_per_sec=round(speed["steps_per_sec"], 2),
+                      train_seconds=round(train_seconds, 3))
         console("step %d/%d epoch %.2f | train loss %.4f acc %.4f | %.1f steps/s %.0f img/s | ETA %s",
                 step, plan.total_steps, plan.epoch(step), train_metrics["loss"],
                 train_metrics["accuracy"], speed["steps_per_sec"], speed["images_per_sec"],

@@ -1,0 +1,192 @@
+"""`make bench`: how fast and how close to the machine's peak our training runs.
+
+For each benchmarked recipe it prints one Markdown table row (and writes the
+table to build/bench.md, the raw numbers to build/bench.json):
+  * seconds per epoch: the first (compile included) and the median of the rest,
+    from a real `research.main` run (timings from metrics.jsonl's `train_seconds`);
+  * final test accuracy and peak memory (max RSS) of that run;
+  * images/s at batch 32, 256 and 1024 (steady state, median of windows);
+  * FLOPs per image of one train step, from XLA's cost analysis;
+  * achieved GFLOP/s and its fraction of the fp32 matmul peak measured in the same run.
+
+  python -m research.benchmark [--recipes=seed,resnet20] [--resnet_epochs=1]
+"""
+
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+_RECIPES = flags.DEFINE_list("recipes", ["seed"], "Which recipes to benchmark: " +
+                             "seed (configs/default.py), resnet20 (configs/fashion_mnist_resnet.py).")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["32", "256", "1024"], "Throughput batch sizes.")
+_EPOCHS = flags.DEFINE_integer("resnet_epochs", 1, "Epochs of the ResNet-20 training run.")
+_OUT = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
+
+RECIPES = {
+    # name: (config file, overrides applied to it)
+    "seed": ("configs/default.py", {}),
+    "resnet20": ("configs/fashion_mnist_resnet.py", {"model.name": "resnet20"}),
+}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+  """Best fp32 matmul rate of this machine through XLA (2*n^3 FLOPs per product)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best / 1e9
+
+
+def load_config(config_file: str, overrides: dict):
+  """The ConfigDict `--config=config_file --config.KEY=VALUE...` would give."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def as_flags(overrides: dict) -> list[str]:
+  return [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def training_run(config_file: str, overrides: list[str]) -> dict:
+  """Runs `research.main` in a subprocess; returns epoch times, accuracy, peak RSS."""
+  with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+    command = [sys.executable, "-m", "research.main", f"--config={config_file}",
+               f"--workdir={workdir}", *overrides]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+      raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+  return {"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+          **epoch_times(records)}
+
+
+def epoch_times(records: list[dict]) -> dict:
+  """First and median later epoch times from the `train_seconds` of epoch-end lines."""
+  train = [r for r in records if r["split"] == "train"]
+  ends = [r["train_seconds"] for r in train if float(r["epoch"]).is_integer()]
+  epochs = [b - a for a, b in zip([0.0] + ends, ends)]
+  test = [r for r in records if r["split"] == "test"]
+  return {"epoch_seconds": epochs,
+          "first_epoch_seconds": epochs[0] if epochs else None,
+          "median_epoch_seconds": statistics.median(epochs[1:]) if len(epochs) > 1 else None,
+          "test_accuracy": test[-1]["accuracy"] if test else None}
+
+
+def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
+  """Steady-state images/s of the compiled train loop at `batch_size`, and XLA's FLOPs."""
+  import jax
+
+  from research import data, mesh as mesh_lib, steps, train
+
+  config = load_config(config_file, {**overrides, "batch_size": batch_size})
+  info, train_split, _ = data.load(config.dataset)
+  mesh = mesh_lib.make_mesh()
+  model, tx, init_fn, _ = train.build_model_and_state(config, info, mesh)
+  state = init_fn(config.seed)
+  images = mesh_lib.put_replicated(train_split.images, mesh)
+  labels = mesh_lib.put_replicated(train_split.labels, mesh)
+  steps_per_call = max(2, 4096 // batch_size)
+  run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx), donate_argnums=0)
+
+  indices = data.batch_indices(config.seed, 0, steps_per_call, batch_size, len(train_split))
+  one_step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
+  cost = one_step.lower(state, train_split.images[indices[0]],
+                        train_split.labels[indices[0]]).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops_per_image = float(cost["flops"]) / batch_size
+
+  state, metrics = run(state, images, labels, indices)  # compile
+  jax.block_until_ready(metrics)
+  rates = []
+  for window in range(5):
+    indices = data.batch_indices(config.seed, (window + 1) * steps_per_call, steps_per_call,
+                                 batch_size, len(train_split))
+    start = time.perf_counter()
+    state, metrics = run(state, images, labels, indices)
+    jax.block_until_ready(metrics)
+    rates.append(steps_per_call * batch_size / (time.perf_counter() - start))
+  images_per_sec = statistics.median(rates)
+  return {"batch_size": batch_size, "images_per_sec": images_per_sec,
+          "flops_per_image": flops_per_image,
+          "gflops_per_sec": images_per_sec * flops_per_image / 1e9}
+
+
+def main(argv):
+  del argv
+  import jax
+
+  os.makedirs(_OUT.value, exist_ok=True)
+  peak = matmul_peak_gflops()
+  results = {"machine": {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+                         "matmul_peak_gflops": peak}, "recipes": {}}
+  for name in _RECIPES.value:
+    config_file, overrides = RECIPES[name]
+    run_overrides = as_flags(overrides)
+    if name == "resnet20":
+      run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
+    rows = [throughput(config_file, overrides, int(b)) for b in _BATCHES.value]
+    results["recipes"][name] = {"throughput": rows, "training": training_run(config_file,
+                                                                             run_overrides)}
+    print(f"{name}: done", file=sys.stderr, flush=True)
+  table = markdown(results)
+  print(table)
+  with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+def markdown(results: dict) -> str:
+  peak = results["machine"]["matmul_peak_gflops"]
+  lines = [f"Machine: {results['machine']['cpu_count']} CPU cores, "
+           f"{', '.join(results['machine']['devices'])}; measured fp32 matmul peak "
+           f"{peak:.0f} GFLOP/s.", ""]
+  header = ("| recipe | first epoch s (compile incl.) | steady epoch s | test acc | peak RSS MB "
+            "| MFLOP/image (XLA) | batch | images/s | GFLOP/s | % of peak |")
+  lines += [header, "|" + "---|" * 10]
+  for name, recipe in results["recipes"].items():
+    run = recipe["training"]
+    for i, row in enumerate(recipe["throughput"]):
+      lead = (f"| {name} | {run['first_epoch_seconds']:.1f} | "
+              f"{_fmt(run['median_epoch_seconds'])} | {_fmt(run['test_accuracy'], 4)} | "
+              f"{run['peak_rss_mb']:.0f} | {row['flops_per_image'] / 1e6:.1f} "
+              if i == 0 else "| | | | | | ")
+      lines.append(f"{lead}| {row['batch_size']} | {row['images_per_sec']:.0f} | "
+                   f"{row['gflops_per_sec']:.1f} | {100 * row['gflops_per_sec'] / peak:.0f}% |")
+  return "\n".join(lines)
+
+
+def _fmt(value, digits: int = 1) -> str:
+  return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+if __name__ == "__main__":
+  app.run(main)
