@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0 = at every evaluation (and at the end)
   config.keep_checkpoints = 3
   config.steps_per_call = 0  # steps per compiled call; 0 = up to the next log line
+  # Split params and optimizer state over the devices (FSDP-style) instead of
+  # replicating them: for models too big for one device's memory.
+  config.shard_params = False
 
   if arg == "smoke":
     config.num_train_steps = 300

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import checkpoint, config_checks, data, mesh as mesh_lib, models, optim, steps
+from research import (checkpoint, config_checks, data, distributed, mesh as mesh_lib, models,
+                      optim, steps)
 from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console, format_eta
 
@@ -75,12 +76,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   # ---- Model, optimizer, state ---------------------------------------------
   model = models.build(config.model, info.num_classes)
   tx = optim.build_optimizer(config.optimizer)
-  init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
-                    static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
-  abstract_state = jax.eval_shape(init_fn, config.seed)
+  make_state = functools.partial(create_state, model, tx, info.image_shape)
+  # Replicated, or params and optimizer state split over the devices (config.shard_params).
+  state_sharding = mesh_lib.state_shardings(jax.eval_shape(make_state, config.seed), mesh,
+                                            config.shard_params)
+  init_fn = jax.jit(make_state, static_argnums=0, out_shardings=state_sharding)
   abstract_state = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=mesh_lib.replicated(mesh)),
-      abstract_state)
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      jax.eval_shape(init_fn, config.seed), state_sharding)
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -95,7 +98,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   # ---- Compiled steps -------------------------------------------------------
   train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx),
-                       donate_argnums=0)
+                       donate_argnums=0,
+                       out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
   evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply))
 
   def evaluate(state) -> dict:
@@ -155,17 +159,21 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         console("step %d epoch %.2f | test loss %.4f acc %.4f (%d examples) | params %s", step,
                 plan.epoch(step), final["loss"], final["accuracy"], final["num_examples"],
                 final["params_fingerprint"])
+      # A signal may reach some processes only: all of them stop at this step, or none.
+      stop_signal = preempted.signal
+      if distributed.any_process(stop_signal is not None):
+        stop_signal = stop_signal or signal.SIGTERM
       if (eval_now or config_checks.is_time(step, plan.checkpoint_every)
-          or step == plan.total_steps or preempted.signal):
+          or step == plan.total_steps or stop_signal):
         checkpointer.save(state, meta, metrics=(
             {checkpoint.BEST_METRIC: final[checkpoint.BEST_METRIC]} if eval_now else None))
-      if preempted.signal and step < plan.total_steps:
+      if stop_signal and step < plan.total_steps:
         checkpointer.wait()
         console("Preempted (%s): checkpoint at step %d is on disk; rerun the same command to "
-                "resume.", signal.Signals(preempted.signal).name, step)
+                "resume.", signal.Signals(stop_signal).name, step)
         run_log.close()
         checkpointer.close()
-        raise SystemExit(128 + preempted.signal)
+        raise SystemExit(128 + stop_signal)
       progress.restart_clock()
 
   checkpointer.wait()
