@@ -298,6 +298,34 @@ def test_tpu_vm_launcher_refuses_without_gcloud(tmp_path):
   assert "'gcloud' is not on PATH" in result.stderr and "Install it" in result.stderr
 
 
+def test_tpu_vm_launcher_creates_copies_runs_on_all_workers_and_deletes(tmp_path):
+  """The order of gcloud calls, with a gcloud that records them; the slice is
+  deleted although the training command fails."""
+  bin_dir = tmp_path / "gcloud_bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  (bin_dir / "gcloud").write_text(textwrap.dedent(f"""\
+      #!/usr/bin/env bash
+      args="$*"
+      echo "${{args//$'\\n'/ }}" >> {calls}
+      [[ "$4" == describe ]] && exit 1  # no such TPU yet
+      [[ "$*" == *research.main* ]] && exit 5  # the training fails
+      exit 0
+      """))
+  (bin_dir / "gcloud").chmod(0o755)
+  result = _run_script("tpu_vm.sh", "--config=configs/default.py", "--workdir=/mnt/shared/r 1",
+                       env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                            "TPU_NAME": "slice", "ZONE": "zone-a", "ACCELERATOR_TYPE": "v4-32"})
+  assert result.returncode == 5, result.stderr
+  steps = [line.split()[3] for line in calls.read_text().splitlines()]
+  assert steps == ["describe", "create", "scp", "ssh", "ssh", "scp", "delete"]
+  lines = calls.read_text().splitlines()
+  assert "--accelerator-type=v4-32" in lines[1] and "--worker=all" in lines[2]
+  assert "--worker=all" in lines[4] and "research.main --config=configs/default.py" in lines[4]
+  assert "--workdir=/mnt/shared/r\\ 1" in lines[4]  # quoted for the remote shell
+  assert lines[6].endswith("--quiet")
+
+
 def test_slurm_launcher_refuses_without_sbatch(tmp_path):
   result = _run_script("slurm.sbatch", "--workdir=x",
                        env={"PATH": _path_without(tmp_path, "sbatch", "srun", "scontrol")})
