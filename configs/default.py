@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # GPU only: deterministic XLA reductions (slower); CPU runs are deterministic anyway.
   config.deterministic = False
+  # Split params and optimizer state over the devices (FSDP-style) instead of
+  # replicating them: for models too big for one device's memory.
+  config.shard_params = False
 
   if arg == "smoke":
     config.num_train_steps = 300

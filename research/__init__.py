@@ -11,6 +11,8 @@ Where things live:
   checkpoint.py    Orbax checkpoints: save, resume, best-by-metric
   run_log.py       metrics.jsonl, TensorBoard and console progress
   config_checks.py validation and resolution of a config before anything runs
+  mesh.py          the device mesh; batch and parameter shardings
+  distributed.py   joining jax.distributed (flags, SLURM, Cloud TPU VM)
 """
 
 __version__ = "0.1.0"

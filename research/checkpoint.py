@@ -240,12 +240,24 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
 
 
 def fingerprint(params) -> str:
-  """A short hash of the parameters' bytes in a fixed (path-sorted) order."""
+  """A short hash of the parameters' bytes in a fixed (path-sorted) order.
+
+  Parameters split over several processes (config.shard_params) are gathered
+  first, so every process must call this at the same point.
+  """
   import hashlib
 
   digest = hashlib.sha256()
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   for path, leaf in sorted(flat, key=lambda item: path_name(item[0])):
     digest.update(path_name(path).encode())
-    digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    digest.update(np.ascontiguousarray(_whole_value(leaf)).tobytes())
   return digest.hexdigest()[:12]
+
+
+def _whole_value(leaf) -> np.ndarray:
+  if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  return np.asarray(jax.device_get(leaf))

@@ -48,14 +48,16 @@ def _require(condition: bool, field: str, value, accepted: str) -> None:
 
 def validate(config) -> None:
   """Fails with the field, the value and what is accepted; writes nothing."""
-  devices = jax.device_count()
   _require(isinstance(config.batch_size, int) and config.batch_size > 0, "batch_size",
            config.batch_size, "a positive integer")
-  _require(config.batch_size % devices == 0, "batch_size", config.batch_size,
-           f"a multiple of the {devices} devices in this run")
-  _require(isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0
-           and config.eval_batch_size % devices == 0, "eval_batch_size",
-           config.eval_batch_size, f"a positive multiple of the {devices} devices in this run")
+  _require(isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0,
+           "eval_batch_size", config.eval_batch_size, "a positive integer")
+  # Batches are global and split evenly over every device of every process.
+  for field in ("batch_size", "eval_batch_size"):
+    _require(config[field] % jax.device_count() == 0, field, config[field], _divisible_by_devices(
+        config[field]))
+  _require(isinstance(config.shard_params, bool), "shard_params", config.shard_params,
+           "True (split params and optimizer state over the devices) or False (replicate them)")
   _require(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs", config.num_epochs,
            "a positive number (or set num_train_steps > 0)")
   _require(config.num_train_steps >= 0, "num_train_steps", config.num_train_steps,
@@ -71,6 +73,15 @@ def validate(config) -> None:
   learning_rate = config.optimizer.learning_rate
   _require(isinstance(learning_rate, (int, float)) and learning_rate > 0,
            "optimizer.learning_rate", learning_rate, "a positive number")
+
+
+def _divisible_by_devices(size: int) -> str:
+  devices = jax.device_count()
+  below, above = size // devices * devices, (size // devices + 1) * devices
+  nearest = " or ".join(str(n) for n in (below, above) if n > 0)
+  return (f"the global batch is split evenly over the {devices} devices of this run "
+          f"({jax.process_count()} process(es) x {jax.local_device_count()} local devices), so it "
+          f"must be a multiple of {devices}, e.g. {nearest}")
 
 
 def schedule(config, num_train_examples: int) -> Schedule:

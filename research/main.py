@@ -23,6 +23,12 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Continue a workdir whose stored config differs from this one.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
+# Multi-process runs (see research/distributed.py): all three, or none on one host,
+# SLURM or a Cloud TPU VM.
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 of a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
 class _QuietLibraries:
@@ -63,12 +69,14 @@ def main(argv):
                                " --xla_gpu_deterministic_ops=true").strip()
   import jax
 
-  from research import train
+  from research import distributed, train
   from research.errors import UserError
 
-  logging.info("JAX process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
   try:
+    how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                                 _PROCESS_ID.value)  # before anything touches a device
+    logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
+                 jax.process_count(), how, jax.devices())
     if _MODE.value == "eval":
       train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
     else:

@@ -1,19 +1,24 @@
 """The device mesh and how host arrays become global arrays on it.
 
 One axis, "data", spans every device of every process. Batches are split along
-it; parameters are replicated. Each process passes only its own part of a
-global batch (`global_batch`), so the same code serves 1 CPU, 8 GPUs or a pod.
+it. Parameters and optimizer state are replicated by default; with
+`config.shard_params` they are split along the same axis (FSDP-style: each
+device holds a slice and XLA gathers a parameter where it is used). Each
+process passes only its own rows of a global batch (`global_batch`), so the same
+code serves 1 CPU, 8 GPUs or a pod.
 """
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
 def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+  """All devices of all processes on the "data" axis, in an order that suits the
+  interconnect (a ring on TPU); Auto axes, so jit propagates shardings itself."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -24,17 +29,48 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
 
 
+def split_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+  """Splits an array along its largest axis that divides by the size of the data
+  axis; an array with no such axis (a scalar, a bias of odd length) stays whole."""
+  size = mesh.shape[DATA_AXIS]
+  candidates = [axis for axis in np.argsort(shape)[::-1] if shape[axis] % size == 0]
+  if size == 1 or not candidates:
+    return replicated(mesh)
+  spec = [None] * len(shape)
+  spec[int(candidates[0])] = DATA_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def state_shardings(abstract_state, mesh: Mesh, shard_params: bool):
+  """Shardings for a TrainState: everything replicated, or with `shard_params`
+  the parameters and optimizer state split along the data axis."""
+  shardings = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  if not shard_params:
+    return shardings
+  split = lambda leaf: split_sharding(leaf.shape, mesh)
+  return shardings.replace(params=jax.tree.map(split, abstract_state.params),
+                           opt_state=jax.tree.map(split, abstract_state.opt_state))
+
+
 def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
   """The same full array on every device (each process holds all of it)."""
   return jax.make_array_from_process_local_data(replicated(mesh), array, array.shape)
 
 
+def process_rows(global_size: int, mesh: Mesh, batch_axis: int = 0) -> np.ndarray:
+  """Indices along the batch axis held by this process's devices, in order."""
+  shape = [1] * (batch_axis + 1)
+  shape[batch_axis] = global_size
+  rows = set()
+  for index in batch_sharding(mesh, batch_axis).addressable_devices_indices_map(
+      tuple(shape)).values():
+    rows.update(range(*index[batch_axis].indices(global_size)))
+  return np.asarray(sorted(rows))
+
+
 def global_batch(array: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
   """A global array split along `batch_axis`; `array` is the full global batch and
   this process contributes only the rows that belong to its own devices."""
-  sharding = batch_sharding(mesh, batch_axis)
-  size = array.shape[batch_axis]
-  per_process = size // jax.process_count()
-  start = jax.process_index() * per_process
-  local = np.take(array, np.arange(start, start + per_process), axis=batch_axis)
-  return jax.make_array_from_process_local_data(sharding, local, array.shape)
+  local = np.take(array, process_rows(array.shape[batch_axis], mesh, batch_axis), axis=batch_axis)
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axis), local,
+                                                 array.shape)

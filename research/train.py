@@ -16,21 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import checkpoint, config_checks, data, mesh as mesh_lib, models, optim, steps
+from research import (checkpoint, config_checks, data, distributed, mesh as mesh_lib, models,
+                      optim, steps)
 from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console, format_eta
 
 
 def build_model_and_state(config, info, mesh):
-  """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`)."""
+  """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`).
+
+  The state is replicated, or its params and optimizer state are split over the
+  devices when `config.shard_params` (FSDP-style); the abstract state carries those
+  shardings, so restoring a checkpoint lays it out for the current mesh.
+  """
   model = models.build(config.model, info.num_classes)
   tx = optim.build_optimizer(config.optimizer)
-  init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
-                    static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
-  abstract_state = jax.eval_shape(init_fn, config.seed)
+  make_state = functools.partial(create_state, model, tx, info.image_shape)
+  state_sharding = mesh_lib.state_shardings(jax.eval_shape(make_state, config.seed), mesh,
+                                            config.shard_params)
+  init_fn = jax.jit(make_state, static_argnums=0, out_shardings=state_sharding)
   abstract_state = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=mesh_lib.replicated(mesh)),
-      abstract_state)
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      jax.eval_shape(init_fn, config.seed), state_sharding)
   return model, tx, init_fn, abstract_state
 
 
@@ -84,10 +91,8 @@ class _PreemptionFlag:
     notifier (Orbax's `reached_preemption`) says so: all hosts save the same step."""
     if jax.process_count() == 1:
       return self.signal is not None
-    from jax.experimental import multihost_utils
-
-    signalled = multihost_utils.process_allgather(np.int32(self.signal is not None))
-    return bool(np.any(signalled)) or checkpointer.manager.reached_preemption(step)
+    return (distributed.any_process(self.signal is not None)
+            or checkpointer.manager.reached_preemption(step))
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -127,8 +132,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   meta = {"config": config.to_dict(), **checkpoint.code_version()}
 
   # ---- Compiled steps -------------------------------------------------------
+  state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
   train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx),
-                       donate_argnums=0)
+                       donate_argnums=0,
+                       out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
   evaluate = make_evaluator(model, eval_split, config.eval_batch_size, mesh)
 
   run_log = RunLog(workdir, resume_step=start_step)

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# N processes of research.main on this machine, joined by jax.distributed on 127.0.0.1.
+#
+#   launch/multiprocess.sh N --config=configs/default.py --workdir=runs/mp [ARGS...]
+#
+# Each process gets ARGS plus --coordinator_address=127.0.0.1:PORT (a free port)
+# --num_processes=N --process_id=I: the code path a cluster uses, on one machine.
+# On CPU, give each process several devices with
+#   XLA_FLAGS=--xla_force_host_platform_device_count=2 launch/multiprocess.sh 2 ...
+# It waits for all of them and exits 0 only if all exit 0. When one fails, the
+# others (which would wait for it forever in a collective) get SIGTERM, then
+# SIGKILL after $KILL_GRACE_SECONDS (default 10), and the script exits with the
+# first failure's status. SIGTERM or SIGINT to this script reaches every process
+# as SIGTERM: each writes a checkpoint and exits (rerun the command to resume).
+set -uo pipefail
+
+fail() { echo "error: launch/multiprocess.sh: $*" >&2; exit 2; }
+
+[[ $# -ge 1 && "$1" =~ ^[1-9][0-9]*$ ]] ||
+  fail "the first argument is the number of processes (a positive integer), then the" \
+       "arguments for research.main, e.g.: launch/multiprocess.sh 2 --workdir=runs/mp"
+num_processes="$1"
+shift
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+command -v "$PYTHON" >/dev/null 2>&1 ||
+  fail "it needs Python: '$PYTHON' was not found. Run 'make test' once to create .venv," \
+       "or set PYTHON=/path/to/python."
+
+# A port the kernel just handed out on the loopback interface (free a moment ago).
+port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" ||
+  fail "could not find a free port on 127.0.0.1"
+# Process 0 serves the coordinator on loopback only, not on every interface.
+export JAX_COORDINATOR_BIND_ADDRESS="127.0.0.1:$port"
+
+pids=()
+for ((i = 0; i < num_processes; i++)); do
+  "$PYTHON" -m research.main "$@" --coordinator_address="127.0.0.1:$port" \
+      --num_processes="$num_processes" --process_id="$i" &
+  pids+=("$!")
+done
+
+forward() {  # SIGTERM, not SIGINT: a terminal's Ctrl-C already reached them once
+  echo "launch/multiprocess.sh: $1 received, asking all $num_processes processes to checkpoint and stop." >&2
+  kill -TERM "${pids[@]}" 2>/dev/null
+}
+trap 'forward SIGTERM' TERM
+trap 'forward SIGINT' INT
+
+stop_the_rest() {
+  kill -TERM "${pids[@]}" 2>/dev/null
+  for ((waited = 0; waited < ${KILL_GRACE_SECONDS:-10} * 10; waited++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null
+}
+
+# Poll rather than `wait -n`, which older bash on cluster nodes lacks; wait on a
+# short sleep so that a forwarded signal is handled at once.
+status=0
+remaining=("${pids[@]}")
+while ((${#remaining[@]})); do
+  still=()
+  for index in "${!remaining[@]}"; do
+    pid="${remaining[$index]}"
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+      continue
+    fi
+    wait "$pid"
+    code=$?
+    if ((code != 0 && status == 0)); then
+      status=$code
+      for ((i = 0; i < num_processes; i++)); do [[ "${pids[$i]}" == "$pid" ]] && failed=$i; done
+      echo "launch/multiprocess.sh: process $failed exited with status $code; stopping the others." >&2
+      stop_the_rest
+    fi
+  done
+  remaining=("${still[@]+"${still[@]}"}")
+  ((${#remaining[@]})) && { sleep 0.2 & wait $!; }
+done
+exit "$status"

@@ -1,0 +1,407 @@
+"""Scaling out: one device, eight devices and two processes train alike; launchers.
+
+Every run is a real `research.main` process on real Fashion-MNIST. Several
+devices are CPU devices (`--xla_force_host_platform_device_count`); several
+processes are started by `launch/multiprocess.sh` and joined by
+`jax.distributed` on 127.0.0.1, the code path a cluster uses.
+
+Why the losses agree only to a tolerance, not bit for bit: with one device the
+gradient of a batch is one sum over 32 examples; with eight devices each device
+sums its 4 examples and an all-reduce adds the eight partial sums (across
+processes, through gloo over TCP). Float32 addition is not associative, so the
+parameters differ in their last bits after the first step, and training
+amplifies the difference slowly. Measured here (relative, per-step train loss):
+at most 1e-6 by step 40, 2e-5 by step 60. RTOL = 1e-3 leaves room for other
+CPUs and XLA versions and still catches a real mismatch: a wrong, missing or
+duplicated shard of a batch means other examples, and the losses part by
+percents within a few steps.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, run_main
+
+RTOL = 1e-3
+TEST_EXAMPLES = 10000
+# 96 divides by 1, 4 and 8 devices but not into 10000: the last eval batch is padded.
+COMMON = ["--config=configs/default.py:smoke", "--config.log_every_steps=1",
+          "--config.eval_every_steps=20", "--config.eval_batch_size=96"]
+STEPS = 40
+
+
+def _env(devices_per_process: int) -> dict:
+  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+          "JAX_PLATFORMS": "cpu"}
+
+
+def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, timeout=300):
+  command = [os.path.join(REPO, "launch", "multiprocess.sh"), str(num_processes),
+             f"--workdir={workdir}", *flags]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **_env(devices_per_process), "PYTHON": sys.executable})
+
+
+def _records(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def _losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in _records(workdir, "train")}
+
+
+def _assert_same_training(workdir, reference, steps):
+  losses, expected = _losses(workdir), _losses(reference)
+  assert sorted(losses) == list(steps), "one train line per step, written once (process 0 only)"
+  np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=RTOL)
+  tests, expected_tests = _records(workdir, "test"), {r["step"]: r for r in _records(reference, "test")}
+  assert tests
+  for record in tests:
+    assert record["num_examples"] == TEST_EXAMPLES  # every example once, padding masked out
+    np.testing.assert_allclose(record["loss"], expected_tests[record["step"]]["loss"], rtol=RTOL)
+    # A float flip may turn an example's argmax; allow three of the 10000.
+    assert abs(record["accuracy"] - expected_tests[record["step"]]["accuracy"]) <= 3e-4
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The reference: 60 steps on one device, evaluated in unpadded batches of 1000."""
+  workdir = str(tmp_path_factory.mktemp("one_device") / "run")
+  result = run_main(workdir, *COMMON, "--config.num_train_steps=60",
+                    "--config.eval_batch_size=1000", env=_env(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "1 device(s)" in result.stderr
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("eight_devices") / "run")
+  result = run_main(workdir, *COMMON, f"--config.num_train_steps={STEPS}", env=_env(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "8 device(s)" in result.stderr
+  return workdir
+
+
+def test_eight_devices_train_like_one(one_device, eight_devices):
+  _assert_same_training(eight_devices, one_device, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_like_one(one_device, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = _multiprocess(2, workdir, *COMMON, f"--config.num_train_steps={STEPS}")
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert "JAX process 1 of 2" in result.stderr and "4 device(s)" in result.stderr
+  _assert_same_training(workdir, one_device, range(1, STEPS + 1))
+  # Only process 0 writes logs: one TensorBoard event file, one config.
+  assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1
+  assert json.load(open(os.path.join(workdir, "config.json")))["num_train_steps"] == STEPS
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
+
+
+def _pid_of(workdir, process_id: int) -> int:
+  """The pid of `research.main --workdir=WORKDIR --process_id=I` (from /proc)."""
+  wanted = {"research.main", f"--workdir={workdir}", f"--process_id={process_id}"}
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        arguments = set(f.read().decode(errors="replace").split("\0"))
+    except OSError:
+      continue
+    if entry.isdigit() and wanted <= arguments:
+      return int(entry)
+  raise AssertionError(f"no process {process_id} of a run in {workdir}")
+
+
+@pytest.mark.slow
+def test_sharded_params_over_two_processes_train_like_replicated_through_a_preemption(
+    one_device, tmp_path):
+  """FSDP-style: params and Adam moments split over 4 devices in 2 processes. A
+  SIGTERM to process 1 alone stops both at the same step with a checkpoint
+  written by both; the rerun restores the split state and trains on to step 40
+  with the same losses as one device."""
+  workdir = str(tmp_path / "run")
+  flags = [*COMMON, "--config.shard_params=True"]
+  with open(tmp_path / "first.log", "w") as log:
+    first = subprocess.Popen(
+        [os.path.join(REPO, "launch", "multiprocess.sh"), "2", f"--workdir={workdir}", *flags,
+         "--config.num_train_steps=1000"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **_env(2), "PYTHON": sys.executable})
+    deadline = time.monotonic() + 180
+    while not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+               and len(_records(workdir, "train")) >= 3):
+      assert first.poll() is None and time.monotonic() < deadline, "training never got going"
+      time.sleep(0.05)
+    os.kill(_pid_of(workdir, 1), signal.SIGTERM)
+    assert first.wait(timeout=120) == 128 + signal.SIGTERM
+  output = (tmp_path / "first.log").read_text()
+  assert "Preempted (SIGTERM)" in output, output[-3000:]
+  stopped_at = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert 3 <= stopped_at < STEPS
+
+  result = _multiprocess(2, workdir, *flags, f"--config.num_train_steps={STEPS}",
+                         "--allow_config_change")
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert f"Resumed from checkpoint step {stopped_at}" in result.stderr
+  _assert_same_training(workdir, one_device, range(1, STEPS + 1))
+  assert sorted(map(int, os.listdir(os.path.join(workdir, "checkpoints"))))[-2:] == [20, STEPS]
+
+
+def test_shard_params_splits_params_and_optimizer_state_over_the_devices():
+  """Which leaves config.shard_params splits, on 8 devices (a fresh process: the
+  device count is fixed when JAX starts)."""
+  program = textwrap.dedent("""\
+      import functools, jax
+      from configs.default import get_config
+      from research import mesh, models, optim, train
+      config = get_config()
+      make_state = functools.partial(train.create_state, models.build(config.model, 10),
+                                     optim.build_optimizer(config.optimizer), (28, 28, 1))
+      abstract = jax.eval_shape(make_state, 0)
+      for shard_params in (False, True):
+        shardings = mesh.state_shardings(abstract, mesh.make_mesh(), shard_params)
+        for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+          print(shard_params, jax.tree_util.keystr(path), tuple(sharding.spec), sep="|")
+      """)
+  result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **_env(8)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line.split("|") for line in result.stdout.splitlines()]
+  assert all(spec == "()" for shard_params, _, spec in lines if shard_params == "False")
+  specs = {path: spec for shard_params, path, spec in lines if shard_params == "True"}
+  # Largest axis that divides by 8; an axis of 10 cannot, so that bias stays whole.
+  assert specs[".params['Dense_0']['kernel']"] == "('data', None)"  # (1600, 64)
+  assert specs[".params['Conv_1']['kernel']"] == "(None, None, None, 'data')"  # (3, 3, 32, 64)
+  assert specs[".params['Dense_1']['bias']"] == "()"  # (10,)
+  assert specs[".opt_state[0].mu['Dense_0']['kernel']"] == "('data', None)"
+  assert specs[".opt_state[0].count"] == specs[".step"] == specs[".rng"] == "()"
+
+
+def test_eight_device_checkpoint_resumes_on_one_device(one_device, eight_devices, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(eight_devices, workdir)
+  result = run_main(workdir, *COMMON, "--config.num_train_steps=60", "--allow_config_change",
+                    env=_env(1))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from checkpoint step {STEPS}" in result.stderr
+  assert "1 device(s)" in result.stderr
+  # Steps 41-60 continue the 8-device run as the uninterrupted 1-device run went on.
+  _assert_same_training(workdir, one_device, range(1, 61))
+  assert [r["step"] for r in _records(workdir, "test")] == [20, 40, 60]
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_main(str(workdir), *COMMON, "--config.batch_size=36", env=_env(8))
+  assert result.returncode == 2
+  assert "--config.batch_size=36 is not accepted" in result.stderr
+  assert "multiple of 8, e.g. 32 or 40" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
+def _fake_slurm(tmp_path) -> dict:
+  """`srun` and `scontrol` for one machine, and the variables sbatch sets: srun
+  starts SLURM_NTASKS local tasks with the variables a real job step has."""
+  bin_dir = tmp_path / "slurm_bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text(textwrap.dedent("""\
+      #!/usr/bin/env bash
+      while [[ "$1" == --* ]]; do shift; done
+      pids=()
+      for ((i = 0; i < SLURM_NTASKS; i++)); do
+        SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=127.0.0.1 "$@" &
+        pids+=("$!")
+      done
+      status=0
+      for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+      exit "$status"
+      """))
+  (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\n")
+  for tool in ("srun", "scontrol"):
+    (bin_dir / tool).chmod(0o755)
+  # JAX's SLURM detection puts the coordinator on port 61440 + job id % 4096.
+  for port in np.random.default_rng().permutation(np.arange(61440, 65536)):
+    with socket.socket() as probe:
+      try:
+        probe.bind(("127.0.0.1", int(port)))
+      except OSError:
+        continue
+    break
+  return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": str(port - 61440),
+          "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_SUBMIT_DIR": REPO,
+          "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}", "PYTHON": sys.executable,
+          **_env(2)}
+
+
+def test_slurm_job_joins_processes_and_every_process_refuses_a_bad_batch(tmp_path):
+  """slurm.sbatch in a (one-machine) SLURM job: the two tasks find each other by
+  JAX's SLURM detection alone (4 devices in all) and both refuse batch 30."""
+  result = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "slurm.sbatch"), *COMMON, "--config.batch_size=30",
+       f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+      timeout=120, env={**os.environ, **_fake_slurm(tmp_path)})
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "2 processes of research.main" in result.stderr
+  assert result.stderr.count("multiple of 4, e.g. 28 or 32") == 2  # both processes say why
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_partial_distributed_flags_are_refused(tmp_path):
+  result = run_main(str(tmp_path / "run"), *COMMON, "--num_processes=2", env=_env(1))
+  assert result.returncode == 2
+  assert "--coordinator_address, --process_id" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+# ---- Launchers ---------------------------------------------------------------
+
+
+def _path_without(tmp_path, *tools) -> str:
+  """A PATH with every program of the current PATH except `tools`."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for directory in os.environ["PATH"].split(os.pathsep):
+    if not os.path.isdir(directory):
+      continue
+    for name in os.listdir(directory):
+      target = os.path.join(directory, name)
+      if name not in tools and not (bin_dir / name).exists() and os.access(target, os.X_OK):
+        (bin_dir / name).symlink_to(target)
+  return str(bin_dir)
+
+
+def _run_script(script, *args, env=None, timeout=60):
+  return subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env={k: v for k, v in {**os.environ, **(env or {})}.items()
+                             if not k.startswith("SLURM_")})
+
+
+def test_tpu_vm_launcher_refuses_without_gcloud(tmp_path):
+  result = _run_script("tpu_vm.sh", "--workdir=x", env={"PATH": _path_without(tmp_path, "gcloud"),
+                                                        "TPU_NAME": "t", "ZONE": "z",
+                                                        "ACCELERATOR_TYPE": "v4-8"})
+  assert result.returncode == 2
+  assert "'gcloud' is not on PATH" in result.stderr and "Install it" in result.stderr
+
+
+def test_tpu_vm_launcher_creates_copies_runs_on_all_workers_and_deletes(tmp_path):
+  """The order of gcloud calls, with a gcloud that records them; the slice is
+  deleted although the training command fails."""
+  bin_dir = tmp_path / "gcloud_bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  (bin_dir / "gcloud").write_text(textwrap.dedent(f"""\
+      #!/usr/bin/env bash
+      args="$*"
+      echo "${{args//$'\\n'/ }}" >> {calls}
+      [[ "$4" == describe ]] && exit 1  # no such TPU yet
+      [[ "$*" == *research.main* ]] && exit 5  # the training fails
+      exit 0
+      """))
+  (bin_dir / "gcloud").chmod(0o755)
+  result = _run_script("tpu_vm.sh", "--config=configs/default.py", "--workdir=/mnt/shared/r 1",
+                       env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                            "TPU_NAME": "slice", "ZONE": "zone-a", "ACCELERATOR_TYPE": "v4-32"})
+  assert result.returncode == 5, result.stderr
+  steps = [line.split()[3] for line in calls.read_text().splitlines()]
+  assert steps == ["describe", "create", "scp", "ssh", "ssh", "scp", "delete"]
+  lines = calls.read_text().splitlines()
+  assert "--accelerator-type=v4-32" in lines[1] and "--worker=all" in lines[2]
+  assert "--worker=all" in lines[4] and "research.main --config=configs/default.py" in lines[4]
+  assert "--workdir=/mnt/shared/r\\ 1" in lines[4]  # quoted for the remote shell
+  assert lines[6].endswith("--quiet")
+
+
+def test_slurm_launcher_refuses_without_sbatch(tmp_path):
+  result = _run_script("slurm.sbatch", "--workdir=x",
+                       env={"PATH": _path_without(tmp_path, "sbatch", "srun", "scontrol")})
+  assert result.returncode == 2
+  assert "'sbatch' is not on PATH" in result.stderr
+  assert "sbatch --nodes=2 launch/slurm.sbatch" in result.stderr
+
+
+def test_slurm_launcher_refuses_inside_a_job_without_srun(tmp_path):
+  env = {"PATH": _path_without(tmp_path, "sbatch", "srun", "scontrol")}
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm.sbatch")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env, "SLURM_JOB_ID": "7"})
+  assert result.returncode == 2
+  assert "inside SLURM job 7 but 'srun' is not on PATH" in result.stderr
+
+
+def test_multiprocess_launcher_refuses_a_bad_count():
+  result = _run_script("multiprocess.sh", "two", "--workdir=x")
+  assert result.returncode == 2
+  assert "number of processes (a positive integer)" in result.stderr
+
+
+def test_local_launcher_refuses_without_python():
+  result = _run_script("local.sh", "--workdir=x", env={"PYTHON": "no-such-python"})
+  assert result.returncode == 2
+  assert "'no-such-python' was not found" in result.stderr
+
+
+def _fake_python(tmp_path) -> str:
+  """Stands in for Python under multiprocess.sh: runs `-c` snippets (the port
+  finder) with the real Python; as `-m research.main` process 1 fails after a
+  moment while process 0 waits, as a process blocked in a collective would,
+  and records a SIGTERM before exiting."""
+  script = tmp_path / "python"
+  script.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import os, signal, sys, time
+      if sys.argv[1] == "-c":
+        os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+      process_id = int(next(a for a in sys.argv if a.startswith("--process_id=")).split("=")[1])
+      marks = {str(tmp_path)!r}
+      def on_term(signum, frame):
+        open(os.path.join(marks, f"terminated{{process_id}}"), "w").close()
+        sys.exit(128 + signum)
+      signal.signal(signal.SIGTERM, on_term)
+      open(os.path.join(marks, f"started{{process_id}}"), "w").close()
+      if process_id == 1 and os.environ.get("FAKE_FAIL") == "1":
+        time.sleep(0.5)
+        sys.exit(3)
+      time.sleep(60)
+      """))
+  script.chmod(0o755)
+  return str(script)
+
+
+def test_multiprocess_launcher_fails_when_one_process_fails_and_stops_the_rest(tmp_path):
+  started = time.monotonic()
+  result = _run_script("multiprocess.sh", "2", "--workdir=x",
+                       env={"PYTHON": _fake_python(tmp_path), "FAKE_FAIL": "1"})
+  assert result.returncode == 3
+  assert "process 1 exited with status 3; stopping the others" in result.stderr
+  assert (tmp_path / "terminated0").exists()
+  assert time.monotonic() - started < 30
+
+
+def test_multiprocess_launcher_forwards_sigterm_to_every_process(tmp_path):
+  process = subprocess.Popen(
+      ["bash", os.path.join(REPO, "launch", "multiprocess.sh"), "2", "--workdir=x"], cwd=REPO,
+      stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHON": _fake_python(tmp_path)})
+  deadline = time.monotonic() + 30
+  while not all((tmp_path / f"started{i}").exists() for i in range(2)):
+    assert time.monotonic() < deadline, "the processes never started"
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=30)
+  assert process.returncode == 128 + signal.SIGTERM
+  assert "asking all 2 processes to checkpoint" in stderr
+  assert all((tmp_path / f"terminated{i}").exists() for i in range(2))
