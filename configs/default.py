@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # 0 = at every evaluation (and at the end)
   config.keep_checkpoints = 3
   config.steps_per_call = 0  # steps per compiled call; 0 = up to the next log line
+  config.profile_steps = ""  # "START,COUNT": jax.profiler trace of those steps in WORKDIR/profile
 
   if arg == "smoke":
     config.num_train_steps = 300

@@ -6,6 +6,7 @@ can take an argument: `--config=configs/default.py:smoke`. The work happens in
 mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -24,12 +25,13 @@ class _QuietLibraries:
   renames) still show warnings and errors."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/research/" in record.pathname
+    # record.levelno is a standard logging level; absl's logging.WARNING is -1.
+    return record.levelno >= std_logging.WARNING or "/research/" in record.pathname
 
 
 def main(argv):
   if not _VERBOSE.value:
-    logging.get_absl_logger().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(_QuietLibraries())  # records of every logger pass here
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:

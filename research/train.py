@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import checkpoint, config_checks, data, mesh as mesh_lib, models, optim, steps
+from research import (checkpoint, config_checks, data, mesh as mesh_lib, models, optim, profiling,
+                      run_info, steps)
 from research.errors import TrainingFailure
-from research.run_log import Progress, RunLog, console, format_eta
+from research.run_log import Progress, RunLog, console
 
 
 def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
@@ -30,6 +31,20 @@ def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
   return steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(root, 1)))
+
+
+def build_model_and_state(config, info: data.DatasetInfo, mesh):
+  """The model, optimizer, a jitted `init_fn(seed)` and the abstract (shape-only,
+  sharded) TrainState for `config`; shared by training, reports and predictions."""
+  model = models.build(config.model, info.num_classes)
+  tx = optim.build_optimizer(config.optimizer)
+  init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
+                    static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
+  abstract_state = jax.eval_shape(init_fn, config.seed)
+  abstract_state = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=mesh_lib.replicated(mesh)),
+      abstract_state)
+  return model, tx, init_fn, abstract_state
 
 
 class _PreemptionFlag:
@@ -62,6 +77,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   info, train_split, eval_split = data.load(config.dataset)
   plan = config_checks.schedule(config, len(train_split))
+  profiler = profiling.TraceWindow(config.profile_steps, workdir)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
 
@@ -73,14 +89,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
                  for a in data.padded_for_eval(eval_split, config.eval_batch_size)]
 
   # ---- Model, optimizer, state ---------------------------------------------
-  model = models.build(config.model, info.num_classes)
-  tx = optim.build_optimizer(config.optimizer)
-  init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
-                    static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
-  abstract_state = jax.eval_shape(init_fn, config.seed)
-  abstract_state = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=mesh_lib.replicated(mesh)),
-      abstract_state)
+  model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh)
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -118,22 +127,30 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   console("Training %s (%d parameters) on %s: %d steps (%d per epoch), batch %d, %d device(s).",
           config.model.name, n_params, info.name, plan.total_steps, plan.steps_per_epoch,
           config.batch_size, jax.device_count())
-  progress = Progress(plan.total_steps, config.batch_size, start_step)
+  progress = Progress(plan, config.batch_size, start_step)
   started = time.perf_counter()
   step = start_step
   final = {}
   window = []  # per-step train metrics since the last log line
-  with _PreemptionFlag() as preempted:
+  with (_PreemptionFlag() as preempted, run_info.RunRecord(workdir, config, start_step) as record,
+        profiler):
     while step < plan.total_steps:
       stop = plan.next_stop(step, max_chunk=config.steps_per_call or plan.log_every)
+      stop = profiler.clip(step, stop)  # a profiled window starts and ends between calls
+      profiler.before_chunk(step)
+      chunk_started = time.perf_counter()  # input time: host work before the compiled call
       indices = data.batch_indices(config.seed, step, stop - step, config.batch_size,
                                    len(train_split))
-      state, metrics = train_many(state, train_images, train_labels,
-                                  mesh_lib.global_batch(indices, mesh, batch_axis=1))
+      batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
+      input_ready = time.perf_counter()
+      state, metrics = train_many(state, train_images, train_labels, batch_indices)
       metrics = jax.device_get(metrics)
+      progress.chunk_done(stop, input_ready - chunk_started, time.perf_counter() - input_ready,
+                          float(np.mean(metrics["loss"])), float(np.mean(metrics["accuracy"])))
       _check_finite(metrics, step, checkpointer)
       window.append(metrics)
-      step = stop
+      step = record.step = stop
+      profiler.after_chunk(step)
       elapsed = time.perf_counter() - started
 
       if config_checks.is_time(step, plan.log_every) or step == plan.total_steps:
@@ -142,14 +159,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         window = []
         speed = progress.update(step)
         run_log.write("train", step, plan.epoch(step), elapsed, **train_metrics,
-                      steps_per_sec=round(speed["steps_per_sec"], 2))
-        console("step %d/%d epoch %.2f | train loss %.4f acc %.4f | %.1f steps/s %.0f img/s | ETA %s",
-                step, plan.total_steps, plan.epoch(step), train_metrics["loss"],
-                train_metrics["accuracy"], speed["steps_per_sec"], speed["images_per_sec"],
-                format_eta(speed["eta_sec"]))
+                      steps_per_sec=round(speed["steps_per_sec"], 2),
+                      input_sec=round(speed["input_sec"], 4),
+                      compute_sec=round(speed["compute_sec"], 4))
+        progress.log_line(step, train_metrics, speed)
 
       eval_now = config_checks.is_time(step, plan.eval_every) or step == plan.total_steps
       if eval_now:
+        progress.end_phase()
         final = evaluate(state)
         run_log.write("test", step, plan.epoch(step), time.perf_counter() - started, **final)
         console("step %d epoch %.2f | test loss %.4f acc %.4f (%d examples) | params %s", step,
@@ -160,6 +177,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         checkpointer.save(state, meta, metrics=(
             {checkpoint.BEST_METRIC: final[checkpoint.BEST_METRIC]} if eval_now else None))
       if preempted.signal and step < plan.total_steps:
+        progress.end_phase()
         checkpointer.wait()
         console("Preempted (%s): checkpoint at step %d is on disk; rerun the same command to "
                 "resume.", signal.Signals(preempted.signal).name, step)
