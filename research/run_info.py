@@ -8,6 +8,7 @@ Final and best metrics are read back from metrics.jsonl, the run's one record
 of numbers; `read_metrics` and `summarize_metrics` also serve reports and sweeps.
 """
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -41,9 +42,9 @@ def versions() -> dict:
 
 def devices() -> dict:
   all_devices = jax.devices()
-  return {"platform": all_devices[0].platform, "kinds": sorted({d.device_kind for d in all_devices}),
-          "count": len(all_devices), "local_count": jax.local_device_count(),
-          "process_count": jax.process_count()}
+  return {"platform": all_devices[0].platform,
+          "kinds": sorted({d.device_kind for d in all_devices}), "count": len(all_devices),
+          "local_count": jax.local_device_count(), "process_count": jax.process_count()}
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -93,7 +94,7 @@ class RunRecord:
   `step` is set by the loop as it goes, so the exit record says where it stopped.
   """
 
-  def __init__(self, workdir: str, config, start_step: int):
+  def __init__(self, workdir: str, config, start_step: int, dataset_info=None):
     self.workdir = workdir
     self.step = start_step
     self.enabled = jax.process_index() == 0
@@ -109,6 +110,8 @@ class RunRecord:
         "status": "running",
         "config": config.to_dict(),
         "seed": config.seed,
+        # Name, image shape and class names: enough for predictions without the data.
+        "dataset": dataclasses.asdict(dataset_info) if dataset_info else None,
         "code": checkpoint.code_version(),
         "versions": versions(),
         "devices": devices(),

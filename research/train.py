@@ -132,8 +132,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   step = start_step
   final = {}
   window = []  # per-step train metrics since the last log line
-  with (_PreemptionFlag() as preempted, run_info.RunRecord(workdir, config, start_step) as record,
-        profiler):
+  with (_PreemptionFlag() as preempted,
+        run_info.RunRecord(workdir, config, start_step, info) as record, profiler):
     while step < plan.total_steps:
       stop = plan.next_stop(step, max_chunk=config.steps_per_call or plan.log_every)
       stop = profiler.clip(step, stop)  # a profiled window starts and ends between calls
