@@ -157,6 +157,9 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str) -> None:
         xs, ys = series(records, "test", key, x)
         axis.plot(xs, ys, color=colour, linestyle="--", marker="o", markersize=3,
                   label=f"{prefix}test")
+  from matplotlib.ticker import FuncFormatter
+
+  plain = FuncFormatter(lambda value, _: f"{value:g}")
   for row, key in enumerate(("loss", "accuracy")):
     for column, x in enumerate(("step", "wall time (s)")):
       axis = axes[row][column]
@@ -165,6 +168,8 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str) -> None:
       axis.grid(alpha=0.3)
       if key == "loss":
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(plain)  # 0.3, not 3 x 10^-1
+        axis.yaxis.set_minor_formatter(plain)
   axes[0][0].legend(fontsize="small")
   figure.suptitle("Learning curves" + (": " + next(iter(runs)) if len(runs) == 1 else ""))
   figure.savefig(path, dpi=DPI)

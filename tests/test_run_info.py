@@ -38,7 +38,8 @@ def test_run_json_running_then_finished_with_final_and_best_metrics(tmp_path):
   assert info["status"] == "finished" and info["end_time"] >= info["start_time"]
   assert info["config"]["optimizer"]["name"] == "adam" and info["seed"] == 0
   assert set(info["code"]) == {"package_version", "git_commit", "git_dirty"}
-  assert {"jax", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets"} <= set(info["versions"])
+  assert {"jax", "flax", "optax", "orbax-checkpoint",
+          "tensorflow-datasets"} <= set(info["versions"])
   assert info["devices"]["count"] >= 1 and info["devices"]["process_count"] == 1
   assert info["final_metrics"]["test"]["accuracy"] == 0.55
   assert info["final_metrics"]["train"]["loss"] == 0.8
