@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Split params and optimizer state over the devices (FSDP-style) instead of
   # replicating them: for models too big for one device's memory.
   config.shard_params = False
+  config.profile_steps = ""  # "START,COUNT": jax.profiler trace of those steps in WORKDIR/profile
 
   if arg == "smoke":
     config.num_train_steps = 300

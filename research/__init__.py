@@ -9,7 +9,12 @@ Where things live:
   models/          the model zoo, chosen by `config.model.name`
   optim.py         optimizers and schedules, chosen by `config.optimizer.name`
   checkpoint.py    Orbax checkpoints: save, resume, best-by-metric
-  run_log.py       metrics.jsonl, TensorBoard and console progress
+  run_log.py       metrics.jsonl, TensorBoard and console progress (bars in a terminal)
+  run_info.py      run.json: config, code and library versions, devices, times, results
+  profiling.py     jax.profiler trace of chosen steps (config.profile_steps)
+  classifier.py    a trained workdir's model as images -> class probabilities
+  report.py        python -m research.report: curves, confusion matrix, comparisons
+  predict.py       python -m research.predict: top-k classes of image files
   config_checks.py validation and resolution of a config before anything runs
   mesh.py          the device mesh; batch and parameter shardings
   distributed.py   joining jax.distributed (flags, SLURM, Cloud TPU VM)

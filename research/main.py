@@ -36,6 +36,7 @@ class _QuietLibraries:
   renames) still show warnings and errors."""
 
   def filter(self, record) -> bool:
+    # record.levelno is a standard logging level; absl's logging.WARNING is -1.
     return record.levelno >= std_logging.WARNING or "/research/" in record.pathname
 
 

@@ -7,6 +7,8 @@ step first, so the file reads exactly as if the run had never stopped.
 import json
 import math
 import os
+import shutil
+import sys
 import time
 
 import jax
@@ -78,27 +80,107 @@ def _plain(value):
 
 
 class Progress:
-  """Throughput and ETA between log lines (wall clock, so input waits count too)."""
+  """Speed, ETA and input wait of the training steps, for the console.
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int):
-    self.total_steps = total_steps
+  In a terminal: one progress bar per phase (the steps up to the next
+  evaluation) with steps/s, images/s, loss, accuracy, the share of time spent
+  waiting for input, and ETAs. Elsewhere (logs, CI): a log line at every
+  `log_every_steps`. Input time is the host work that prepares a chunk's batch
+  before the compiled call; compute is the call itself, so a slow input
+  pipeline shows up as a large input share.
+  """
+
+  def __init__(self, plan, batch_size: int, start_step: int, stream=None):
+    self.plan = plan
+    self.total_steps = plan.total_steps
     self.batch_size = batch_size
-    self._last_step = start_step
-    self._last_time = time.perf_counter()
+    self._stream = stream or sys.stderr
+    self.bars = jax.process_index() == 0 and _is_terminal(self._stream)
+    self._bar = None
+    self._last_step = self._chunk_step = start_step
+    self._last_time = self._chunk_time = time.perf_counter()
+    self._input_sec = self._compute_sec = 0.0  # since the last update()
+
+  def chunk_done(self, step: int, input_sec: float, compute_sec: float, loss: float,
+                 accuracy: float) -> None:
+    """After each compiled call: accounts its time and moves the bar (cheap)."""
+    self._input_sec += input_sec
+    self._compute_sec += compute_sec
+    if not self.bars:
+      return
+    now = time.perf_counter()
+    steps_per_sec = (step - self._chunk_step) / max(now - self._chunk_time, 1e-9)
+    phase_start, phase_end = self._phase(self._chunk_step)
+    if self._bar is None:
+      from tqdm import tqdm  # lazy: only terminals draw bars
+
+      size = shutil.get_terminal_size((120, 24))
+      self._bar = tqdm(total=phase_end - phase_start, initial=self._chunk_step - phase_start,
+                       desc=self._phase_name(phase_start, phase_end), file=self._stream,
+                       ncols=size.columns or 120, nrows=size.lines or 24,  # 0 in bare ptys
+                       leave=True, mininterval=0,
+                       bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                  "[{elapsed}<{remaining}{postfix}]")
+    share = input_sec / max(input_sec + compute_sec, 1e-9)
+    remaining = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
+    self._bar.set_postfix_str(
+        f"loss {loss:.4f} acc {accuracy:.4f} | {steps_per_sec:.1f} steps/s "
+        f"{steps_per_sec * self.batch_size:.0f} img/s | input {share:.0%} | "
+        f"run ETA {format_eta(remaining)}", refresh=False)
+    self._bar.update(step - self._chunk_step)
+    self._chunk_step, self._chunk_time = step, now
+    if step >= phase_end:
+      self.end_phase()
 
   def update(self, step: int) -> dict:
+    """At a log step: speed, ETA and input/compute seconds since the previous one."""
     now = time.perf_counter()
     seconds = max(now - self._last_time, 1e-9)
     steps_per_sec = (step - self._last_step) / seconds
     self._last_step, self._last_time = step, now
     remaining = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
-    return {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size,
-            "eta_sec": remaining}
+    speed = {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size,
+             "eta_sec": remaining, "input_sec": self._input_sec, "compute_sec": self._compute_sec}
+    self._input_sec = self._compute_sec = 0.0
+    return speed
 
+  def log_line(self, step: int, train_metrics: dict, speed: dict) -> None:
+    """The console line of a log step; a terminal shows the bar instead."""
+    if self.bars:
+      return
+    console("step %d/%d epoch %.2f | train loss %.4f acc %.4f | %.1f steps/s %.0f img/s | "
+            "input %.0f ms compute %.2f s | ETA %s", step, self.total_steps, self.plan.epoch(step),
+            train_metrics["loss"], train_metrics["accuracy"], speed["steps_per_sec"],
+            speed["images_per_sec"], 1000 * speed["input_sec"], speed["compute_sec"],
+            format_eta(speed["eta_sec"]))
+
+  def end_phase(self) -> None:
+    """Closes the current bar (before an evaluation or the end of the run prints)."""
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
   def restart_clock(self) -> None:
     """Leaves evaluation and checkpoint time out of the training speed."""
-    self._last_time = time.perf_counter()
+    self._last_time = self._chunk_time = time.perf_counter()
+
+  def _phase(self, step: int) -> tuple[int, int]:
+    every = self.plan.eval_every
+    start = step // every * every
+    return start, min(start + every, self.total_steps)
+
+  def _phase_name(self, start: int, end: int) -> str:
+    if self.plan.eval_every == self.plan.steps_per_epoch:
+      epochs = -(-self.total_steps // self.plan.steps_per_epoch)
+      return f"epoch {start // self.plan.steps_per_epoch + 1}/{epochs}"
+    return f"steps {start}-{end}/{self.total_steps}"
+
+
+def _is_terminal(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):  # a closed or unusual stream
+    return False
 
 
 def format_eta(seconds: float) -> str:

@@ -17,13 +17,14 @@ import numpy as np
 from absl import logging
 
 from research import (checkpoint, config_checks, data, distributed, mesh as mesh_lib, models,
-                      optim, steps)
+                      optim, profiling, run_info, steps)
 from research.errors import TrainingFailure
-from research.run_log import Progress, RunLog, console, format_eta
+from research.run_log import Progress, RunLog, console
 
 
-def build_model_and_state(config, info, mesh):
-  """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`).
+def build_model_and_state(config, info: data.DatasetInfo, mesh):
+  """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`);
+  shared by training, evaluation, reports and predictions.
 
   The state is replicated, or its params and optimizer state are split over the
   devices when `config.shard_params` (FSDP-style); the abstract state carries those
@@ -105,6 +106,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   info, train_split, eval_split = data.load(config.dataset)
   plan = config_checks.schedule(config, len(train_split))
+  profiler = profiling.TraceWindow(config.profile_steps, workdir)
   os.makedirs(workdir, exist_ok=True)
   _write_config(config, workdir)
 
@@ -152,24 +154,30 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   console("Training %s (%d parameters) on %s: %d steps (%d per epoch), batch %d, %d device(s).",
           config.model.name, n_params, info.name, plan.total_steps, plan.steps_per_epoch,
           config.batch_size, jax.device_count())
-  progress = Progress(plan.total_steps, config.batch_size, start_step)
+  progress = Progress(plan, config.batch_size, start_step)
   started = time.perf_counter()
   step = start_step
   final = {}
   window = []  # per-step train metrics since the last log line
   train_seconds = 0.0  # time inside training chunks only (no eval, no checkpoints)
-  with _PreemptionFlag() as preempted:
+  with (_PreemptionFlag() as preempted,
+        run_info.RunRecord(workdir, config, start_step, info) as record, profiler):
     while step < plan.total_steps:
-      chunk_started = time.perf_counter()
-      stop = plan.next_stop(step)
+      stop = profiler.clip(step, plan.next_stop(step))  # a profiled window starts/ends between calls
+      profiler.before_chunk(step)
+      chunk_started = time.perf_counter()  # input time: host work before the compiled call
       indices = data.batch_indices(config.seed, step, stop - step, config.batch_size,
                                    len(train_split))
-      state, metrics = train_many(state, train_images, train_labels,
-                                  mesh_lib.global_batch(indices, mesh, batch_axis=1))
+      batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
+      input_ready = time.perf_counter()
+      state, metrics = train_many(state, train_images, train_labels, batch_indices)
       metrics = jax.device_get(metrics)
+      progress.chunk_done(stop, input_ready - chunk_started, time.perf_counter() - input_ready,
+                          float(np.mean(metrics["loss"])), float(np.mean(metrics["accuracy"])))
       _check_finite(metrics, step, checkpointer)
       window.append(metrics)
-      step = stop
+      step = record.step = stop
+      profiler.after_chunk(step)
       elapsed = time.perf_counter() - started
       train_seconds += time.perf_counter() - chunk_started
 
@@ -180,14 +188,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         speed = progress.update(step)
         run_log.write("train", step, plan.epoch(step), elapsed, **train_metrics,
                       steps_per_sec=round(speed["steps_per_sec"], 2),
-                      train_seconds=round(train_seconds, 3))
-        console("step %d/%d epoch %.2f | train loss %.4f acc %.4f | %.1f steps/s %.0f img/s | ETA %s",
-                step, plan.total_steps, plan.epoch(step), train_metrics["loss"],
-                train_metrics["accuracy"], speed["steps_per_sec"], speed["images_per_sec"],
-                format_eta(speed["eta_sec"]))
+                      train_seconds=round(train_seconds, 3),
+                      input_sec=round(speed["input_sec"], 4),
+                      compute_sec=round(speed["compute_sec"], 4))
+        progress.log_line(step, train_metrics, speed)
 
       eval_now = config_checks.is_time(step, plan.eval_every) or step == plan.total_steps
       if eval_now:
+        progress.end_phase()
         final = evaluate(state)
         run_log.write("test", step, plan.epoch(step), time.perf_counter() - started, **final)
         console("step %d epoch %.2f | test loss %.4f acc %.4f (%d examples) | params %s", step,
@@ -199,6 +207,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         checkpointer.save(state, meta, metrics=(
             {config.best_metric: final[config.best_metric]} if eval_now else None))
       if stop_now:
+        progress.end_phase()
         checkpointer.wait()
         signum = preempted.signal or signal.SIGTERM  # another host may have been signalled
         console("Preempted (%s): checkpoint at step %d is on disk; rerun the same command to "

@@ -26,3 +26,13 @@ def run_main(workdir, *flags, timeout=600, env=None):
   command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """One short real run (300 steps, ~0.8 test accuracy, steps 100-150 profiled)
+  shared by the report, prediction and run.json tests."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  result = run_main(workdir, "--config=configs/default.py:smoke", "--config.profile_steps=100,50")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir

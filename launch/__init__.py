@@ -1,0 +1,1 @@
+"""Launchers: sweeps (`python -m launch.sweep`) and cluster scripts."""

@@ -1,0 +1,92 @@
+"""A trained workdir's model as a function: uint8 images -> class probabilities.
+
+`Classifier(workdir, step)` rebuilds the model from WORKDIR/config.json the way
+training does (`train.build_model_and_state`), restores one checkpoint read-only
+("latest", "best" or a step) and knows the dataset's shape and class names
+(from run.json, else from the TFDS data). `research.predict` classifies files
+with it; `research.report` its confusion matrix.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from research.errors import UserError
+
+
+class Classifier:
+  """A workdir's model with the parameters of one checkpoint: "latest", "best" or a step."""
+
+  def __init__(self, workdir: str, step: str = "latest"):
+    import jax
+    import ml_collections
+
+    from research import checkpoint, mesh as mesh_lib, steps, train
+
+    config_path = os.path.join(workdir, "config.json")
+    try:
+      with open(config_path) as f:
+        self.config = ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+      raise UserError(f"Cannot read {config_path} ({e}): --workdir must be a training "
+                      "workdir (one that `python -m research.main` wrote).") from e
+    self.info = dataset_info(workdir, self.config)
+    model, _, _, abstract_state = train.build_model_and_state(self.config, self.info,
+                                                              mesh_lib.make_mesh())
+    checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+      self.step = _choose_step(checkpointer, step)
+      state, _ = checkpointer.restore(abstract_state, self.step)
+    finally:
+      checkpointer.close()
+    self._variables = {"params": state.params, **state.model_state}
+    self._logits = jax.jit(lambda variables, images: model.apply(
+        variables, steps.preprocess(images), train=False))
+
+  def probabilities(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """uint8 images [N, H, W, C] -> class probabilities [N, num_classes] (float32)."""
+    import jax
+
+    if len(images) == 0:
+      return np.zeros((0, self.info.num_classes), np.float32)
+    # One compiled shape: batches padded to a fixed size (a power of two for few images).
+    batch_size = min(batch_size, 1 << (len(images) - 1).bit_length())
+    outputs = []
+    for start in range(0, len(images), batch_size):
+      batch = images[start:start + batch_size]
+      padded = np.zeros((batch_size, *batch.shape[1:]), np.uint8)
+      padded[:len(batch)] = batch
+      logits = self._logits(self._variables, padded)
+      outputs.append(np.asarray(jax.device_get(jax.nn.softmax(logits)))[:len(batch)])
+    return np.concatenate(outputs)
+
+
+def dataset_info(workdir: str, config):
+  """The dataset's shape and class names: from run.json, else from the TFDS data."""
+  from research import data, run_info
+
+  recorded = (run_info.read(workdir) or {}).get("dataset")
+  if recorded:
+    return data.DatasetInfo(name=recorded["name"], image_shape=tuple(recorded["image_shape"]),
+                            num_classes=recorded["num_classes"],
+                            class_names=tuple(recorded["class_names"]))
+  return data.load(config.dataset)[0]
+
+
+def _choose_step(checkpointer, step: str) -> int:
+  available = checkpointer.steps()
+  if not available:
+    raise UserError(f"No checkpoint in {checkpointer.directory}: train this workdir first.")
+  if step == "latest":
+    return available[-1]
+  if step == "best":
+    best = checkpointer.best_step()
+    if best is None:
+      raise UserError(f"No evaluated checkpoint in {checkpointer.directory} to call best; "
+                      f"use --step=latest or one of {available}.")
+    return best
+  if str(step).isdigit() and int(step) in available:
+    return int(step)
+  raise UserError(f"--step={step!r} is not accepted: 'latest', 'best' or a saved step "
+                  f"({', '.join(map(str, available))}).")

@@ -1,0 +1,147 @@
+"""WORKDIR/run.json: what ran, on what, when, and how it ended.
+
+Written by process 0 when training starts (status "running") and rewritten when
+it stops: "finished", "preempted" (SIGTERM/SIGINT, resumable), "interrupted"
+(a second Ctrl-C) or "failed" (with the error). A resumed run keeps the first
+start time and adds a session, so the file tells the whole story of a workdir.
+Final and best metrics are read back from metrics.jsonl, the run's one record
+of numbers; `read_metrics` and `summarize_metrics` also serve reports and sweeps.
+"""
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import sys
+
+import jax
+
+from research import checkpoint
+from research.run_log import METRICS_FILE
+
+RUN_FILE = "run.json"
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
+
+
+def now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+  found = {"python": platform.python_version()}
+  for package in PACKAGES:
+    try:
+      found[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      found[package] = None
+  return found
+
+
+def devices() -> dict:
+  all_devices = jax.devices()
+  return {"platform": all_devices[0].platform,
+          "kinds": sorted({d.device_kind for d in all_devices}), "count": len(all_devices),
+          "local_count": jax.local_device_count(), "process_count": jax.process_count()}
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl ([] when there is none); bad lines are skipped."""
+  records = []
+  try:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:
+          continue  # a line cut short by a crash
+  except FileNotFoundError:
+    pass
+  return records
+
+
+def summarize_metrics(records: list[dict]) -> dict:
+  """{"final": {split: last record}, "best": the test record with the highest accuracy}."""
+  final = {}
+  for record in records:
+    final[record.get("split")] = record
+  tests = [r for r in records if r.get("split") == "test" and isinstance(r.get("accuracy"), float)]
+  best = max(tests, key=lambda r: r["accuracy"]) if tests else None
+  return {"final": final, "best": best}
+
+
+def read(workdir: str) -> dict | None:
+  try:
+    with open(os.path.join(workdir, RUN_FILE)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write(workdir: str, info: dict) -> None:
+  path = os.path.join(workdir, RUN_FILE)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class RunRecord:
+  """Context manager around the training loop: run.json at entry, updated at exit.
+
+  `step` is set by the loop as it goes, so the exit record says where it stopped.
+  """
+
+  def __init__(self, workdir: str, config, start_step: int, dataset_info=None):
+    self.workdir = workdir
+    self.step = start_step
+    self.enabled = jax.process_index() == 0
+    self._info = {}
+    if not self.enabled:
+      return
+    previous = read(workdir) or {}
+    self._session = {"start_time": now(), "end_time": None, "start_step": start_step,
+                     "end_step": None, "status": "running", "host": socket.gethostname(),
+                     "command": sys.argv}
+    self._info = {
+        "workdir": os.path.abspath(workdir),
+        "status": "running",
+        "config": config.to_dict(),
+        "seed": config.seed,
+        # Name, image shape and class names: enough for predictions without the data.
+        "dataset": dataclasses.asdict(dataset_info) if dataset_info else None,
+        "code": checkpoint.code_version(),
+        "versions": versions(),
+        "devices": devices(),
+        "start_time": previous.get("start_time", self._session["start_time"]),
+        "end_time": None,
+        "sessions": [*previous.get("sessions", []), self._session],
+        "final_metrics": previous.get("final_metrics"),
+        "best_metrics": previous.get("best_metrics"),
+    }
+
+  def __enter__(self):
+    if self.enabled:
+      _write(self.workdir, self._info)
+    return self
+
+  def __exit__(self, exc_type, exc, traceback):
+    if not self.enabled:
+      return False
+    if exc_type is None:
+      status = "finished"
+    elif issubclass(exc_type, SystemExit):
+      status = "preempted"
+    elif issubclass(exc_type, KeyboardInterrupt):
+      status = "interrupted"
+    else:
+      status = "failed"
+      self._session["error"] = f"{exc_type.__name__}: {exc}"
+    summary = summarize_metrics(read_metrics(self.workdir))
+    self._session.update(end_time=now(), end_step=self.step, status=status)
+    self._info.update(status=status, end_time=self._session["end_time"],
+                      final_metrics=summary["final"], best_metrics=summary["best"])
+    _write(self.workdir, self._info)
+    return False
