@@ -16,7 +16,7 @@ from conftest import REPO, run_main
 RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=240",
        "--config.log_every_steps=10", "--config.eval_every_steps=80",
        "--config.checkpoint_every_steps=30"]
-TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds"}
+TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
 
 
 def _records(workdir):
