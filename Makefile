@@ -31,5 +31,34 @@ test: data
 test-fast: data
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
+# Benchmarks. `make bench`: our speed and its fraction of the machine's peak.
+# `make bench-compare`: side by side with the Keras and PyTorch references in ../shared/bench,
+# whose frameworks live in environments of their own under build/ (never in .venv).
+SHARED ?= ../shared
+BENCH_ENV := build/bench-env
+BENCH_ROUNDS ?= 3
+BENCH_EPOCHS ?= 3
+BENCH_ARGS ?=
+
+bench: data
+	$(BIN)/python -m research.benchmark --recipes=seed,resnet20 $(BENCH_ARGS)
+
+$(BENCH_ENV)/tf/.installed:
+	$(PYTHON) -m venv $(BENCH_ENV)/tf
+	$(BENCH_ENV)/tf/bin/python -m pip install --quiet --disable-pip-version-check \
+	    "tensorflow-cpu==$$(sed -n 's/^tensorflow[-_]cpu==//p' requirements.lock)"
+	touch $@
+
+$(BENCH_ENV)/torch/.installed:
+	$(PYTHON) -m venv $(BENCH_ENV)/torch
+	$(BENCH_ENV)/torch/bin/python -m pip install --quiet --disable-pip-version-check \
+	    torch==2.13.0 numpy
+	touch $@
+
+bench-compare: data $(BENCH_ENV)/tf/.installed $(BENCH_ENV)/torch/.installed
+	$(BIN)/python -m research.bench_compare --shared=$(SHARED)/bench \
+	    --keras_python=$(BENCH_ENV)/tf/bin/python --torch_python=$(BENCH_ENV)/torch/bin/python \
+	    --rounds=$(BENCH_ROUNDS) --epochs=$(BENCH_EPOCHS) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build runs

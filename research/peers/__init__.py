@@ -1,0 +1,1 @@
+"""Scripts run by other frameworks' interpreters for `make bench-compare`; never imported."""
