@@ -48,3 +48,28 @@ def test_im2col_conv_matches_flax_conv(kernel, strides, padding):
 def test_max_pool_matches_flax_including_odd_sizes():
   x = jax.random.normal(jax.random.key(2), (3, 11, 13, 4))
   np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 13, 13, 32), (2, 12, 11, 3)])
+def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape):
+  from research.models.layers import ConvReluPool
+
+  x = jax.random.normal(jax.random.key(1), shape)
+  fused = ConvReluPool(8)
+  variables = fused.init(jax.random.key(0), x)
+  reference = lambda v, x: max_pool_2x2(nn.relu(nn.Conv(8, (3, 3), padding="VALID").apply(v, x)))
+  np.testing.assert_allclose(fused.apply(variables, x), reference(variables, x), atol=1e-5)
+  loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)
+  for argnum in (0, 1):  # parameters and input
+    ours = jax.grad(loss(fused.apply), argnum)(variables, x)
+    theirs = jax.grad(loss(reference), argnum)(variables, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_both_cnn_forms_share_parameters_and_outputs():
+  x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
+  fast, plain = CNN(num_classes=10), CNN(num_classes=10, conv_impl="xla")
+  variables = fast.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(plain.init(jax.random.key(0), x))
+  np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), atol=1e-5)

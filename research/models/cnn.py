@@ -10,7 +10,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from research.models.layers import Conv, max_pool_2x2
+from research.models.layers import Conv, ConvReluPool, max_pool_2x2
 
 
 class CNN(nn.Module):
@@ -23,9 +23,14 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no dropout or normalization in this model
-    for features in self.conv_features:
-      x = Conv(features, (3, 3), padding="VALID", impl=self.conv_impl, dtype=self.dtype)(x)
-      x = max_pool_2x2(nn.relu(x))
+    for i, features in enumerate(self.conv_features):
+      name = f"Conv_{i}"  # the names nn.Conv would get: checkpoints fit either form
+      if self.conv_impl == "im2col":  # the fast CPU form of the same layers
+        x = ConvReluPool(features, dtype=self.dtype, name=name)(x)
+      else:
+        x = Conv(features, (3, 3), padding="VALID", impl=self.conv_impl, dtype=self.dtype,
+                 name=name)(x)
+        x = max_pool_2x2(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
     dense = lambda features: nn.Dense(features, dtype=self.dtype,
                                       kernel_init=nn.initializers.glorot_uniform())
