@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import sys
-import time
 
 import jax
 from absl import logging
@@ -98,7 +97,6 @@ class Progress:
     self.bars = jax.process_index() == 0 and _is_terminal(self._stream)
     self._bar = None
     self._last_step = self._chunk_step = start_step
-    self._last_time = self._chunk_time = time.perf_counter()
     self._input_sec = self._compute_sec = 0.0  # since the last update()
 
   def chunk_done(self, step: int, input_sec: float, compute_sec: float, loss: float,
@@ -108,8 +106,7 @@ class Progress:
     self._compute_sec += compute_sec
     if not self.bars:
       return
-    now = time.perf_counter()
-    steps_per_sec = (step - self._chunk_step) / max(now - self._chunk_time, 1e-9)
+    steps_per_sec = (step - self._chunk_step) / max(input_sec + compute_sec, 1e-9)
     phase_start, phase_end = self._phase(self._chunk_step)
     if self._bar is None:
       from tqdm import tqdm  # lazy: only terminals draw bars
@@ -128,16 +125,17 @@ class Progress:
         f"{steps_per_sec * self.batch_size:.0f} img/s | input {share:.0%} | "
         f"run ETA {format_eta(remaining)}", refresh=False)
     self._bar.update(step - self._chunk_step)
-    self._chunk_step, self._chunk_time = step, now
+    self._chunk_step = step
     if step >= phase_end:
       self.end_phase()
 
   def update(self, step: int) -> dict:
     """At a log step: speed, ETA and input/compute seconds since the previous one."""
-    now = time.perf_counter()
-    seconds = max(now - self._last_time, 1e-9)
+    # Training time only (input + compute of the compiled calls): evaluations and
+    # checkpoints between two log steps do not count against the speed.
+    seconds = max(self._input_sec + self._compute_sec, 1e-9)
     steps_per_sec = (step - self._last_step) / seconds
-    self._last_step, self._last_time = step, now
+    self._last_step = step
     remaining = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
     speed = {"steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * self.batch_size,
              "eta_sec": remaining, "input_sec": self._input_sec, "compute_sec": self._compute_sec}
@@ -159,10 +157,6 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-
-  def restart_clock(self) -> None:
-    """Leaves evaluation and checkpoint time out of the training speed."""
-    self._last_time = self._chunk_time = time.perf_counter()
 
   def _phase(self, step: int) -> tuple[int, int]:
     every = self.plan.eval_every

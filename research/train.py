@@ -215,7 +215,6 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         run_log.close()
         checkpointer.close()
         raise SystemExit(128 + signum)
-      progress.restart_clock()
 
   checkpointer.wait()
   checkpointer.close()
