@@ -90,7 +90,8 @@ def main(argv):
                    "--batches", batches, "--steps", str(_STEPS.value)])[0]:
     throughput["Keras/TF"][row["batch"]] = row["images_per_sec"]
   for batch in _BATCHES.value:
-    throughput["ours (JAX)"][int(batch)] = benchmark.throughput("configs/default.py", {},
+    micro = {"microbatch_size": 64} if int(batch) > 64 else {}
+    throughput["ours (JAX)"][int(batch)] = benchmark.throughput("configs/default.py", micro,
                                                                 int(batch))["images_per_sec"]
 
   report = {"rounds": rounds, "throughput": throughput, "epochs": _EPOCHS.value,

@@ -84,6 +84,17 @@ def _divisible_by_devices(size: int) -> str:
           f"must be a multiple of {devices}, e.g. {nearest}")
 
 
+def microbatch_count(config) -> int:
+  """How many micro-batches each step's batch is split into (config.microbatch_size)."""
+  per_device = config.batch_size // jax.device_count()
+  size = config.microbatch_size
+  if size == 0 or size >= per_device:
+    return 1
+  _require(size > 0 and per_device % size == 0, "microbatch_size", size,
+           f"0 (no split) or a divisor of the per-device batch {per_device}")
+  return per_device // size
+
+
 def schedule(config, num_train_examples: int) -> Schedule:
   steps_per_epoch = num_train_examples // config.batch_size
   _require(steps_per_epoch > 0, "batch_size", config.batch_size,

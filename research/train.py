@@ -135,7 +135,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   # ---- Compiled steps -------------------------------------------------------
   state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx),
+  microbatches = config_checks.microbatch_count(config)
+  train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx,
+                                         microbatches=microbatches),
                        donate_argnums=0,
                        out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
   evaluate = make_evaluator(model, eval_split, config.eval_batch_size, mesh)

@@ -50,3 +50,20 @@ def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   logits = model.apply({"params": state.params}, steps.preprocess(test_split.images))
   correct = int(np.sum(np.argmax(logits, -1) == test_split.labels))
   assert int(totals["correct"]) == correct
+
+
+def test_microbatched_step_matches_one_whole_batch(fashion_mnist):
+  _, train_split, _ = fashion_mnist
+  model, tx = CNN(num_classes=10), optax.sgd(0.1)
+  row = data.batch_indices(0, 0, 1, 64, len(train_split))[0]
+  images, labels = train_split.images[row], train_split.labels[row]
+  results = []
+  for microbatches in (1, 4):
+    step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx,
+                                     microbatches=microbatches))
+    results.append(step(_state(model, tx), images, labels))
+  (whole, whole_metrics), (split, split_metrics) = results
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(split.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(whole_metrics["loss"], split_metrics["loss"], rtol=1e-5)
+  assert float(whole_metrics["accuracy"]) == float(split_metrics["accuracy"])
