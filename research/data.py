@@ -67,9 +67,14 @@ def read_split(builder, split: str) -> Split:
   if os.path.exists(cache):
     try:
       with np.load(cache) as arrays:
-        return Split(arrays["images"], arrays["labels"])
-    except (OSError, ValueError, KeyError) as e:
-      logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
+        cached = Split(arrays["images"], arrays["labels"])
+      if not (cached.images.dtype == np.uint8 and cached.images.ndim == 4
+              and cached.labels.ndim == 1 and len(cached.images) == len(cached.labels) > 0):
+        raise ValueError("arrays of unexpected shape or type")
+      return cached
+    except Exception as e:  # a damaged cache fails in zipfile, numpy or pickle: just decode
+      logging.warning("Ignoring unreadable cache %s (%s: %s); decoding again.", cache,
+                      type(e).__name__, e)
   split_data = _decode_split(builder, split)
   _write_atomically(cache, split_data)
   return split_data
@@ -86,6 +91,9 @@ def _decode_split(builder, split: str) -> Split:
     raise UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
                     f"({type(e).__name__}: {e}). The prepared data looks damaged: delete that "
                     "folder and run `make data` to prepare it again.") from e
+  if not examples:
+    raise UserError(f"Split {split!r} of {builder.name} has no examples. Accepted: a split or "
+                    "slice with at least one example, e.g. 'train' or 'train[:90%]'.")
   images = np.stack([example["image"] for example in examples]).astype(np.uint8)
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
   return Split(images, labels)
