@@ -89,14 +89,21 @@ def _decode_split(builder, split: str) -> Split:
                     f"({', '.join(builder.info.splits)}) or a slice such as 'train[:90%]'.") from e
   except Exception as e:  # damaged files surface as many exception types
     raise UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
-                    f"({type(e).__name__}: {e}). The prepared data looks damaged: delete that "
-                    "folder and run `make data` to prepare it again.") from e
-  if not examples:
-    raise UserError(f"Split {split!r} of {builder.name} has no examples. Accepted: a split or "
-                    "slice with at least one example, e.g. 'train' or 'train[:90%]'.")
+                    f"(files {_split_files(builder, split)}; {type(e).__name__}: {e}). The "
+                    "prepared data looks damaged: delete that folder and run `make data` to "
+                    "prepare it again.") from e
   images = np.stack([example["image"] for example in examples]).astype(np.uint8)
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
   return Split(images, labels)
+
+
+def _split_files(builder, split: str) -> str:
+  """The file names holding `split`, for messages about damaged data."""
+  try:
+    return ", ".join(os.path.basename(os.fspath(path))
+                     for path in builder.info.splits[split].filepaths)
+  except Exception:  # the split metadata itself may be what is damaged
+    return "unknown"
 
 
 def _write_atomically(path: str, split: Split) -> None:
