@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from typing import Mapping
 
 from absl import app, flags, logging
@@ -197,7 +198,7 @@ def _check_gzip_stream(path: str) -> None:
     with gzip.open(path, "rb") as f:
       while f.read(1 << 22):
         pass
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
     raise UserError(f"{path} is corrupt or truncated ({e}). Reinstall it: "
                     "apt-get install --reinstall dataset-fashion-mnist") from e
 
