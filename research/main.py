@@ -6,6 +6,7 @@ can take an argument: `--config=configs/default.py:smoke`. The work happens in
 mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
+import errno
 import json
 import logging as std_logging
 import os
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags, logging
 
 from research import command_line
-from research.errors import UserError
+from research.errors import TrainingFailure, UserError
 
 # --config (a config file, default configs/default.py) is defined by
 # command_line.parse, which turns every flag mistake into a UserError.
@@ -75,17 +76,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _exit_with_message(e, "--verbose" in argv)
 
 
+# Faults of the machine rather than of the code: a message, not a traceback.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
 def main(argv):
   if not _VERBOSE.value:
     logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   try:
-    if len(argv) > 1:
-      raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}. Every setting is a flag: "
-                      "--workdir=DIR, --config=FILE, --config.FIELD=VALUE.")
-    if not _WORKDIR.value:
-      raise UserError("--workdir is required, e.g. --workdir=runs/default")
+    _run(argv)
   except UserError as e:
     _exit_with_message(e, _VERBOSE.value)
+  except OSError as e:
+    if e.errno not in _DISK_ERRORS:
+      raise
+    _exit_with_message(TrainingFailure(
+        f"Writing {e.filename or 'a file'} failed: {e.strerror}. Free some space (or fix the "
+        "permissions) and rerun the same command: it resumes from the last checkpoint."),
+        _VERBOSE.value)
+
+
+def _run(argv) -> None:
+  if len(argv) > 1:
+    raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}. Every setting is a flag: "
+                    "--workdir=DIR, --config=FILE, --config.FIELD=VALUE.")
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required, e.g. --workdir=runs/default")
   config = flags.FLAGS.config
   if config.get("deterministic"):
     # Read by XLA when the GPU backend starts, hence before JAX is imported.
@@ -95,17 +111,14 @@ def main(argv):
 
   from research import distributed, train
 
-  try:
-    how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
-                                 _PROCESS_ID.value)  # before anything touches a device
-    logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
-                 jax.process_count(), how, jax.devices())
-    if _MODE.value == "eval":
-      train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
-    else:
-      train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except UserError as e:
-    _exit_with_message(e, _VERBOSE.value)
+  how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)  # before anything touches a device
+  logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
+               jax.process_count(), how, jax.devices())
+  if _MODE.value == "eval":
+    train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":
