@@ -2,6 +2,8 @@
 
 Where things live:
   main.py          command line entry point (flags -> train.train_and_evaluate)
+  command_line.py  flag parsing: every flag mistake becomes one clear UserError
+  workdir_lock.py  one training run per workdir (WORKDIR/run.lock)
   train.py         the training loop: set-up, restore, compiled steps, eval, checkpoints
   steps.py         pure loss / train-step / eval-step functions
   data.py          datasets held in memory, epoch order, padded eval batches

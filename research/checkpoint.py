@@ -12,6 +12,7 @@ best one by `best_metric`.
 """
 
 import os
+import shutil
 import subprocess
 import time
 
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import research
-from research.errors import UserError
+from research.errors import TrainingFailure, UserError
 
 # Metrics an evaluation produces that can pick the "best" checkpoint, and which way is better.
 BEST_METRIC_MODES = {"accuracy": "max", "loss": "min"}
@@ -66,6 +67,7 @@ class Checkpointer:
         save_interval_steps=0 if read_only else 1,
         create=not read_only,
     )
+    self._started = []  # steps whose save this Checkpointer started
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -75,11 +77,41 @@ class Checkpointer:
     """Starts an (async) save of `state` at its step; `metrics` mark it for best-keeping."""
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self.manager.save(step, args=args, metrics=metrics, force=True)
+    self._started.append(step)
+    try:  # Orbax first waits for the previous save, whose failure surfaces here
+      self.manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:
+      raise self._write_failure(e) from e
 
   def wait(self) -> None:
     """Blocks until every started save is durable on disk."""
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_failure(e) from e
+
+  def _write_failure(self, error: Exception) -> TrainingFailure:
+    """A failed write (disk full, permissions, ...) as a TrainingFailure naming the step;
+    its half-written temporary folder is removed, the finished checkpoints stay."""
+    self.manager.reload()
+    finished = set(self.manager.all_steps())
+    failed = sorted(set(self._started) - finished)
+    if jax.process_index() == 0:
+      for step in failed:
+        for entry in os.listdir(self.directory):
+          if entry.startswith(f"{step}.") and "tmp" in entry:
+            shutil.rmtree(os.path.join(self.directory, entry), ignore_errors=True)
+    text = str(error)
+    reason = ("the disk is full (No space left on device)" if "No space left" in text
+              else text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__)
+    last_good = max(finished) if finished else None
+    kept = ("No earlier checkpoint exists." if last_good is None else
+            f"The previous checkpoint (step {last_good}) is untouched: rerun the same command "
+            "to resume from it.")
+    return TrainingFailure(
+        f"Writing checkpoint step {', '.join(map(str, failed)) or '?'} to {self.directory} "
+        f"failed: {reason}. Nothing was written in place of an existing checkpoint. {kept} "
+        "Free space there (or fix its permissions) first.")
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -6,11 +6,16 @@ steps the run has, and `is_time(step, every)` decides every periodic action.
 
 import dataclasses
 import json
+import math
 import os
 
 import jax
 
+from research import models, optim, profiling
 from research.errors import UserError
+
+MAX_STEPS = 2**31 - 1  # TrainState.step is an int32
+MAX_SEED = 2**31 - 1  # numpy's epoch-order generator takes no negative seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +76,44 @@ def validate(config) -> None:
   _require(config.best_metric in ("accuracy", "loss"), "best_metric", config.best_metric,
            "'accuracy' or 'loss'")
   learning_rate = config.optimizer.learning_rate
-  _require(isinstance(learning_rate, (int, float)) and learning_rate > 0,
-           "optimizer.learning_rate", learning_rate, "a positive number")
+  _require(isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
+           and learning_rate > 0, "optimizer.learning_rate", learning_rate,
+           "a positive finite number, e.g. 0.001")
+  _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED, "seed", config.seed,
+           f"an integer from 0 to {MAX_SEED}")
+  for field in ("num_epochs", "num_train_steps"):
+    _require(config[field] <= MAX_STEPS, field, config[field], f"at most {MAX_STEPS}")
+  checkpoint_step = str(config.eval.checkpoint_step).strip()
+  _require(checkpoint_step in ("latest", "best") or checkpoint_step.isdigit(),
+           "eval.checkpoint_step", config.eval.checkpoint_step,
+           "'latest', 'best' or a step number")
+  # Names and knobs fail here, before any data is read: the registries list what exists.
+  profiling.parse(config.profile_steps)
+  models.build(config.model, num_classes=1)
+  optim.build_optimizer(config.optimizer)
+
+
+def check_eval_batch_size(config, num_eval_examples: int) -> None:
+  """A batch larger than the whole (device-rounded) eval split only pads with zeros."""
+  devices = jax.device_count()
+  largest = -(-num_eval_examples // devices) * devices
+  _require(config.eval_batch_size <= largest, "eval_batch_size", config.eval_batch_size,
+           f"at most {largest} (the eval split has {num_eval_examples} examples)")
+
+
+def check_model_fits(model_config, image_shape, initialize) -> None:
+  """Runs `initialize()` (shapes only, e.g. jax.eval_shape of the model's init) and turns
+  a shape failure into a UserError naming the model and the input shape."""
+  try:
+    initialize()
+  except (TypeError, ValueError, ZeroDivisionError) as e:  # flax/lax shape errors
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    settings = ", ".join(f"model.{key}={value!r}" for key, value in model_config.items())
+    raise UserError(
+        f"The model ({settings}) cannot take images of shape {tuple(image_shape)} "
+        f"(height, width, channels): initializing it fails with {type(e).__name__}: "
+        f"{first_line[:300]}. Use a model (or model settings) whose downsampling fits this "
+        "image size, or a dataset with larger images.") from e
 
 
 def _divisible_by_devices(size: int) -> str:
@@ -100,6 +141,8 @@ def schedule(config, num_train_examples: int) -> Schedule:
   _require(steps_per_epoch > 0, "batch_size", config.batch_size,
            f"at most the {num_train_examples} training examples")
   total = config.num_train_steps or int(round(config.num_epochs * steps_per_epoch))
+  _require(total <= MAX_STEPS, "num_epochs", config.num_epochs,
+           f"at most {MAX_STEPS // steps_per_epoch} epochs ({MAX_STEPS} steps) at this batch size")
   return Schedule(
       steps_per_epoch=steps_per_epoch,
       total_steps=total,

@@ -67,9 +67,14 @@ def read_split(builder, split: str) -> Split:
   if os.path.exists(cache):
     try:
       with np.load(cache) as arrays:
-        return Split(arrays["images"], arrays["labels"])
-    except (OSError, ValueError, KeyError) as e:
-      logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
+        cached = Split(arrays["images"], arrays["labels"])
+      if not (cached.images.dtype == np.uint8 and cached.images.ndim == 4
+              and cached.labels.ndim == 1 and len(cached.images) == len(cached.labels) > 0):
+        raise ValueError("arrays of unexpected shape or type")
+      return cached
+    except Exception as e:  # a damaged cache fails in zipfile, numpy or pickle: just decode
+      logging.warning("Ignoring unreadable cache %s (%s: %s); decoding again.", cache,
+                      type(e).__name__, e)
   split_data = _decode_split(builder, split)
   _write_atomically(cache, split_data)
   return split_data
@@ -84,11 +89,21 @@ def _decode_split(builder, split: str) -> Split:
                     f"({', '.join(builder.info.splits)}) or a slice such as 'train[:90%]'.") from e
   except Exception as e:  # damaged files surface as many exception types
     raise UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
-                    f"({type(e).__name__}: {e}). The prepared data looks damaged: delete that "
-                    "folder and run `make data` to prepare it again.") from e
+                    f"(files {_split_files(builder, split)}; {type(e).__name__}: {e}). The "
+                    "prepared data looks damaged: delete that folder and run `make data` to "
+                    "prepare it again.") from e
   images = np.stack([example["image"] for example in examples]).astype(np.uint8)
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
   return Split(images, labels)
+
+
+def _split_files(builder, split: str) -> str:
+  """The file names holding `split`, for messages about damaged data."""
+  try:
+    return ", ".join(os.path.basename(os.fspath(path))
+                     for path in builder.info.splits[split].filepaths)
+  except Exception:  # the split metadata itself may be what is damaged
+    return "unknown"
 
 
 def _write_atomically(path: str, split: Split) -> None:

@@ -6,16 +6,19 @@ can take an argument: `--config=configs/default.py:smoke`. The work happens in
 mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
+import errno
 import json
 import logging as std_logging
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
+from research import command_line
+from research.errors import TrainingFailure, UserError
+
+# --config (a config file, default configs/default.py) is defined by
+# command_line.parse, which turns every flag mistake into a UserError.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train (resumes automatically) or eval: evaluate a checkpoint of "
@@ -33,18 +36,21 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0.
 
 class _QuietLibraries:
   """Keeps INFO lines from this package only; libraries (Orbax logs every file it
-  renames) still show warnings and errors."""
+  renames) still show warnings and errors, as one line each: the tracebacks of
+  their background threads (e.g. a failed checkpoint write) only with --verbose,
+  since our own error message names the cause."""
 
   def filter(self, record) -> bool:
+    ours = "/research/" in record.pathname
+    if not ours:
+      record.exc_info = record.exc_text = None
     # record.levelno is a standard logging level; absl's logging.WARNING is -1.
-    return record.levelno >= std_logging.WARNING or "/research/" in record.pathname
+    return record.levelno >= std_logging.WARNING or ours
 
 
 def _stored_config(workdir: str, command_config):
   """The config a workdir was trained with; only `eval.*` comes from the command line."""
   import ml_collections
-
-  from research.errors import UserError
 
   path = os.path.join(workdir, "config.json")
   try:
@@ -56,14 +62,47 @@ def _stored_config(workdir: str, command_config):
   return stored
 
 
+def _exit_with_message(error: UserError, verbose: bool):
+  if verbose:
+    raise error
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(error.exit_code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return command_line.parse(argv, flags.FLAGS)
+  except UserError as e:  # flags are not parsed: look for --verbose by hand
+    _exit_with_message(e, "--verbose" in argv)
+
+
+# Faults of the machine rather than of the code: a message, not a traceback.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
 def main(argv):
   if not _VERBOSE.value:
     logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  try:
+    _run(argv)
+  except UserError as e:
+    _exit_with_message(e, _VERBOSE.value)
+  except OSError as e:
+    if e.errno not in _DISK_ERRORS:
+      raise
+    _exit_with_message(TrainingFailure(
+        f"Writing {e.filename or 'a file'} failed: {e.strerror}. Free some space (or fix the "
+        "permissions) and rerun the same command: it resumes from the last checkpoint."),
+        _VERBOSE.value)
+
+
+def _run(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}. Every setting is a flag: "
+                    "--workdir=DIR, --config=FILE, --config.FIELD=VALUE.")
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required, e.g. --workdir=runs/default")
-  config = _CONFIG.value
+    raise UserError("--workdir is required, e.g. --workdir=runs/default")
+  config = flags.FLAGS.config
   if config.get("deterministic"):
     # Read by XLA when the GPU backend starts, hence before JAX is imported.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -71,23 +110,16 @@ def main(argv):
   import jax
 
   from research import distributed, train
-  from research.errors import UserError
 
-  try:
-    how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
-                                 _PROCESS_ID.value)  # before anything touches a device
-    logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
-                 jax.process_count(), how, jax.devices())
-    if _MODE.value == "eval":
-      train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
-    else:
-      train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
-  except UserError as e:
-    if _VERBOSE.value:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)  # before anything touches a device
+  logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
+               jax.process_count(), how, jax.devices())
+  if _MODE.value == "eval":
+    train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

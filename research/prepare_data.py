@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from typing import Mapping
 
 from absl import app, flags, logging
@@ -66,12 +67,22 @@ def builder_for(name: str, data_dir: str | None):
   """Returns the TFDS builder, or a UserError naming the known datasets."""
   import tensorflow_datasets as tfds
 
+  data_dir = data_dir or default_data_dir()
   try:
-    return tfds.builder(name, data_dir=data_dir or default_data_dir(), file_format="array_record")
+    return tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as e:
     raise UserError(
         f"dataset.name={name!r} is not a TFDS dataset. Use a name from "
         "`tfds.list_builders()`, e.g. fashion_mnist, mnist, cifar10.") from e
+  except Exception as e:  # a malformed name or a damaged prepared copy, from deep in TFDS
+    detail = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+    if type(e).__name__ == "ParseError" or "dataset_info" in str(e):
+      raise UserError(
+          f"The prepared copy of {name} in {data_dir} is damaged: its dataset_info.json cannot "
+          f"be read ({detail}). Delete {os.path.join(data_dir, name.split('/')[0])} and run "
+          "`make data` to prepare it again.") from e
+    raise UserError(f"dataset.name={name!r} cannot be used: {type(e).__name__}: {detail} "
+                    "Accepted: NAME[/CONFIG][:VERSION] of a TFDS dataset, e.g. fashion_mnist.") from e
 
 
 def is_prepared(builder) -> bool:
@@ -161,6 +172,7 @@ def _clear_unfinished(builder) -> None:
 
 def _prepare_from_local_files(builder, source: LocalSource, data_dir: str) -> None:
   import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
   logging.info("Preparing %s from %s.", builder.name, source.directory)
   with tempfile.TemporaryDirectory(prefix="manual-", dir=_writable_dir(data_dir)) as manual:
@@ -171,11 +183,13 @@ def _prepare_from_local_files(builder, source: LocalSource, data_dir: str) -> No
     config = tfds.download.DownloadConfig(manual_dir=manual)
     try:
       builder.download_and_prepare(download_config=config)
-    except tfds.download.NonMatchingChecksumError as e:
+    except NonMatchingChecksumError as e:
+      named = [os.path.join(source.directory, name) for name in source.gzip_mtimes
+               if name in str(e)] or [f"a file in {source.directory}"]
       raise UserError(
-          f"A source file of {builder.name} in {source.directory} does not match TFDS's "
-          f"registered checksum ({e}). The file is damaged: run "
-          f"`apt-get install --reinstall {source.debian_package}`.") from e
+          f"{', '.join(named)} does not match the checksum TFDS registered for {builder.name}: "
+          f"the file is damaged or from another release. Run `apt-get install --reinstall "
+          f"{source.debian_package}`.") from e
 
 
 def _check_gzip_stream(path: str) -> None:
@@ -184,7 +198,7 @@ def _check_gzip_stream(path: str) -> None:
     with gzip.open(path, "rb") as f:
       while f.read(1 << 22):
         pass
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
     raise UserError(f"{path} is corrupt or truncated ({e}). Reinstall it: "
                     "apt-get install --reinstall dataset-fashion-mnist") from e
 

@@ -18,6 +18,7 @@ import socket
 import sys
 
 import jax
+from absl import logging
 
 from research import checkpoint
 from research.run_log import METRICS_FILE
@@ -143,5 +144,8 @@ class RunRecord:
     self._session.update(end_time=now(), end_step=self.step, status=status)
     self._info.update(status=status, end_time=self._session["end_time"],
                       final_metrics=summary["final"], best_metrics=summary["best"])
-    _write(self.workdir, self._info)
+    try:
+      _write(self.workdir, self._info)
+    except OSError as e:  # e.g. the disk is full: the run's own error is the one to report
+      logging.warning("Could not update %s: %s", os.path.join(self.workdir, RUN_FILE), e)
     return False

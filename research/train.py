@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from research import (checkpoint, config_checks, data, distributed, mesh as mesh_lib, models,
-                      optim, profiling, run_info, steps)
+                      optim, profiling, run_info, steps, workdir_lock)
 from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console
 
@@ -33,6 +33,8 @@ def build_model_and_state(config, info: data.DatasetInfo, mesh):
   model = models.build(config.model, info.num_classes)
   tx = optim.build_optimizer(config.optimizer)
   make_state = functools.partial(create_state, model, tx, info.image_shape)
+  config_checks.check_model_fits(config.model, info.image_shape,
+                                 lambda: jax.eval_shape(make_state, config.seed))
   state_sharding = mesh_lib.state_shardings(jax.eval_shape(make_state, config.seed), mesh,
                                             config.shard_params)
   init_fn = jax.jit(make_state, static_argnums=0, out_shardings=state_sharding)
@@ -101,14 +103,19 @@ class _PreemptionFlag:
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Trains while holding the workdir's lock: a second run on it is refused."""
+  config_checks.validate(config)  # a mistyped value fails before the lock writes anything
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, allow_config_change)
+
+
+def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict:
   # ---- Set-up: config, data, schedule -------------------------------------
-  config_checks.validate(config)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   info, train_split, eval_split = data.load(config.dataset)
   plan = config_checks.schedule(config, len(train_split))
+  config_checks.check_eval_batch_size(config, len(eval_split))
   profiler = profiling.TraceWindow(config.profile_steps, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
 
   # ---- Mesh and device-resident data --------------------------------------
   mesh = mesh_lib.make_mesh()
@@ -117,6 +124,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   # ---- Model, optimizer, state ---------------------------------------------
   model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh)
+  _write_config(config, workdir)  # only now: every check above has passed
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -228,15 +236,25 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
 
 def _check_finite(metrics: dict, first_step: int, checkpointer) -> None:
+  """Stops at the first step whose loss or gradient norm is not finite, naming both."""
+  first_bad = {}
   for name in ("loss", "grad_norm"):
     bad = np.flatnonzero(~np.isfinite(metrics[name]))
     if bad.size:
-      checkpointer.wait()
-      raise TrainingFailure(
-          f"Training stopped: the {name.replace('_', ' ')} became non-finite "
-          f"({metrics[name][bad[0]]}) at step {first_step + int(bad[0]) + 1}. The last good "
-          f"checkpoint (step {checkpointer.latest_step()}) is untouched. Lower "
-          "--config.optimizer.learning_rate or check the data.")
+      first_bad[name] = int(bad[0])
+  if not first_bad:
+    return
+  index = min(first_bad.values())
+  names = [name for name, at in first_bad.items() if at == index]
+  quantities = " and the ".join(f"{name.replace('_', ' ')} ({metrics[name][index]})"
+                                for name in names)
+  checkpointer.wait()
+  last_good = checkpointer.latest_step()
+  kept = ("No checkpoint had been written yet." if last_good is None else
+          f"The last good checkpoint (step {last_good}) is untouched.")
+  raise TrainingFailure(
+      f"Training stopped: the {quantities} became non-finite at step {first_step + index + 1}. "
+      f"{kept} Lower --config.optimizer.learning_rate or check the data.")
 
 
 def _write_config(config, workdir: str) -> None:

@@ -36,3 +36,16 @@ def trained_workdir(tmp_path_factory):
   result = run_main(workdir, "--config=configs/default.py:smoke", "--config.profile_steps=100,50")
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
+
+
+def tree_digest(directory) -> dict:
+  """{relative path: sha256} of every file under `directory`: equal digests mean untouched."""
+  import hashlib
+
+  digest = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digest

@@ -1,0 +1,267 @@
+"""Property: whatever a user types or feeds in, the program runs or says clearly why not.
+
+Random config overrides (real keys with random values of random types, and
+unknown keys), random bytes as images, as source files and as prepared dataset
+files: the outcome is a result or a UserError (`error: ...`, exit status 2 from
+the command line), never a traceback, and never a changed good checkpoint.
+Configs are checked in-process through the parser and checks `research.main`
+uses; a few examples run the real program.
+"""
+
+import dataclasses
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO, run_main, tree_digest
+from research import command_line, config_checks, data, prepare_data, predict
+from research.errors import UserError
+
+SMOKE = "--config=configs/default.py:smoke"
+FIXTURES = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+# ml_collections loads config files with the deprecated load_module, once per parse.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+
+def _flat_keys(config, prefix=""):
+  keys = []
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      keys += _flat_keys(value, f"{prefix}{key}.")
+    else:
+      keys.append(f"{prefix}{key}")
+  return keys
+
+
+REAL_KEYS = _flat_keys(command_line.parse_config([]))
+GROUPS = sorted({key.split(".")[0] for key in REAL_KEYS if "." in key})
+NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+KEYS = st.one_of(
+    st.sampled_from(REAL_KEYS),
+    st.sampled_from(REAL_KEYS),  # twice: real keys with random values matter most
+    NAME,  # unknown top-level key
+    st.builds(lambda group, leaf: f"{group}.{leaf}", st.sampled_from(GROUPS), NAME),
+    st.builds(lambda key, leaf: f"{key}.{leaf}", st.sampled_from(REAL_KEYS), NAME),
+)
+VALUES = st.one_of(
+    st.integers(-2**70, 2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["true", "false", "True", "0", "-1", "1e400", "-0.0", "nan", "()", "(1, 2)",
+                     "[1]", "{}", "None", "", "train[:0]", "latest", "best", "sgd", "cnn",
+                     "loss", "5,3", "-5,3"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=20),
+)
+OVERRIDES = st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3)
+
+
+def _flags(overrides):
+  return [f"--config.{key}={value}" for key, value in overrides]
+
+
+def _clear(message: str, overrides) -> bool:
+  """A message that names what was given (one of the overridden keys)."""
+  return bool(message) and "Traceback" not in message and any(
+      key.split(".")[-1] in message or key.split(".")[0] in message for key, _ in overrides)
+
+
+@settings(max_examples=250, deadline=None)
+@given(OVERRIDES)
+def test_random_overrides_parse_and_validate_or_say_why(overrides):
+  try:
+    config = command_line.parse_config(_flags(overrides))
+    config_checks.validate(config)
+  except UserError as e:
+    assert _clear(str(e), overrides), (overrides, str(e))
+
+
+# ---- The real program on a good, finished workdir ------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("good") / "run")
+  result = run_main(workdir, SMOKE, "--config.num_train_steps=50")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=FIXTURES)
+@given(st.one_of(OVERRIDES, st.lists(st.tuples(st.sampled_from(REAL_KEYS), VALUES), min_size=1,
+                                     max_size=2)))
+@example([("num_train_steps", "50")])  # the stored value: "already finished", exit 0
+@example([("optimizer.learning_rate", "0.5")])  # valid but different: refused, fields listed
+def test_random_overrides_on_a_good_workdir_never_change_its_checkpoint(good_workdir, overrides):
+  before = tree_digest(os.path.join(good_workdir, "checkpoints"))
+  result = run_main(good_workdir, SMOKE, "--config.num_train_steps=50", *_flags(overrides),
+                    timeout=120, env={"RESEARCH_OFFLINE": "1"})
+  assert "Traceback" not in result.stderr, (overrides, result.stderr[-3000:])
+  if result.returncode != 0:
+    assert result.returncode == 2, (overrides, result.stderr[-3000:])
+    assert "error: " in result.stderr
+  assert tree_digest(os.path.join(good_workdir, "checkpoints")) == before
+
+
+# ---- Random bytes as images -----------------------------------------------------------------
+
+def _png(height, width, mode="L"):
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.new(mode, (width, height), 128).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _claimed_size(width: int, height: int) -> bytes:
+  """GOOD_PNG whose header claims width x height pixels (a decompression-bomb shape)."""
+  import struct
+  import zlib
+
+  header = b"IHDR" + struct.pack(">II", width, height) + GOOD_PNG[24:29]
+  return GOOD_PNG[:12] + header + struct.pack(">I", zlib.crc32(header)) + GOOD_PNG[33:]
+
+
+GOOD_PNG = _png(28, 28)
+IMAGE_BYTES = st.one_of(
+    st.builds(_claimed_size, st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1)),
+    st.binary(max_size=2000),
+    st.binary(max_size=500).map(lambda tail: b"\x89PNG\r\n\x1a\n" + tail),
+    st.binary(max_size=500).map(lambda tail: b"\xff\xd8\xff\xe0" + tail),
+    st.integers(0, len(GOOD_PNG) - 1).map(lambda n: GOOD_PNG[:n]),
+    st.tuples(st.integers(8, len(GOOD_PNG) - 1), st.integers(1, 255)).map(
+        lambda flip: GOOD_PNG[:flip[0]] + bytes([GOOD_PNG[flip[0]] ^ flip[1]])
+        + GOOD_PNG[flip[0] + 1:]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(IMAGE_BYTES)
+def test_random_bytes_as_an_image_are_classified_or_refused(content):
+  limits = predict.Limits(max_file_bytes=1 << 20, max_pixels=1 << 20)
+  with tempfile.NamedTemporaryFile(suffix=".png") as f:
+    f.write(content)
+    f.flush()
+    try:
+      pixels = predict.load_image(f.name, (28, 28, 1), limits)
+    except predict.ImageRefused as e:
+      assert str(e)
+    else:
+      assert pixels.shape == (28, 28, 1) and pixels.dtype == np.uint8
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=FIXTURES)
+@given(st.lists(IMAGE_BYTES, min_size=2, max_size=4))
+def test_predict_command_refuses_bad_files_and_still_classifies_good_ones(good_workdir, files):
+  with tempfile.TemporaryDirectory() as folder:
+    paths = []
+    for index, content in enumerate([GOOD_PNG, *files]):
+      paths.append(os.path.join(folder, f"{index}.png"))
+      with open(paths[-1], "wb") as f:
+        f.write(content)
+    result = subprocess.run([sys.executable, "-m", "research.predict",
+                             f"--workdir={good_workdir}", *paths], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.returncode in (0, 1), result.stderr[-3000:]
+  assert result.stdout.startswith(f"{paths[0]}: ")  # the good image is classified
+  refused = result.stderr.count(": error: ")
+  assert len(result.stdout.splitlines()) + refused == len(paths)
+
+
+# ---- Random bytes as dataset source files and prepared files -----------------------------
+
+@pytest.fixture(scope="module")
+def source_copy(tmp_path_factory):
+  source = prepare_data.LOCAL_SOURCES["fashion_mnist"]
+  if not prepare_data._has_local_files(source):
+    pytest.skip(f"{source.directory} is not installed")
+  directory = tmp_path_factory.mktemp("source")
+  for name in source.gzip_mtimes:
+    shutil.copy(os.path.join(source.directory, name), directory)
+  return source, str(directory)
+
+
+def _damaged(original: bytes, how):
+  kind, position, value, noise = how
+  if kind == "random":
+    return noise
+  if kind == "truncated":
+    return original[:position % len(original)]
+  index = 10 + position % (len(original) - 10)  # past the gzip header we rewrite anyway
+  return original[:index] + bytes([original[index] ^ (value or 1)]) + original[index + 1:]
+
+
+DAMAGE = st.tuples(st.sampled_from(["random", "truncated", "flipped"]),
+                   st.integers(0, 2**31), st.integers(0, 255), st.binary(max_size=3000))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=FIXTURES)
+@given(st.sampled_from(sorted(prepare_data.LOCAL_SOURCES["fashion_mnist"].gzip_mtimes)), DAMAGE)
+def test_random_bytes_as_a_source_file_prepare_or_name_the_file(source_copy, victim, how):
+  source, good = source_copy
+  with tempfile.TemporaryDirectory() as folder:
+    directory = os.path.join(folder, "source")
+    os.makedirs(directory)
+    for name in source.gzip_mtimes:
+      if name != victim:
+        os.symlink(os.path.join(good, name), os.path.join(directory, name))
+    with open(os.path.join(good, victim), "rb") as f:
+      original = f.read()
+    path = os.path.join(directory, victim)
+    with open(path, "wb") as f:
+      f.write(_damaged(original, how))
+    data_dir = os.path.join(folder, "tfds")
+    builder = prepare_data.builder_for("fashion_mnist", data_dir)
+    try:
+      prepare_data._prepare_from_local_files(
+          builder, dataclasses.replace(source, directory=directory), data_dir)
+    except UserError as e:
+      assert path in str(e), str(e)
+    else:
+      assert prepare_data.is_prepared(builder)
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(fashion_mnist):
+  return os.fspath(prepare_data.builder_for("fashion_mnist", None).data_path)
+
+
+PREPARED_FILES = ["dataset_info.json", "features.json", "label.labels.txt",
+                  "fashion_mnist-test.array_record-00000-of-00001", "../3.0.1.decoded/test.npz"]
+FILE_BYTES = st.one_of(
+    st.binary(max_size=3000),
+    st.sampled_from([b"", b"{}", b"[]", b"null", b'{"name": 1}', b'{"splits": "x"}', b"\x00" * 70000]),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=FIXTURES)
+@given(st.sampled_from(PREPARED_FILES), FILE_BYTES)
+def test_random_bytes_in_a_prepared_dataset_load_or_say_why(prepared_dir, victim, content):
+  import ml_collections
+
+  before = tree_digest(prepared_dir)
+  with tempfile.TemporaryDirectory() as folder:
+    version = os.path.basename(prepared_dir)
+    target = os.path.join(folder, "fashion_mnist", version)
+    shutil.copytree(prepared_dir, target, copy_function=os.link)
+    if os.path.isdir(prepared_dir + ".decoded"):
+      shutil.copytree(prepared_dir + ".decoded", target + ".decoded", copy_function=os.link)
+    path = os.path.normpath(os.path.join(target, victim))
+    if os.path.exists(path):
+      os.remove(path)  # break the hard link: the real file stays intact
+    with open(path, "wb") as f:
+      f.write(content)
+    config = ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": folder})
+    try:
+      info, split = data.load_split(config, "test")
+    except UserError as e:
+      assert str(e)
+    else:
+      assert len(split) == 10000 and info.image_shape == (28, 28, 1)
+  assert tree_digest(prepared_dir) == before
