@@ -92,6 +92,30 @@ def _write_atomically(path: str, split: Split) -> None:
     logging.warning("Could not write the decoded cache %s: %s", path, e)
 
 
+# Per-channel mean and std of the training pixels in [0, 1], as commonly published.
+NORMALIZATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def normalization(name: str, train: Split | None = None):
+  """(mean, std) per channel for `name`; measured on `train` for other datasets."""
+  base = name.split("/")[0]
+  if base in NORMALIZATION:
+    return tuple(np.asarray(v, np.float32) for v in NORMALIZATION[base])
+  if train is None:
+    raise UserError(f"No normalization constants for dataset {name!r} (known: "
+                    f"{', '.join(NORMALIZATION)}); set --config.dataset.normalize=False.")
+  pixels = train.images.reshape(-1, train.images.shape[-1]).astype(np.float64) / 255.0
+  return pixels.mean(0).astype(np.float32), np.maximum(pixels.std(0), 1e-3).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The shuffled order of the training examples in `epoch`, fixed by (seed, epoch)."""

@@ -26,21 +26,31 @@ def preprocess(images):
   return images.astype(jnp.float32) / 255.0
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
-               tx: optax.GradientTransformation):
-  """One optimizer step on a batch of uint8 images -> (new state, metrics)."""
+               tx: optax.GradientTransformation, train_input: Callable | None = None,
+               label_smoothing: float = 0.0):
+  """One optimizer step on a batch of uint8 images -> (new state, metrics).
+
+  `train_input(images, key)` turns the uint8 batch into model input (augment,
+  normalize; see augment.py); by default pixels are scaled to [0, 1].
+  """
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  inputs = (preprocess(images) if train_input is None
+            else train_input(images, jax.random.fold_in(step_rng, 1)))
 
   def loss_fn(params):
     variables = {"params": params, **state.model_state}
     logits, new_model_state = apply_fn(
-        variables, preprocess(images), train=True, rngs={"dropout": step_rng},
+        variables, inputs, train=True, rngs={"dropout": step_rng},
         mutable=list(state.model_state))
-    loss = cross_entropy(logits, labels).mean()
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
     return loss, (logits, new_model_state)
 
   (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -58,9 +68,11 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
   return new_state, metrics
 
 
-def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable):
+def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable,
+              eval_input: Callable | None = None):
   """Sums over one padded batch: masked loss, correct count, example count."""
-  logits = apply_fn({"params": params, **model_state}, preprocess(images), train=False)
+  inputs = preprocess(images) if eval_input is None else eval_input(images)
+  logits = apply_fn({"params": params, **model_state}, inputs, train=False)
   return {
       "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
       "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import checkpoint, config_checks, data, mesh as mesh_lib, models, optim, steps
+from research import augment, checkpoint, config_checks, data, mesh as mesh_lib, models, optim, steps
 from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console, format_eta
 
@@ -74,7 +74,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   # ---- Model, optimizer, state ---------------------------------------------
   model = models.build(config.model, info.num_classes)
-  tx = optim.build_optimizer(config.optimizer)
+  tx = optim.build_optimizer(config.optimizer, config.schedule,
+                             steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
   init_fn = jax.jit(functools.partial(create_state, model, tx, info.image_shape),
                     static_argnums=0, out_shardings=mesh_lib.replicated(mesh))
   abstract_state = jax.eval_shape(init_fn, config.seed)
@@ -94,9 +95,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   meta = {"config": config.to_dict(), **checkpoint.code_version()}
 
   # ---- Compiled steps -------------------------------------------------------
-  train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx),
-                       donate_argnums=0)
-  evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply))
+  mean, std = data.normalization(info.name, train_split) if config.dataset.normalize else (None, None)
+  train_many = jax.jit(functools.partial(
+      steps.train_many, apply_fn=model.apply, tx=tx, label_smoothing=config.label_smoothing,
+      train_input=augment.make_train_input(config.augment, mean, std)), donate_argnums=0)
+  evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply,
+                                           eval_input=augment.make_eval_input(mean, std)))
 
   def evaluate(state) -> dict:
     totals = jax.device_get(evaluate_all(state.params, state.model_state, *eval_arrays))
