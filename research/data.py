@@ -41,32 +41,57 @@ def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
   """Returns (info, train split, eval split), preparing the dataset if needed."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   features = builder.info.features
+  image_size = int(dataset_config.get("image_size", 0))
+  shape = tuple(features["image"].shape)
+  if image_size:
+    shape = (image_size, image_size, shape[-1])
+  elif None in shape:
+    raise UserError(f"Images of {dataset_config.name} vary in size: set --config.dataset.image_size "
+                    "(e.g. 224 or 64) to resize them (shorter side, then a centre crop).")
   info = DatasetInfo(
       name=dataset_config.name,
-      image_shape=tuple(features["image"].shape),
+      image_shape=shape,
       num_classes=features["label"].num_classes,
       class_names=tuple(features["label"].names),
   )
-  train = read_split(builder, dataset_config.train_split)
-  evaluation = read_split(builder, dataset_config.eval_split)
+  train = read_split(builder, dataset_config.train_split, image_size)
+  evaluation = read_split(builder, dataset_config.eval_split, image_size)
   return info, train, evaluation
 
 
-def read_split(builder, split: str) -> Split:
-  """Reads a whole split into memory, through a decoded-array cache beside the data."""
-  cache = os.path.join(os.fspath(builder.data_path) + ".decoded", re.sub(r"[^\w.%-]", "_", split) + ".npz")
+def read_split(builder, split: str, image_size: int = 0) -> Split:
+  """Reads a whole split into memory, through a decoded-array cache beside the data.
+
+  `image_size` > 0 resizes every image (shorter side to `image_size`, centre
+  crop), for datasets of JPEGs of varying sizes such as imagenette.
+  """
+  name = re.sub(r"[^\w.%-]", "_", split) + (f"_{image_size}px" if image_size else "")
+  cache = os.path.join(os.fspath(builder.data_path) + ".decoded", name + ".npz")
   if os.path.exists(cache):
     try:
       with np.load(cache) as arrays:
         return Split(arrays["images"], arrays["labels"])
     except (OSError, ValueError, KeyError) as e:
       logging.warning("Ignoring unreadable cache %s (%s); decoding again.", cache, e)
-  split_data = _decode_split(builder, split)
+  split_data = _decode_split(builder, split, image_size)
   _write_atomically(cache, split_data)
   return split_data
 
 
-def _decode_split(builder, split: str) -> Split:
+def _resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+  from PIL import Image
+
+  height, width = image.shape[:2]
+  scale = size / min(height, width)
+  resized_h, resized_w = max(size, round(height * scale)), max(size, round(width * scale))
+  pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+  resized = np.asarray(pil.resize((resized_w, resized_h), Image.BILINEAR)).reshape(
+      resized_h, resized_w, image.shape[-1])
+  top, left = (resized_h - size) // 2, (resized_w - size) // 2
+  return resized[top:top + size, left:left + size]
+
+
+def _decode_split(builder, split: str, image_size: int = 0) -> Split:
   try:
     source = builder.as_data_source(split=split)
     examples = source.__getitems__(range(len(source)))
@@ -77,7 +102,10 @@ def _decode_split(builder, split: str) -> Split:
     raise UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
                     f"({type(e).__name__}: {e}). The prepared data looks damaged: delete that "
                     "folder and run `make data` to prepare it again.") from e
-  images = np.stack([example["image"] for example in examples]).astype(np.uint8)
+  images = [np.asarray(example["image"], np.uint8) for example in examples]
+  if image_size:
+    images = [_resize_and_centre_crop(image, image_size) for image in images]
+  images = np.stack(images)
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
   return Split(images, labels)
 
