@@ -130,6 +130,24 @@ def build_schedule(schedule_config, learning_rate: float, steps_per_epoch: float
                               [warmup])
 
 
+def check(optimizer_config, schedule_config) -> None:
+  """Fails on unknown names or inapplicable knobs; cheap, so it runs before any data is read."""
+  entry = _lookup(optimizer_config.name)
+  _check_knobs(optimizer_config, entry)
+  build_schedule(schedule_config, optimizer_config.learning_rate, steps_per_epoch=1,
+                 total_steps=1 << 30)
+
+
+def _check_knobs(optimizer_config, entry: Entry) -> dict:
+  knobs = {k: v for k, v in optimizer_config.items() if k not in COMMON_FIELDS}
+  unknown = sorted(set(knobs) - set(entry.knobs))
+  if unknown:
+    raise UserError(f"optimizer.{unknown[0]} does not apply to optimizer "
+                    f"{optimizer_config.name!r}; its knobs are: {', '.join(entry.knobs) or '(none)'}"
+                    f", plus {', '.join(COMMON_FIELDS[1:])}.")
+  return knobs
+
+
 def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: float = 1,
                     total_steps: int = 1) -> optax.GradientTransformation:
   """The whole update rule (see the module docstring); fails early on bad settings.
@@ -139,11 +157,7 @@ def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: 
   """
   name = optimizer_config.name
   entry = _lookup(name)
-  knobs = {k: v for k, v in optimizer_config.items() if k not in COMMON_FIELDS}
-  unknown = sorted(set(knobs) - set(entry.knobs))
-  if unknown:
-    raise UserError(f"optimizer.{unknown[0]} does not apply to optimizer {name!r}; its knobs are: "
-                    f"{', '.join(entry.knobs) or '(none)'}, plus {', '.join(COMMON_FIELDS[1:])}.")
+  knobs = _check_knobs(optimizer_config, entry)
   accumulate = int(optimizer_config.get("grad_accum_steps", 1))
   if accumulate < 1:
     raise UserError(f"optimizer.grad_accum_steps={accumulate} is not accepted: a positive integer "

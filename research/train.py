@@ -59,6 +59,8 @@ class _PreemptionFlag:
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   # ---- Set-up: config, data, schedule -------------------------------------
   config_checks.validate(config)
+  models.build(config.model, num_classes=1)  # unknown names and knobs fail before any data is read
+  optim.check(config.optimizer, config.schedule)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   info, train_split, eval_split = data.load(config.dataset)
   plan = config_checks.schedule(config, len(train_split))
