@@ -1,4 +1,4 @@
-"""A small ResNet on Fashion-MNIST: at least 0.935 test accuracy in under 20 minutes on 2 CPU cores.
+"""A small ResNet on Fashion-MNIST, sized for about 20 minutes on 2 CPU cores.
 
 ResNet-8 (CIFAR-style, n=1: three stages of one basic block at 16/32/64 channels,
 BatchNorm, 78k parameters) on per-channel standardized pixels, random crop (pad 2)
@@ -8,6 +8,16 @@ peak lr 0.1 with a 1-epoch warmup then cosine decay, weight decay 5e-4 on kernel
 image here (about 230 img/s on 2 idle cores), which leaves too few epochs in 20 minutes.
 
   python -m research.main --config=configs/fashion_mnist_resnet.py --workdir=runs/fmnist_resnet
+
+Measured here (one run, commit 8470a6d, the machine shared with other jobs: mean
+1-minute load 4.5 on 2 cores): final test accuracy 0.9218 (loss 0.2989) after
+15 epochs; 2566 s of training, 42:51 wall in all, 2403 s of CPU time (the job got
+0.93 of a core on average), which is about 20 minutes on 2 idle cores. Per epoch:
+0.645, 0.539, 0.853, 0.826, 0.874, 0.872, 0.897, 0.895, 0.867, 0.903, 0.910, 0.916,
+0.922 (ep 13), 0.922, 0.922. This is SHORT of the 0.935 target: the 78k-parameter net
+underfits under this much regularization (train accuracy on augmented batches 0.93).
+Early evaluations are low because BatchNorm running averages lag at the peak
+learning rate (batch statistics on the same weights gave 0.83 at epoch 2).
 
 Knobs of the model and optimizer are in the config, e.g. `--config.model.width=32`,
 `--config.model.name=resnet20` (same knobs), `--config.optimizer.nesterov=False`.
