@@ -22,7 +22,7 @@ class Classifier:
     import jax
     import ml_collections
 
-    from research import checkpoint, mesh as mesh_lib, steps, train
+    from research import checkpoint, mesh as mesh_lib, train
 
     config_path = os.path.join(workdir, "config.json")
     try:
@@ -34,15 +34,17 @@ class Classifier:
     self.info = dataset_info(workdir, self.config)
     model, _, _, abstract_state = train.build_model_and_state(self.config, self.info,
                                                               mesh_lib.make_mesh())
-    checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    checkpointer = checkpoint.Checkpointer(workdir, best_metric=self.config.get("best_metric", "accuracy"),
+                                           read_only=True)
     try:
-      self.step = _choose_step(checkpointer, step)
+      self.step = checkpointer.resolve_step(step)
       state, _ = checkpointer.restore(abstract_state, self.step)
     finally:
       checkpointer.close()
     self._variables = {"params": state.params, **state.model_state}
+    eval_input = train.input_functions(self.config, self.info, None)[1]  # as in evaluation
     self._logits = jax.jit(lambda variables, images: model.apply(
-        variables, steps.preprocess(images), train=False))
+        variables, eval_input(images), train=False))
 
   def probabilities(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """uint8 images [N, H, W, C] -> class probabilities [N, num_classes] (float32)."""
@@ -74,19 +76,3 @@ def dataset_info(workdir: str, config):
   return data.load(config.dataset)[0]
 
 
-def _choose_step(checkpointer, step: str) -> int:
-  available = checkpointer.steps()
-  if not available:
-    raise UserError(f"No checkpoint in {checkpointer.directory}: train this workdir first.")
-  if step == "latest":
-    return available[-1]
-  if step == "best":
-    best = checkpointer.best_step()
-    if best is None:
-      raise UserError(f"No evaluated checkpoint in {checkpointer.directory} to call best; "
-                      f"use --step=latest or one of {available}.")
-    return best
-  if str(step).isdigit() and int(step) in available:
-    return int(step)
-  raise UserError(f"--step={step!r} is not accepted: 'latest', 'best' or a saved step "
-                  f"({', '.join(map(str, available))}).")

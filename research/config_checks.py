@@ -75,6 +75,10 @@ def validate(config) -> None:
            "a positive number")
   _require(config.best_metric in ("accuracy", "loss"), "best_metric", config.best_metric,
            "'accuracy' or 'loss'")
+  _require(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing,
+           "a number in [0, 1)")
+  _require(config.augment.crop_padding >= 0, "augment.crop_padding", config.augment.crop_padding,
+           "0 (off) or a positive number of pixels")
   learning_rate = config.optimizer.learning_rate
   _require(isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
            and learning_rate > 0, "optimizer.learning_rate", learning_rate,

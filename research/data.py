@@ -40,30 +40,46 @@ class Split:
 def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
   """Returns (info, train split, eval split), preparing the dataset if needed."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
-  train = read_split(builder, dataset_config.train_split)
-  evaluation = read_split(builder, dataset_config.eval_split)
-  return dataset_info(builder), train, evaluation
+  info, image_size = dataset_info(builder, dataset_config)
+  train = read_split(builder, dataset_config.train_split, image_size)
+  evaluation = read_split(builder, dataset_config.eval_split, image_size)
+  return info, train, evaluation
 
 
 def load_split(dataset_config, split: str) -> tuple[DatasetInfo, Split]:
   """Returns (info, one split), e.g. for evaluating a checkpoint on `split`."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
-  return dataset_info(builder), read_split(builder, split)
+  info, image_size = dataset_info(builder, dataset_config)
+  return info, read_split(builder, split, image_size)
 
 
-def dataset_info(builder) -> DatasetInfo:
+def dataset_info(builder, dataset_config) -> tuple[DatasetInfo, int]:
+  """The dataset's metadata and the image size to resize to (0: keep the stored size)."""
   features = builder.info.features
-  return DatasetInfo(
-      name=builder.name,
-      image_shape=tuple(features["image"].shape),
+  image_size = int(dataset_config.get("image_size", 0))
+  shape = tuple(features["image"].shape)
+  if image_size:
+    shape = (image_size, image_size, shape[-1])
+  elif None in shape:
+    raise UserError(f"Images of {dataset_config.name} vary in size: set --config.dataset.image_size "
+                    "(e.g. 224 or 64) to resize them (shorter side, then a centre crop).")
+  info = DatasetInfo(
+      name=dataset_config.name,
+      image_shape=shape,
       num_classes=features["label"].num_classes,
       class_names=tuple(features["label"].names),
   )
+  return info, image_size
 
 
-def read_split(builder, split: str) -> Split:
-  """Reads a whole split into memory, through a decoded-array cache beside the data."""
-  cache = os.path.join(os.fspath(builder.data_path) + ".decoded", re.sub(r"[^\w.%-]", "_", split) + ".npz")
+def read_split(builder, split: str, image_size: int = 0) -> Split:
+  """Reads a whole split into memory, through a decoded-array cache beside the data.
+
+  `image_size` > 0 resizes every image (shorter side to `image_size`, centre
+  crop), for datasets of JPEGs of varying sizes such as imagenette.
+  """
+  name = re.sub(r"[^\w.%-]", "_", split) + (f"_{image_size}px" if image_size else "")
+  cache = os.path.join(os.fspath(builder.data_path) + ".decoded", name + ".npz")
   if os.path.exists(cache):
     try:
       with np.load(cache) as arrays:
@@ -75,12 +91,25 @@ def read_split(builder, split: str) -> Split:
     except Exception as e:  # a damaged cache fails in zipfile, numpy or pickle: just decode
       logging.warning("Ignoring unreadable cache %s (%s: %s); decoding again.", cache,
                       type(e).__name__, e)
-  split_data = _decode_split(builder, split)
+  split_data = _decode_split(builder, split, image_size)
   _write_atomically(cache, split_data)
   return split_data
 
 
-def _decode_split(builder, split: str) -> Split:
+def _resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+  from PIL import Image
+
+  height, width = image.shape[:2]
+  scale = size / min(height, width)
+  resized_h, resized_w = max(size, round(height * scale)), max(size, round(width * scale))
+  pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+  resized = np.asarray(pil.resize((resized_w, resized_h), Image.BILINEAR)).reshape(
+      resized_h, resized_w, image.shape[-1])
+  top, left = (resized_h - size) // 2, (resized_w - size) // 2
+  return resized[top:top + size, left:left + size]
+
+
+def _decode_split(builder, split: str, image_size: int = 0) -> Split:
   try:
     source = builder.as_data_source(split=split)
     examples = source.__getitems__(range(len(source)))
@@ -92,7 +121,10 @@ def _decode_split(builder, split: str) -> Split:
                     f"(files {_split_files(builder, split)}; {type(e).__name__}: {e}). The "
                     "prepared data looks damaged: delete that folder and run `make data` to "
                     "prepare it again.") from e
-  images = np.stack([example["image"] for example in examples]).astype(np.uint8)
+  images = [np.asarray(example["image"], np.uint8) for example in examples]
+  if image_size:
+    images = [_resize_and_centre_crop(image, image_size) for image in images]
+  images = np.stack(images)
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
   return Split(images, labels)
 
@@ -114,6 +146,30 @@ def _write_atomically(path: str, split: Split) -> None:
     os.replace(tmp, path)
   except OSError as e:  # a read-only data dir only costs the decode next time
     logging.warning("Could not write the decoded cache %s: %s", path, e)
+
+
+# Per-channel mean and std of the training pixels in [0, 1], as commonly published.
+NORMALIZATION = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenette": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def normalization(name: str, train: Split | None = None):
+  """(mean, std) per channel for `name`; measured on `train` for other datasets."""
+  base = name.split("/")[0]
+  if base in NORMALIZATION:
+    return tuple(np.asarray(v, np.float32) for v in NORMALIZATION[base])
+  if train is None:
+    raise UserError(f"No normalization constants for dataset {name!r} (known: "
+                    f"{', '.join(NORMALIZATION)}); set --config.dataset.normalize=False.")
+  pixels = train.images.reshape(-1, train.images.shape[-1]).astype(np.float64) / 255.0
+  return pixels.mean(0).astype(np.float32), np.maximum(pixels.std(0), 1e-3).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)

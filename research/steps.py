@@ -26,13 +26,20 @@ def preprocess(images):
   return images.astype(jnp.float32) / 255.0
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
-               tx: optax.GradientTransformation, microbatches: int = 1):
+               tx: optax.GradientTransformation, train_input: Callable | None = None,
+               label_smoothing: float = 0.0, microbatches: int = 1):
   """One optimizer step on a batch of uint8 images -> (new state, metrics).
+
+  `train_input(images, key)` turns the uint8 batch into model input (augment,
+  normalize; see augment.py); by default pixels are scaled to [0, 1].
 
   With `microbatches` > 1 the batch's gradient is summed over that many equal
   slices, one after another: the same gradient up to float rounding, with
@@ -40,19 +47,21 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
   image as the batch grows). BatchNorm then normalizes per micro-batch.
   """
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  inputs = (preprocess(images) if train_input is None
+            else train_input(images, jax.random.fold_in(step_rng, 1)))
 
-  def loss_fn(params, model_state, images, labels):
+  def loss_fn(params, model_state, inputs, labels):
     variables = {"params": params, **model_state}
     logits, new_model_state = apply_fn(
-        variables, preprocess(images), train=True, rngs={"dropout": step_rng},
+        variables, inputs, train=True, rngs={"dropout": step_rng},
         mutable=list(model_state))
-    loss = cross_entropy(logits, labels).mean()
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return loss, (correct, new_model_state)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    (loss, (correct, new_model_state)), grads = grad_fn(state.params, state.model_state, images,
+    (loss, (correct, new_model_state)), grads = grad_fn(state.params, state.model_state, inputs,
                                                         labels)
   else:
     def accumulate(carry, batch):
@@ -64,7 +73,7 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss, correct, grads, new_model_state), _ = jax.lax.scan(
         accumulate, (jnp.float32(0), jnp.int32(0), zeros, state.model_state),
-        (split_microbatches(images, microbatches), split_microbatches(labels, microbatches)))
+        (split_microbatches(inputs, microbatches), split_microbatches(labels, microbatches)))
     loss = loss / microbatches
     grads = jax.tree.map(lambda g: g / microbatches, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,9 +99,11 @@ def split_microbatches(x, count: int):
   return jnp.swapaxes(x, 0, 1).reshape(count, devices * (per_device // count), *x.shape[3:])
 
 
-def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable):
+def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable,
+              eval_input: Callable | None = None):
   """Sums over one padded batch: masked loss, correct count, example count."""
-  logits = apply_fn({"params": params, **model_state}, preprocess(images), train=False)
+  inputs = preprocess(images) if eval_input is None else eval_input(images)
+  logits = apply_fn({"params": params, **model_state}, inputs, train=False)
   return {
       "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
       "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),

@@ -16,22 +16,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import (checkpoint, config_checks, data, distributed, mesh as mesh_lib, models,
-                      optim, profiling, run_info, steps, workdir_lock)
+from research import (augment, checkpoint, config_checks, data, distributed, mesh as mesh_lib,
+                      models, optim, profiling, run_info, steps, workdir_lock)
 from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console
 
 
-def build_model_and_state(config, info: data.DatasetInfo, mesh):
+def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
   """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`);
-  shared by training, evaluation, reports and predictions.
+  shared by training, evaluation, reports and predictions. `plan` (the run's
+  Schedule) sets the learning-rate schedule's length; the state's structure does
+  not depend on it, so restoring for evaluation needs none.
 
   The state is replicated, or its params and optimizer state are split over the
   devices when `config.shard_params` (FSDP-style); the abstract state carries those
   shardings, so restoring a checkpoint lays it out for the current mesh.
   """
   model = models.build(config.model, info.num_classes)
-  tx = optim.build_optimizer(config.optimizer)
+  tx = optim.build_optimizer(config.optimizer, config.schedule,
+                             steps_per_epoch=plan.steps_per_epoch if plan else 1,
+                             total_steps=plan.total_steps if plan else 1)
   make_state = functools.partial(create_state, model, tx, info.image_shape)
   config_checks.check_model_fits(config.model, info.image_shape,
                                  lambda: jax.eval_shape(make_state, config.seed))
@@ -44,11 +48,24 @@ def build_model_and_state(config, info: data.DatasetInfo, mesh):
   return model, tx, init_fn, abstract_state
 
 
-def make_evaluator(model, split: data.Split, batch_size: int, mesh):
+def input_functions(config, info: data.DatasetInfo, train_split: data.Split | None):
+  """(train_input(images, key), eval_input(images)): uint8 batches -> model input,
+  with the config's augmentations (training only) and normalization. Without
+  `train_split`, statistics a dataset has no constants for are measured on a fresh read."""
+  mean = std = None
+  if config.dataset.normalize:
+    if train_split is None and info.name.split("/")[0] not in data.NORMALIZATION:
+      train_split = data.load_split(config.dataset, config.dataset.train_split)[1]
+    mean, std = data.normalization(info.name, train_split)
+  return augment.make_train_input(config.augment, mean, std), augment.make_eval_input(mean, std)
+
+
+def make_evaluator(model, split: data.Split, batch_size: int, mesh, eval_input=None):
   """Returns evaluate(state) -> metrics over every example of `split`, exactly once."""
   arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
             for a in data.padded_for_eval(split, batch_size)]
-  evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply))
+  evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply,
+                                           eval_input=eval_input))
 
   def evaluate(state) -> dict:
     totals = jax.device_get(evaluate_all(state.params, state.model_state, *arrays))
@@ -111,6 +128,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
 def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict:
   # ---- Set-up: config, data, schedule -------------------------------------
+  models.build(config.model, num_classes=1)  # unknown names and knobs fail before any data is read
+  optim.check(config.optimizer, config.schedule)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   info, train_split, eval_split = data.load(config.dataset)
   plan = config_checks.schedule(config, len(train_split))
@@ -123,7 +142,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   train_labels = mesh_lib.put_replicated(train_split.labels, mesh)
 
   # ---- Model, optimizer, state ---------------------------------------------
-  model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh)
+  model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh, plan)
   _write_config(config, workdir)  # only now: every check above has passed
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
@@ -143,12 +162,12 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
 
   # ---- Compiled steps -------------------------------------------------------
   state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  microbatches = config_checks.microbatch_count(config)
-  train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx,
-                                         microbatches=microbatches),
-                       donate_argnums=0,
-                       out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
-  evaluate = make_evaluator(model, eval_split, config.eval_batch_size, mesh)
+  train_input, eval_input = input_functions(config, info, train_split)
+  train_many = jax.jit(functools.partial(
+      steps.train_many, apply_fn=model.apply, tx=tx, label_smoothing=config.label_smoothing,
+      train_input=train_input, microbatches=config_checks.microbatch_count(config)),
+      donate_argnums=0, out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
+  evaluate = make_evaluator(model, eval_split, config.eval_batch_size, mesh, eval_input)
 
   run_log = RunLog(workdir, resume_step=start_step)
   if start_step >= plan.total_steps:
@@ -289,7 +308,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh()
   model, _, _, abstract_state = build_model_and_state(config, info, mesh)
   state, _ = checkpointer.restore(abstract_state, step)
-  metrics = make_evaluator(model, split, config.eval_batch_size, mesh)(state)
+  eval_input = input_functions(config, info, None)[1]
+  metrics = make_evaluator(model, split, config.eval_batch_size, mesh, eval_input)(state)
   checkpointer.close()
   record = {"step": step, "checkpoint": str(config.eval.checkpoint_step),
             "split": config.eval.split, **metrics}

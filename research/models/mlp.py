@@ -1,0 +1,21 @@
+"""A plain multilayer perceptron: flatten -> [Dense -> ReLU -> Dropout]* -> Dense."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  num_classes: int
+  hidden_features: Sequence[int] = (512, 512)
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    for features in self.hidden_features:
+      x = nn.relu(nn.Dense(features, dtype=self.dtype)(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

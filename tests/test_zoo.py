@@ -1,0 +1,201 @@
+"""Every model of the zoo trains on real Fashion-MNIST; BatchNorm statistics behave."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from research import data, models, steps, train
+from research.errors import UserError
+
+# Small widths keep compile and step times to seconds; the structure is the real one.
+SMALL_KNOBS = {
+    "cnn": {"conv_features": (8, 16), "dense_features": 16},
+    "mlp": {"hidden_features": (32,), "dropout_rate": 0.1},
+    "resnet8": {"width": 4},
+    "resnet14": {"width": 4},
+    "resnet20": {"width": 4},
+    "resnet32": {"width": 2},
+    "resnet56": {"width": 2},
+    "resnet18": {"width": 4},
+    "resnet34": {"width": 2},
+    "resnet50": {"width": 2, "stem": "cifar"},
+    "wide_resnet": {"depth": 10, "width": 1, "dropout_rate": 0.1},
+    "vit_ti": {"patch_size": 7, "width": 16, "depth": 2, "num_heads": 2},
+    "vit_s": {"patch_size": 4, "width": 16, "depth": 1, "num_heads": 4, "mlp_dim": 32},
+}
+
+
+def _model(name, **knobs):
+  return models.build(ml_collections.ConfigDict({"name": name, **knobs}), num_classes=10)
+
+
+def _train(model, train_split, num_steps=3, batch_size=16, tx=None):
+  tx = tx or optax.adam(1e-3)
+  state = train.create_state(model, tx, (28, 28, 1), seed=0)
+  run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
+  indices = data.batch_indices(0, 0, num_steps, batch_size, len(train_split))
+  return state, run(state, train_split.images, train_split.labels, indices)
+
+
+def test_every_model_has_small_knobs_in_this_test():
+  assert set(SMALL_KNOBS) == set(models.MODELS)
+
+
+# Deeper siblings of resnet20 / resnet18 (same blocks, more of them): compile-bound, so slow.
+_DEEP = {"resnet32", "resnet56", "resnet34", "resnet50"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _DEEP else n
+                                  for n in sorted(SMALL_KNOBS)])
+def test_every_model_trains_a_few_steps_on_real_batches(fashion_mnist, name):
+  _, train_split, _ = fashion_mnist
+  model = _model(name, **SMALL_KNOBS[name])
+  initial, (state, metrics) = _train(model, train_split, num_steps=2, batch_size=8)
+  assert np.all(np.isfinite(metrics["loss"])) and int(state.step) == 2
+  for leaf in jax.tree.leaves(state.params):
+    assert leaf.dtype == jnp.float32
+  changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(initial.params),
+                                                    jax.tree.leaves(state.params))]
+  assert all(changed)  # every parameter received a gradient
+  logits = model.apply({"params": state.params, **state.model_state},
+                       jnp.zeros((2, 28, 28, 1)), train=False)
+  assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["resnet8", "vit_ti"])
+def test_bfloat16_compute_keeps_float32_parameters(fashion_mnist, name):
+  _, train_split, _ = fashion_mnist
+  model = _model(name, **SMALL_KNOBS[name], dtype="bfloat16")
+  _, (state, metrics) = _train(model, train_split, num_steps=2)
+  assert np.all(np.isfinite(metrics["loss"]))
+  assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  logits = model.apply({"params": state.params, **state.model_state}, jnp.zeros((1, 28, 28, 1)))
+  assert logits.dtype == jnp.float32
+
+
+def test_models_run_on_other_input_shapes_and_class_counts():
+  for name, shape in [("resnet8", (40, 40, 3)), ("vit_ti", (30, 30, 3)), ("mlp", (32, 32, 3))]:
+    model = models.build(ml_collections.ConfigDict({"name": name, **SMALL_KNOBS[name]}), 7)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+    assert model.apply(variables, jnp.zeros((2, *shape))).shape == (2, 7)
+
+
+def test_batchnorm_statistics_update_in_training_and_stay_frozen_in_evaluation(fashion_mnist):
+  _, train_split, test_split = fashion_mnist
+  model = _model("resnet8", width=4)
+  initial, (state, _) = _train(model, train_split, num_steps=2)
+  before = jax.tree.leaves(initial.model_state["batch_stats"])
+  after = jax.tree.leaves(state.model_state["batch_stats"])
+  assert all(not np.allclose(a, b) for a, b in zip(before, after))  # training moved them
+
+  evaluate = jax.jit(functools.partial(steps.eval_step, apply_fn=model.apply))
+  images, labels = test_split.images[:64], test_split.labels[:64]
+  mask = np.ones(64, np.float32)
+  first = evaluate(state.params, state.model_state, images, labels, mask)
+  # Evaluation uses the running averages: per-example outputs do not depend on
+  # the rest of the batch, and applying in eval mode mutates nothing.
+  variables = {"params": state.params, **state.model_state}
+  whole = model.apply(variables, steps.preprocess(images), train=False)
+  alone = model.apply(variables, steps.preprocess(images[:3]), train=False)
+  np.testing.assert_allclose(whole[:3], alone, rtol=1e-4, atol=1e-5)
+  _, mutated = model.apply(variables, steps.preprocess(images), train=False,
+                           mutable=["batch_stats"])
+  for a, b in zip(jax.tree.leaves(mutated), jax.tree.leaves(state.model_state)):
+    np.testing.assert_array_equal(a, b)
+  again = evaluate(state.params, state.model_state, images, labels, mask)
+  assert float(first["loss_sum"]) == float(again["loss_sum"])
+  # ...and they matter: other statistics give other evaluation results.
+  shifted = jax.tree.map(lambda x: x + 1.0, state.model_state)
+  assert float(evaluate(state.params, shifted, images, labels, mask)["loss_sum"]) != float(
+      first["loss_sum"])
+
+
+_TWO_DEVICE_SCRIPT = textwrap.dedent("""
+    import functools, jax, numpy as np, optax, ml_collections
+    from research import mesh as mesh_lib, models, steps, train
+    assert jax.device_count() == 2
+    model = models.build(ml_collections.ConfigDict({"name": "resnet8", "width": 4}), 10)
+    tx = optax.sgd(0.1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, (8,)).astype(np.int32)
+    step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
+    state = train.create_state(model, tx, (28, 28, 1), 0)
+    mesh = mesh_lib.make_mesh()
+    sharded, _ = step(state, mesh_lib.global_batch(images, mesh), mesh_lib.global_batch(labels, mesh))
+    with jax.default_device(jax.devices()[0]):
+      single, _ = step(state, images, labels)
+    stats = lambda s: jax.tree.leaves(jax.device_get(s.model_state))
+    for a, b in zip(stats(sharded), stats(single)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.device_get(sharded.params)), jax.tree.leaves(single.params)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    print("BATCHNORM_GLOBAL_OK")
+""")
+
+
+def test_batchnorm_statistics_are_global_over_a_data_sharded_batch():
+  """On 2 devices each holding half the batch, BatchNorm sees the whole batch."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert "BATCHNORM_GLOBAL_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_unknown_model_lists_the_zoo():
+  with pytest.raises(UserError, match="Known models: cnn, mlp, resnet8"):
+    _model("resnet99")
+
+
+def test_knob_of_another_model_fails_with_the_valid_knobs():
+  with pytest.raises(UserError, match=r"model.depth does not apply to model 'resnet20'; its "
+                     r"knobs are: width, conv_impl, dtype"):
+    _model("resnet20", depth=18)
+  with pytest.raises(UserError, match="dtype='float16' is not accepted; use one of float32"):
+    _model("mlp", dtype="float16")
+  with pytest.raises(UserError, match="6n\\+4"):
+    _model("wide_resnet", depth=12)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_KNOBS))
+def test_defaults_are_the_knobs_build_accepts(name):
+  knobs = models.defaults(name)
+  assert set(knobs) == set(models.MODELS[name].knobs)
+  _model(name, **knobs)  # builds without complaint
+
+
+def test_config_argument_puts_a_models_knobs_on_the_command_line():
+  from configs import default
+
+  config = default.get_config("model=wide_resnet")
+  assert config.model.to_dict() == {"name": "wide_resnet", "depth": 16, "width": 4,
+                                    "dropout_rate": 0.0, "conv_impl": "im2col",
+                                    "dtype": "float32"}
+  config.model.depth = 28  # what --config.model.depth=28 does on a locked config
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.model.depht = 3
+
+
+def test_bad_names_and_knobs_fail_before_any_work(tmp_path):
+  from conftest import run_main
+
+  for flag, expected in [("--config.model.name=resnet99", "Known models: cnn, mlp"),
+                         ("--config.optimizer.name=adagrad", "Known optimizers: sgd, momentum"),
+                         ("--config.schedule.name=linear", "Known schedules: constant, cosine"),
+                         ("--config.dataset.name=no_such_set", "not a TFDS dataset")]:
+    workdir = tmp_path / flag.split("=")[0].rsplit(".", 1)[-1]
+    result = run_main(str(workdir), "--config=configs/default.py", flag)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not workdir.exists()
