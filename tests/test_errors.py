@@ -32,18 +32,18 @@ def _refused(result, workdir, *fragments, status=2):
     (["--config.optimzer.lr=0.1"], ["--config.optimzer.lr='0.1'", "no field 'optimzer'",
                                     "Did you mean --config.optimizer?"]),
     (["--config.optimizer.lr=0.1"], ["config.optimizer has no field 'lr'",
-                                     "Its fields: learning_rate, name"]),
+                                     "Its fields: grad_accum_steps, grad_clip_norm, learning_rate, name"]),
     (["--config.optimizer.learning_rate=fast"], ["--config.optimizer.learning_rate='fast'",
                                                  "a number", "0.001"]),
     (["--config.batch_size=1.5"], ["--config.batch_size='1.5'", "an integer"]),
     (["--config.shard_params=maybe"], ["--config.shard_params='maybe'", "true or false"]),
-    (["--config.optimizer=0.1"], ["optimizer is a group of fields (learning_rate, name)"]),
+    (["--config.optimizer=0.1"], ["optimizer is a group of fields (grad_accum_steps, grad_clip_norm, learning_rate"]),
     (["--config.seed.value=1"], ["seed is a single value (0)"]),
     (["--bogus_flag=1"], ["--bogus_flag is not a flag", "--workdir", "--config.FIELD=VALUE"]),
     (["--mode=fit"], ["--mode='fit' is not accepted: one of train, eval"]),
     (["--config=configs/nope.py"], ["no file 'configs/nope.py'", "default.py"]),
     (["--config=configs/default.py:tiny"], ["Unknown config argument 'tiny'",
-                                            "accepted: 'smoke'"]),
+                                            "'smoke', 'model=NAME'"]),
     (["--config.seed=1", SMOKE], ["before a value for --config"]),
     (["positional"], ["Unexpected arguments: positional"]),
 ])
@@ -70,7 +70,7 @@ def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
     ("--config.profile_steps=5", "profile_steps", "START,COUNT"),
     ("--config.eval.checkpoint_step=newest", "eval.checkpoint_step", "'latest', 'best'"),
     ("--config.model.name=resnet9000", "model.name", "Known models: cnn"),
-    ("--config.optimizer.name=adamax", "optimizer.name", "Known optimizers: adam"),
+    ("--config.optimizer.name=adamax", "optimizer.name", "Known optimizers: sgd, momentum, adam"),
 ])
 def test_impossible_values_are_refused_with_field_value_and_accepted(override, field, accepted):
   config = command_line.parse_config([override])
