@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
-PYTEST_ARGS ?=
+# Two workers (the machine's two cores); a test file stays on one worker, so its
+# module-wide fixtures (a trained workdir, say) are built once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: train test test-fast data bench bench-compare clean
 

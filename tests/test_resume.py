@@ -151,3 +151,28 @@ def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_p
   message = str(error.value)
   assert "params/Conv_0/kernel: checkpoint (3, 3, 1, 32), model (3, 3, 1, 48)" in message
   assert "Traceback" not in message
+
+
+def test_init_from_reinitializes_the_head_only_when_asked(tmp_path):
+  import jax
+  import optax
+
+  from research import checkpoint, train
+  from research.errors import UserError
+  from research.models.cnn import CNN
+
+  source = str(tmp_path / "source")
+  assert run_main(source, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  five_classes = train.create_state(CNN(num_classes=5), optax.adam(1e-3), (28, 28, 1), 0)
+  with pytest.raises(UserError) as error:
+    checkpoint.initialize_from(five_classes, source, num_classes=5, reinit_head=False)
+  assert "params/Dense_1/kernel: (64, 10)" in str(error.value)
+  assert "init_reinit_head=True" in str(error.value)
+  started = checkpoint.initialize_from(five_classes, source, num_classes=5, reinit_head=True)
+  restored = checkpoint.Checkpointer(source, read_only=True)
+  stored = restored.manager.restore(30, args=checkpoint.ocp.args.Composite(
+      state=checkpoint.ocp.args.StandardRestore())).state["params"]
+  np.testing.assert_array_equal(started.params["Conv_0"]["kernel"], stored["Conv_0"]["kernel"])
+  np.testing.assert_array_equal(started.params["Dense_1"]["kernel"],
+                                five_classes.params["Dense_1"]["kernel"])  # fresh head
+  assert jax.tree.structure(started) == jax.tree.structure(five_classes)
