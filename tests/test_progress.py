@@ -15,7 +15,8 @@ class _Terminal(io.StringIO):
     return True
 
 
-def test_terminal_gets_one_bar_per_phase_with_speed_loss_input_share_and_eta():
+def test_terminal_gets_one_bar_per_phase_with_speed_loss_input_share_and_eta(monkeypatch):
+  monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: the bar's text is not cut
   stream = _Terminal()
   progress = Progress(PLAN, batch_size=32, start_step=0, stream=stream)
   assert progress.bars
