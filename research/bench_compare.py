@@ -4,7 +4,8 @@ Rounds are interleaved (the order rotates each round) so that a noisy, shared ma
 affects every contestant alike. Each round trains the seed recipe for `--epochs` epochs
 in each framework; we report the steady epoch time (median of epochs 2..E), the ratio
 peer / ours for every round and the median ratio, test accuracy and peak memory.
-Then images/s at several batch sizes. Markdown goes to stdout and build/bench_compare.md.
+Then images/s at several batch sizes (`--batch_sizes`, `--microbatch` as for
+research.benchmark). Markdown goes to stdout and build/bench_compare.md.
 
   python -m research.bench_compare --keras_python=build/bench-env/tf/bin/python \
       --torch_python=build/bench-env/torch/bin/python --shared=../shared/bench
@@ -29,9 +30,7 @@ _TORCH = flags.DEFINE_string("torch_python", "build/bench-env/torch/bin/python",
 _SHARED = flags.DEFINE_string("shared", "../shared/bench", "Folder of keras_seed.py, torch_seed.py.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per training run (>= 2: epoch 1 compiles).")
-_BATCHES = flags.DEFINE_list("batch_sizes", ["32", "256", "1024"], "Throughput batch sizes.")
 _STEPS = flags.DEFINE_integer("throughput_steps", 100, "Timed steps per batch size (peers).")
-_OUT = flags.DEFINE_string("out", "build", "Where bench_compare.md/json go.")
 
 
 def _run(command: list[str]) -> tuple[list[dict], float]:
@@ -81,7 +80,7 @@ def main(argv):
     rounds.append(results)
 
   throughput = {"ours (JAX)": {}, "Keras/TF": {}, "PyTorch": {}}
-  batches = ",".join(_BATCHES.value)
+  batches = ",".join(benchmark.BATCH_SIZES.value)
   for row in _run([_TORCH.value, os.path.join(_SHARED.value, "torch_seed.py"), "--bench", batches,
                    "--steps", str(_STEPS.value), "--windows", "3"])[0]:
     throughput["PyTorch"][row["batch"]] = row["median_window_img_per_s"]
@@ -89,19 +88,19 @@ def main(argv):
                                               "keras_throughput.py"),
                    "--batches", batches, "--steps", str(_STEPS.value)])[0]:
     throughput["Keras/TF"][row["batch"]] = row["images_per_sec"]
-  for batch in _BATCHES.value:
-    micro = {"microbatch_size": 64} if int(batch) > 64 else {}
-    throughput["ours (JAX)"][int(batch)] = benchmark.throughput("configs/default.py", micro,
-                                                                int(batch))["images_per_sec"]
+  for batch in benchmark.BATCH_SIZES.value:
+    throughput["ours (JAX)"][int(batch)] = benchmark.throughput(
+        "configs/default.py", benchmark.microbatch_overrides(int(batch)), int(batch))["images_per_sec"]
 
   report = {"rounds": rounds, "throughput": throughput, "epochs": _EPOCHS.value,
+            "microbatch": benchmark.MICROBATCH.value,
             "date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count()}
   table = markdown(report)
   print(table)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "bench_compare.md"), "w") as f:
+  os.makedirs(benchmark.OUT_DIR.value, exist_ok=True)
+  with open(os.path.join(benchmark.OUT_DIR.value, "bench_compare.md"), "w") as f:
     f.write(table + "\n")
-  with open(os.path.join(_OUT.value, "bench_compare.json"), "w") as f:
+  with open(os.path.join(benchmark.OUT_DIR.value, "bench_compare.json"), "w") as f:
     json.dump(report, f, indent=2)
 
 
@@ -130,9 +129,9 @@ def markdown(report: dict) -> str:
             " | ".join(f"{median(n, 'test_accuracy'):.4f}" for n in names) + " |",
             "| peak RSS MB | " + " | ".join(f"{median(n, 'peak_rss_mb'):.0f}" for n in names) + " |"]
   lines.append("")
-  lines.append("Images/s: steady state of the training step. Ours runs batches above 64 as "
-               "micro-batches of 64 (`--config.microbatch_size=64`: the same gradient up to "
-               "float rounding).")
+  lines.append("Images/s: steady state of the training step. Ours runs batches above "
+               f"{report['microbatch']} as micro-batches of that size (`--config.microbatch_size`: "
+               "the same gradient up to float rounding).")
   lines += ["", "| batch | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
   for batch in sorted(next(iter(report["throughput"].values()))):
     lines.append(f"| {batch} | " + " | ".join(

@@ -25,10 +25,10 @@ from absl import app, flags
 
 _RECIPES = flags.DEFINE_list("recipes", ["seed"], "Which recipes to benchmark: " +
                              "seed (configs/default.py), resnet20 (configs/fashion_mnist_resnet.py).")
-_BATCHES = flags.DEFINE_list("batch_sizes", ["32", "256", "1024"], "Throughput batch sizes.")
+BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "256", "1024"], "Throughput batch sizes.")
 _EPOCHS = flags.DEFINE_integer("resnet_epochs", 1, "Epochs of the ResNet-20 training run.")
-_OUT = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
-_MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
+OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
+MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
                                    "batches larger than this (0: none).")
 
 RECIPES = {
@@ -145,9 +145,9 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
           "gflops_per_sec": images_per_sec * flops_per_image / 1e9}
 
 
-def _microbatch(batch_size: int) -> dict:
+def microbatch_overrides(batch_size: int) -> dict:
   """Batches above MICROBATCH run as micro-batches of that size (--microbatch=0: never)."""
-  size = _MICROBATCH.value
+  size = MICROBATCH.value
   return {"microbatch_size": size} if size and batch_size > size else {}
 
 
@@ -155,7 +155,7 @@ def main(argv):
   del argv
   import jax
 
-  os.makedirs(_OUT.value, exist_ok=True)
+  os.makedirs(OUT_DIR.value, exist_ok=True)
   peak = matmul_peak_gflops()
   results = {"machine": {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
                          "matmul_peak_gflops": peak}, "recipes": {}}
@@ -164,16 +164,16 @@ def main(argv):
     run_overrides = as_flags(overrides)
     if name == "resnet20":
       run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
-    rows = [throughput(config_file, {**overrides, **_microbatch(int(b))}, int(b))
-            for b in _BATCHES.value]
+    rows = [throughput(config_file, {**overrides, **microbatch_overrides(int(b))}, int(b))
+            for b in BATCH_SIZES.value]
     results["recipes"][name] = {"throughput": rows, "training": training_run(config_file,
                                                                              run_overrides)}
     print(f"{name}: done", file=sys.stderr, flush=True)
   table = markdown(results)
   print(table)
-  with open(os.path.join(_OUT.value, "bench.md"), "w") as f:
+  with open(os.path.join(OUT_DIR.value, "bench.md"), "w") as f:
     f.write(table + "\n")
-  with open(os.path.join(_OUT.value, "bench.json"), "w") as f:
+  with open(os.path.join(OUT_DIR.value, "bench.json"), "w") as f:
     json.dump(results, f, indent=2)
 
 
