@@ -33,9 +33,11 @@ def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
   shardings, so restoring a checkpoint lays it out for the current mesh.
   """
   model = models.build(config.model, info.num_classes)
+  # Without a plan (evaluation, reports, benchmarks) any long schedule gives the same
+  # state structure; its values are never used for training.
   tx = optim.build_optimizer(config.optimizer, config.schedule,
                              steps_per_epoch=plan.steps_per_epoch if plan else 1,
-                             total_steps=plan.total_steps if plan else 1)
+                             total_steps=plan.total_steps if plan else 2**30)
   make_state = functools.partial(create_state, model, tx, info.image_shape)
   config_checks.check_model_fits(config.model, info.image_shape,
                                  lambda: jax.eval_shape(make_state, config.seed))
