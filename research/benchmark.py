@@ -9,7 +9,7 @@ table to build/bench.md, the raw numbers to build/bench.json):
   * FLOPs per image of one train step, from XLA's cost analysis;
   * achieved GFLOP/s and its fraction of the fp32 matmul peak measured in the same run.
 
-  python -m research.benchmark [--recipes=seed,resnet20] [--resnet_epochs=1]
+  python -m research.benchmark [--recipes=seed,resnet20] [--resnet_epochs=2]
 """
 
 import functools
@@ -26,7 +26,8 @@ from absl import app, flags
 _RECIPES = flags.DEFINE_list("recipes", ["seed"], "Which recipes to benchmark: " +
                              "seed (configs/default.py), resnet20 (configs/fashion_mnist_resnet.py).")
 BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "256", "1024"], "Throughput batch sizes.")
-_EPOCHS = flags.DEFINE_integer("resnet_epochs", 2, "Epochs of the ResNet-20 training run (its recipe warms up for 1).")
+_EPOCHS = flags.DEFINE_integer("resnet_epochs", 2,
+                               "Epochs of the ResNet-20 training run (its recipe warms up for 1).")
 OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
 MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
                                    "batches larger than this (0: none).")
