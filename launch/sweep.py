@@ -287,8 +287,7 @@ def main(argv):
   try:
     sys.exit(sweep(argv))
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    e.exit()
 
 
 if __name__ == "__main__":

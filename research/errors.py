@@ -1,5 +1,7 @@
 """User-facing errors: a mistake the user can fix, reported without a traceback."""
 
+import sys
+
 
 class UserError(Exception):
   """Something the user asked for cannot be done; the message says how to fix it.
@@ -9,6 +11,11 @@ class UserError(Exception):
   """
 
   exit_code = 2
+
+  def exit(self):
+    """Ends a command-line program: the message on stderr, the exit status, no traceback."""
+    print(f"error: {self}", file=sys.stderr)
+    sys.exit(self.exit_code)
 
 
 class TrainingFailure(UserError):

@@ -112,8 +112,7 @@ def main(argv):
   try:
     classifier = Classifier(FLAGS.workdir, FLAGS.step)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    e.exit()
   limits = Limits(max_file_bytes=int(FLAGS.max_file_mb * 2**20), max_pixels=FLAGS.max_pixels)
   results = predict_files(classifier, paths, FLAGS.top_k, limits)
   for result in results:

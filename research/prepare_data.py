@@ -19,7 +19,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import zlib
 from typing import Mapping
@@ -234,8 +233,7 @@ def main(argv):
   try:
     builder = ensure_prepared(_DATASET.value, _DATA_DIR.value)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    e.exit()
   print(f"{builder.name} is prepared in {builder.data_path}")
 
 

@@ -15,7 +15,6 @@ canvas directly: no display and no pyplot global state.
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -395,8 +394,7 @@ def main(argv):
     for folder in run(workdirs, FLAGS.out, FLAGS.step, FLAGS.confusion, FLAGS.metric):
       print(f"Wrote {folder}")
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+    e.exit()
 
 
 if __name__ == "__main__":
