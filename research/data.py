@@ -5,7 +5,9 @@ so a split is read once from TFDS into uint8 arrays and put on the devices; the
 compiled train step gathers each batch from there by index. The host only
 decides the order: `batch_indices(...)` returns, for any range of steps, which
 examples each step sees. It depends on (seed, step) alone, so a resumed run sees
-exactly the batches an uninterrupted one would.
+exactly the batches an uninterrupted one would. Datasets too large for memory
+are streamed instead (input_pipeline.py, config.dataset.input="stream"), in the
+same order and decoded by the same `read_examples`.
 """
 
 import dataclasses
@@ -96,7 +98,8 @@ def read_split(builder, split: str, image_size: int = 0) -> Split:
   return split_data
 
 
-def _resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Shorter side to `size` (bilinear), then the centre `size` x `size` square."""
   from PIL import Image
 
   height, width = image.shape[:2]
@@ -109,24 +112,42 @@ def _resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
   return resized[top:top + size, left:left + size]
 
 
-def _decode_split(builder, split: str, image_size: int = 0) -> Split:
+def open_split(builder, split: str):
+  """The TFDS data source of `split`: random access by example index, nothing read yet."""
   try:
-    source = builder.as_data_source(split=split)
-    examples = source.__getitems__(range(len(source)))
+    return builder.as_data_source(split=split)
   except ValueError as e:  # tfds reports unknown splits as ValueError
     raise UserError(f"Split {split!r} of {builder.name}: {e}. Accepted: a split name "
                     f"({', '.join(builder.info.splits)}) or a slice such as 'train[:90%]'.") from e
   except Exception as e:  # damaged files surface as many exception types
-    raise UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
-                    f"(files {_split_files(builder, split)}; {type(e).__name__}: {e}). The "
-                    "prepared data looks damaged: delete that folder and run `make data` to "
-                    "prepare it again.") from e
+    raise _damaged(builder, split, e) from e
+
+
+def read_examples(builder, split: str, source, indices, image_size: int = 0) -> Split:
+  """Reads and decodes the examples at `indices` of `source` (a split opened by
+  `open_split`), resized when `image_size` > 0; the in-memory and the streaming
+  input paths both read through here."""
+  try:
+    examples = source.__getitems__(indices)
+  except Exception as e:  # damaged files surface as many exception types
+    raise _damaged(builder, split, e) from e
   images = [np.asarray(example["image"], np.uint8) for example in examples]
   if image_size:
-    images = [_resize_and_centre_crop(image, image_size) for image in images]
-  images = np.stack(images)
+    images = [resize_and_centre_crop(image, image_size) for image in images]
   labels = np.asarray([example["label"] for example in examples], dtype=np.int32)
-  return Split(images, labels)
+  return Split(np.stack(images), labels)
+
+
+def _decode_split(builder, split: str, image_size: int = 0) -> Split:
+  source = open_split(builder, split)
+  return read_examples(builder, split, source, range(len(source)), image_size)
+
+
+def _damaged(builder, split: str, error: Exception) -> UserError:
+  return UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
+                   f"(files {_split_files(builder, split)}; {type(error).__name__}: {error}). The "
+                   "prepared data looks damaged: delete that folder and run `make data` to "
+                   "prepare it again.")
 
 
 def _split_files(builder, split: str) -> str:
