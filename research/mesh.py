@@ -72,5 +72,12 @@ def global_batch(array: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Arra
   """A global array split along `batch_axis`; `array` is the full global batch and
   this process contributes only the rows that belong to its own devices."""
   local = np.take(array, process_rows(array.shape[batch_axis], mesh, batch_axis), axis=batch_axis)
+  return from_process_rows(local, array.shape, mesh, batch_axis)
+
+
+def from_process_rows(local: np.ndarray, global_shape: tuple[int, ...], mesh: Mesh,
+                      batch_axis: int = 0) -> jax.Array:
+  """A global array of `global_shape` split along `batch_axis`, from this process's
+  rows only (`process_rows`, in order): what a streaming input reads on each host."""
   return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axis), local,
-                                                 array.shape)
+                                                 tuple(global_shape))

@@ -121,6 +121,17 @@ def train_many(state, all_images, all_labels, batch_indices, **step_kwargs):
   return jax.lax.scan(body, state, batch_indices)
 
 
+def train_on_batches(state, images, labels, **step_kwargs):
+  """Runs len(images) train steps in one compiled loop over batches the host
+  prepared (images [num_steps, batch, H, W, C] uint8, labels [num_steps, batch]):
+  the streaming counterpart of `train_many`, with the same `train_step`."""
+
+  def body(state, batch):
+    return train_step(state, *batch, **step_kwargs)
+
+  return jax.lax.scan(body, state, (images, labels))
+
+
 def evaluate_all(params, model_state, images, labels, mask, **step_kwargs):
   """Evaluates padded batches [num_batches, batch, ...] -> summed totals."""
 
