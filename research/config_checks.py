@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from research import models, optim, profiling
+from research import input_pipeline, models, optim, profiling
 from research.errors import UserError
 
 MAX_STEPS = 2**31 - 1  # TrainState.step is an int32
@@ -87,6 +87,10 @@ def validate(config) -> None:
            f"an integer from 0 to {MAX_SEED}")
   for field in ("num_epochs", "num_train_steps"):
     _require(config[field] <= MAX_STEPS, field, config[field], f"at most {MAX_STEPS}")
+  input_kind = config.dataset.get("input", "memory")  # configs older than the field: memory
+  _require(input_kind in input_pipeline.INPUTS, "dataset.input", input_kind,
+           "'memory' (the splits held on the devices) or 'stream' (batches read from storage "
+           "while training, for datasets that do not fit in memory)")
   checkpoint_step = str(config.eval.checkpoint_step).strip()
   _require(checkpoint_step in ("latest", "best") or checkpoint_step.isdigit(),
            "eval.checkpoint_step", config.eval.checkpoint_step,
