@@ -3,22 +3,30 @@
 `train_and_evaluate(config, workdir)` trains `config` into `workdir` and returns
 the final evaluation metrics. Running it again on the same workdir resumes from
 the newest complete checkpoint (or says the run is finished).
+
+Input (`config.dataset.input`): "memory" puts the whole dataset on the devices
+and each compiled call gathers its batches by index; "stream" reads batches on
+the host ahead of training (research/input_pipeline.py). Both see the same
+batches; the loop only asks a `_Feed` for the next chunk of steps.
 """
 
+import contextlib
+import dataclasses
 import functools
 import json
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import (augment, checkpoint, config_checks, data, distributed, mesh as mesh_lib,
-                      models, optim, profiling, run_info, steps, workdir_lock)
-from research.errors import TrainingFailure
+from research import (augment, checkpoint, config_checks, data, distributed, input_pipeline,
+                      mesh as mesh_lib, models, optim, profiling, run_info, steps, workdir_lock)
+from research.errors import TrainingFailure, UserError
 from research.run_log import Progress, RunLog, console
 
 
@@ -53,24 +61,44 @@ def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
 def input_functions(config, info: data.DatasetInfo, train_split: data.Split | None):
   """(train_input(images, key), eval_input(images)): uint8 batches -> model input,
   with the config's augmentations (training only) and normalization. Without
-  `train_split`, statistics a dataset has no constants for are measured on a fresh read."""
+  `train_split`, statistics a dataset has no constants for are measured on a fresh
+  read (in memory mode only: a streamed dataset is never read whole)."""
   mean = std = None
   if config.dataset.normalize:
     if train_split is None and info.name.split("/")[0] not in data.NORMALIZATION:
+      if input_pipeline.streams(config.dataset):
+        raise UserError(f"No normalization constants for dataset {info.name!r} (known: "
+                        f"{', '.join(data.NORMALIZATION)}), and a streamed dataset is not read "
+                        "whole to measure them: set --config.dataset.normalize=False, or "
+                        "--config.dataset.input=memory if it fits in memory.")
       train_split = data.load_split(config.dataset, config.dataset.train_split)[1]
     mean, std = data.normalization(info.name, train_split)
   return augment.make_train_input(config.augment, mean, std), augment.make_eval_input(mean, std)
 
 
-def make_evaluator(model, split: data.Split, batch_size: int, mesh, eval_input=None):
-  """Returns evaluate(state) -> metrics over every example of `split`, exactly once."""
+def eval_batches(config, split, mesh):
+  """A callable yielding the eval split's padded batches (images, labels, mask) as
+  global arrays [num_batches, batch, ...]: all at once from memory, or in pieces
+  read from storage (config.dataset.input="stream")."""
+  if input_pipeline.streams(config.dataset):
+    return input_pipeline.EvalStream(split, mesh, config.eval_batch_size)
   arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
-            for a in data.padded_for_eval(split, batch_size)]
+            for a in data.padded_for_eval(split, config.eval_batch_size)]
+  return lambda: [arrays]
+
+
+def make_evaluator(model, batches, eval_input=None):
+  """Returns evaluate(state) -> metrics over every example of the split that
+  `batches()` (see `eval_batches`) pads into batches, each example exactly once."""
   evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply,
                                            eval_input=eval_input))
 
   def evaluate(state) -> dict:
-    totals = jax.device_get(evaluate_all(state.params, state.model_state, *arrays))
+    totals = None
+    for batch in batches():
+      sums = evaluate_all(state.params, state.model_state, *batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
     count = float(totals["count"])
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
             "num_examples": int(count), "params_fingerprint": checkpoint.fingerprint(state.params)}
@@ -87,6 +115,44 @@ def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
   return steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(root, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Feed:
+  """Where the loop's batches come from (config.dataset.input)."""
+
+  chunk: Callable  # (state, step, stop) -> (state, per-step metrics, input seconds)
+  checkpoint_meta: Callable[[], dict] = dict  # added to each checkpoint's meta
+  close: Callable[[], None] = lambda: None  # stops reader threads, if any
+
+
+def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size: int) -> _Feed:
+  """The dataset on the devices; each compiled call gathers its batches by index."""
+  images = mesh_lib.put_replicated(split.images, mesh)
+  labels = mesh_lib.put_replicated(split.labels, mesh)
+
+  def chunk(state, step, stop):
+    started = time.perf_counter()  # input time: host work before the compiled call
+    indices = data.batch_indices(seed, step, stop - step, batch_size, len(split))
+    batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
+    input_seconds = time.perf_counter() - started
+    return (*train_many(state, images, labels, batch_indices), input_seconds)
+
+  return _Feed(chunk)
+
+
+def _feed_from_stream(train_on_batches, stream: input_pipeline.TrainStream) -> _Feed:
+  """Batches read ahead on the host; one compiled call per piece of a chunk."""
+
+  def chunk(state, step, stop):
+    metrics, input_seconds = [], 0.0
+    for images, labels, seconds in stream.batches(step, stop):
+      state, piece_metrics = train_on_batches(state, images, labels)
+      metrics.append(piece_metrics)
+      input_seconds += seconds
+    return state, jax.tree.map(lambda *pieces: jnp.concatenate(pieces), *metrics), input_seconds
+
+  return _Feed(chunk, stream.checkpoint_meta, stream.close)
 
 
 class _PreemptionFlag:
@@ -133,17 +199,15 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   models.build(config.model, num_classes=1)  # unknown names and knobs fail before any data is read
   optim.check(config.optimizer, config.schedule)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
-  info, train_split, eval_split = data.load(config.dataset)
+  stream = input_pipeline.streams(config.dataset)  # else the splits are read into memory
+  info, train_split, eval_split = (input_pipeline.open_dataset if stream else data.load)(
+      config.dataset)
   plan = config_checks.schedule(config, len(train_split))
   config_checks.check_eval_batch_size(config, len(eval_split))
   profiler = profiling.TraceWindow(config.profile_steps, workdir)
 
-  # ---- Mesh and device-resident data --------------------------------------
+  # ---- Mesh, model, optimizer, state ----------------------------------------
   mesh = mesh_lib.make_mesh()
-  train_images = mesh_lib.put_replicated(train_split.images, mesh)
-  train_labels = mesh_lib.put_replicated(train_split.labels, mesh)
-
-  # ---- Model, optimizer, state ---------------------------------------------
   model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh, plan)
   _write_config(config, workdir)  # only now: every check above has passed
 
@@ -152,7 +216,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
                                          best_metric=config.best_metric)
   restored = checkpointer.restore(abstract_state)
   if restored is not None:
-    state = restored[0]
+    state, restored_meta = restored
     console("Resumed from checkpoint step %d in %s.", int(state.step), checkpointer.directory)
   else:
     state = init_fn(config.seed)
@@ -162,14 +226,26 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   start_step = int(jax.device_get(state.step))
   meta = {"config": config.to_dict(), **checkpoint.code_version()}
 
-  # ---- Compiled steps -------------------------------------------------------
+  # ---- Compiled steps and their input ----------------------------------------
   state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  train_input, eval_input = input_functions(config, info, train_split)
-  train_many = jax.jit(functools.partial(
-      steps.train_many, apply_fn=model.apply, tx=tx, label_smoothing=config.label_smoothing,
-      train_input=train_input, microbatches=config_checks.microbatch_count(config)),
-      donate_argnums=0, out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
-  evaluate = make_evaluator(model, eval_split, config.eval_batch_size, mesh, eval_input)
+  train_input, eval_input = input_functions(config, info, None if stream else train_split)
+
+  def compile_steps(loop):  # steps.train_many or steps.train_on_batches: the same train_step
+    return jax.jit(functools.partial(
+        loop, apply_fn=model.apply, tx=tx, label_smoothing=config.label_smoothing,
+        train_input=train_input, microbatches=config_checks.microbatch_count(config)),
+        donate_argnums=0, out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
+
+  if stream:
+    train_stream = input_pipeline.TrainStream(
+        train_split, mesh, seed=config.seed, batch_size=config.batch_size,
+        total_steps=plan.total_steps, start_step=start_step, log_every=plan.log_every)
+    train_stream.check_resumed(restored_meta if restored else None, start_step)
+    feed = _feed_from_stream(compile_steps(steps.train_on_batches), train_stream)
+  else:
+    feed = _feed_from_memory(compile_steps(steps.train_many), train_split, mesh, config.seed,
+                             config.batch_size)
+  evaluate = make_evaluator(model, eval_batches(config, eval_split, mesh), eval_input)
 
   run_log = RunLog(workdir, resume_step=start_step)
   if start_step >= plan.total_steps:
@@ -178,6 +254,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
             final.get("accuracy"))
     run_log.close()
     checkpointer.close()
+    feed.close()
     return final
 
   # ---- Loop -------------------------------------------------------------------
@@ -191,19 +268,15 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   final = {}
   window = []  # per-step train metrics since the last log line
   train_seconds = 0.0  # time inside training chunks only (no eval, no checkpoints)
-  with (_PreemptionFlag() as preempted,
+  with (_PreemptionFlag() as preempted, contextlib.closing(feed),
         run_info.RunRecord(workdir, config, start_step, info) as record, profiler):
     while step < plan.total_steps:
       stop = profiler.clip(step, plan.next_stop(step))  # a profiled window starts/ends between calls
       profiler.before_chunk(step)
-      chunk_started = time.perf_counter()  # input time: host work before the compiled call
-      indices = data.batch_indices(config.seed, step, stop - step, config.batch_size,
-                                   len(train_split))
-      batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
-      input_ready = time.perf_counter()
-      state, metrics = train_many(state, train_images, train_labels, batch_indices)
+      chunk_started = time.perf_counter()
+      state, metrics, input_seconds = feed.chunk(state, step, stop)
       metrics = jax.device_get(metrics)
-      progress.chunk_done(stop, input_ready - chunk_started, time.perf_counter() - input_ready,
+      progress.chunk_done(stop, input_seconds, time.perf_counter() - chunk_started - input_seconds,
                           float(np.mean(metrics["loss"])), float(np.mean(metrics["accuracy"])))
       _check_finite(metrics, step, checkpointer)
       window.append(metrics)
@@ -235,7 +308,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
       stop_now = preempted.agreed(step, checkpointer) and step < plan.total_steps
       if (eval_now or config_checks.is_time(step, plan.checkpoint_every)
           or step == plan.total_steps or stop_now):
-        checkpointer.save(state, meta, metrics=(
+        checkpointer.save(state, {**meta, **feed.checkpoint_meta()}, metrics=(
             {config.best_metric: final[config.best_metric]} if eval_now else None))
       if stop_now:
         progress.end_phase()
@@ -306,12 +379,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """
   checkpointer = checkpoint.Checkpointer(workdir, best_metric=config.best_metric, read_only=True)
   step = checkpointer.resolve_step(config.eval.checkpoint_step)
-  info, split = data.load_split(config.dataset, config.eval.split)
+  load_split = (input_pipeline.open_split if input_pipeline.streams(config.dataset)
+                else data.load_split)
+  info, split = load_split(config.dataset, config.eval.split)
   mesh = mesh_lib.make_mesh()
   model, _, _, abstract_state = build_model_and_state(config, info, mesh)
   state, _ = checkpointer.restore(abstract_state, step)
   eval_input = input_functions(config, info, None)[1]
-  metrics = make_evaluator(model, split, config.eval_batch_size, mesh, eval_input)(state)
+  metrics = make_evaluator(model, eval_batches(config, split, mesh), eval_input)(state)
   checkpointer.close()
   record = {"step": step, "checkpoint": str(config.eval.checkpoint_step),
             "split": config.eval.split, **metrics}
