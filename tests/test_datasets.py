@@ -179,7 +179,8 @@ def test_imagenet_recipe_trains_on_jpeg_data(jpeg_dir, tmp_path):
   from configs import imagenet_resnet50
 
   config = imagenet_resnet50.get_config()
-  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32)
+  # In memory, so that the normalization is measured (tests/test_streaming.py streams it).
+  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32, input="memory")
   config.model.update(width=4, conv_impl="im2col")
   config.update(batch_size=8, eval_batch_size=3, num_train_steps=4, log_every_steps=2)
   config.schedule.update(warmup_epochs=0.0, warmup_steps=1)

@@ -1,0 +1,318 @@
+"""The streaming input path (config.dataset.input="stream", research/input_pipeline.py).
+
+Real data only: the prepared Fashion-MNIST, and a TFDS dataset of JPEGs of varying
+sizes generated here (test_datasets.TinyJpegImages). Stream and memory runs must
+see the same batches and train to the same parameters; an interrupted stream run
+resumes bit for bit; evaluation counts every example once; two processes train
+like one.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO, run_main
+from research import config_checks, data, input_pipeline, mesh as mesh_lib, train
+from research.errors import UserError
+from test_datasets import TinyJpegImages, _dataset_config
+
+# One short run, shared by the tests that start processes: 80 steps, a log line
+# (and a chunk of compiled steps) every 10, an evaluation and a checkpoint every 20
+# on the first 1000 test examples in batches of 96 (the last one padded).
+SETTINGS = {"dataset.input": "stream", "dataset.eval_split": "test[:1000]",
+            "num_train_steps": 80, "log_every_steps": 10, "eval_every_steps": 20,
+            "eval_batch_size": 96}
+RUN = ["--config=configs/default.py", *(f"--config.{key}={value}" for key, value in SETTINGS.items())]
+TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
+
+
+def _config(**overrides):
+  from configs import default
+
+  config = default.get_config()
+  for key, value in {**SETTINGS, **overrides}.items():
+    group, _, field = key.rpartition(".")
+    (config[group] if group else config)[field] = value
+  return config
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in f]
+
+
+def _last_train_step(workdir):
+  try:
+    return max(r["step"] for r in _records(workdir) if r["split"] == "train")
+  except (OSError, ValueError):  # no file or no train line yet, or a line being written
+    return 0
+
+
+def _final_params(workdir, step):
+  import orbax.checkpoint as ocp
+
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return state["params"]
+
+
+def _meta(workdir, step):
+  with open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")) as f:
+    return json.load(f)
+
+
+def _fashion_mnist_config(**fields):
+  return ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": "", "train_split": "train",
+                                    "eval_split": "test", "image_size": 0, "input": "stream",
+                                    **fields})
+
+
+@pytest.fixture(scope="module")
+def stream_reference(tmp_path_factory):
+  """The uninterrupted stream run of RUN, in a process of its own."""
+  workdir = str(tmp_path_factory.mktemp("stream_reference") / "run")
+  result = run_main(workdir, *RUN)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+# ---- The batches -------------------------------------------------------------------
+
+
+def test_stream_batches_are_the_memory_batches(fashion_mnist):
+  """Steps 1873-1877 cross from epoch 0 into epoch 1; pieces of 4 steps, then 1."""
+  _, train_split, _ = fashion_mnist
+  _, stream_split, _ = input_pipeline.open_dataset(_fashion_mnist_config())
+  stream = input_pipeline.TrainStream(stream_split, mesh_lib.make_mesh(), seed=3, batch_size=32,
+                                      total_steps=2000, start_step=1873, log_every=4)
+  try:
+    pieces = list(stream.batches(1873, 1878))
+    assert [len(images) for images, _, _ in pieces] == [4, 1]
+    images = np.concatenate([np.asarray(images) for images, _, _ in pieces])
+    labels = np.concatenate([np.asarray(labels) for _, labels, _ in pieces])
+    indices = data.batch_indices(3, 1873, 5, 32, len(train_split))
+    np.testing.assert_array_equal(images, train_split.images[indices])
+    np.testing.assert_array_equal(labels, train_split.labels[indices])
+    assert stream.position == 1878
+    assert stream.checkpoint_meta()["input"] == {
+        "next_step": 1878, "dataset": "fashion_mnist/3.0.1", "split": "train",
+        "num_examples": 60000, "batch_size": 32, "seed": 3}
+    with pytest.raises(RuntimeError, match="at step 1878, training at step 1900"):
+      next(stream.batches(1900, 1910))
+  finally:
+    stream.close()
+
+
+def test_stream_eval_reads_every_example_exactly_once(fashion_mnist):
+  _, _, test_split = fashion_mnist
+  _, stream_split = input_pipeline.open_split(_fashion_mnist_config(), "test[:1000]")
+  evaluation = input_pipeline.EvalStream(stream_split, mesh_lib.make_mesh(), batch_size=96)
+  images, labels, mask = (np.concatenate([np.asarray(piece[i]) for piece in evaluation()])
+                          for i in range(3))
+  assert images.shape == (11, 96, 28, 28, 1) and labels.shape == mask.shape == (11, 96)
+  assert mask.sum() == 1000 and mask[:-1].all() and not mask[-1, 40:].any()
+  real = mask.ravel() == 1
+  np.testing.assert_array_equal(images.reshape(-1, 28, 28, 1)[real], test_split.images[:1000])
+  np.testing.assert_array_equal(labels.ravel()[real], test_split.labels[:1000])
+  assert not images.reshape(-1, 28, 28, 1)[~real].any()  # padding is zeros
+
+
+def test_pieces_per_call_divide_the_log_interval_and_bound_the_bytes():
+  assert input_pipeline.steps_per_call(32 * 784, 125) == 125
+  assert input_pipeline.steps_per_call(1024 * 224 * 224 * 3, 100) == 2  # 3 fit; 2 divides 100
+  assert input_pipeline.steps_per_call(input_pipeline.CALL_BYTES * 2, 100) == 1
+
+
+# ---- Training ------------------------------------------------------------------------
+
+
+def test_memory_path_trains_exactly_like_the_stream(stream_reference, tmp_path):
+  """Same batches, same compiled train_step: the memory run's metrics and parameters
+  equal the stream run's bit for bit (train losses, evaluations, fingerprints)."""
+  workdir = str(tmp_path / "memory")
+  final = train.train_and_evaluate(_config(**{"dataset.input": "memory"}), workdir)
+  assert _records(workdir) == _records(stream_reference)
+  assert final["num_examples"] == 1000
+  tests = [r for r in _records(stream_reference) if r["split"] == "test"]
+  assert [r["step"] for r in tests] == [20, 40, 60, 80]
+  assert all(r["num_examples"] == 1000 for r in tests)
+  assert _meta(stream_reference, 80)["input"]["next_step"] == 80
+  assert "input" not in _meta(workdir, 80)  # the memory path's checkpoints are unchanged
+
+
+def test_stream_steps_in_short_pieces_train_like_whole_chunks(stream_reference, tmp_path,
+                                                                monkeypatch):
+  """A byte budget of 3 batches cuts every 10-step chunk into compiled calls of 2
+  steps (the largest divisor of 10 that fits): the same parameters bit for bit."""
+  monkeypatch.setattr(input_pipeline, "CALL_BYTES", 3 * 32 * 28 * 28)
+  workdir = str(tmp_path / "pieces")
+  final = train.train_and_evaluate(_config(num_train_steps=40), workdir)
+  expected = [r for r in _records(stream_reference) if r["step"] <= 40]
+  assert _records(workdir) == expected
+  assert final["params_fingerprint"] == expected[-1]["params_fingerprint"]
+
+
+def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path):
+  """Stopped by SIGTERM after a random step (a checkpoint holds the stream's
+  position), then restarted with the same command."""
+  at_step = random.Random(7).randrange(10, 40)
+  workdir = str(tmp_path / "run")
+  command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *RUN]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 300
+  while _last_train_step(workdir) < at_step and process.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  stopped_at = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert at_step <= stopped_at < 80
+  assert _meta(workdir, stopped_at)["input"]["next_step"] == stopped_at
+
+  resumed = run_main(workdir, *RUN)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
+  assert _records(workdir) == _records(stream_reference)
+  for a, b in zip(_final_params(workdir, 80).values(),
+                  _final_params(stream_reference, 80).values()):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_checkpoint_whose_recorded_position_disagrees_is_refused(stream_reference):
+  _, stream_split, _ = input_pipeline.open_dataset(_fashion_mnist_config())
+  stream = input_pipeline.TrainStream(stream_split, mesh_lib.make_mesh(), seed=0, batch_size=32,
+                                      total_steps=80, start_step=80, log_every=10)
+  meta = _meta(stream_reference, 80)
+  stream.check_resumed(meta, 80)
+  stream.check_resumed({"config": {}}, 80)  # a memory-mode checkpoint: nothing recorded
+  with pytest.raises(UserError, match="recorded the input stream at step 80"):
+    stream.check_resumed(meta, 100)
+  stream.close()
+
+
+def test_eval_mode_streams_a_checkpoint(stream_reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stream_reference, workdir)
+  result = run_main(workdir, "--mode=eval", "--config.eval.split=test[1000:1500]")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "eval.jsonl")) as f:
+    record = json.loads(f.readline())
+  assert record["step"] == 80 and record["num_examples"] == 500
+
+
+@pytest.mark.slow
+def test_two_processes_stream_like_one(stream_reference, tmp_path):
+  """2 processes x 2 CPU devices, each reading only its rows of every batch, train
+  with the losses of one process on one device (rtol 1e-3: see test_distributed.py
+  for why not bit for bit), and every evaluation counts the 1000 examples once."""
+  workdir = str(tmp_path / "run")
+  result = subprocess.run(
+      [os.path.join(REPO, "launch", "multiprocess.sh"), "2", f"--workdir={workdir}", *RUN,
+       "--config.num_train_steps=40"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable})
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert "JAX process 1 of 2" in result.stderr and "4 device(s)" in result.stderr
+  records = _records(workdir)
+  expected = {(r["step"], r["split"]): r for r in _records(stream_reference)}
+  assert [(r["step"], r["split"]) for r in records] == [
+      (10, "train"), (20, "train"), (20, "test"), (30, "train"), (40, "train"), (40, "test")]
+  for record in records:
+    reference = expected[(record["step"], record["split"])]
+    np.testing.assert_allclose(record["loss"], reference["loss"], rtol=1e-3)
+    if record["split"] == "test":
+      assert record["num_examples"] == 1000
+      assert abs(record["accuracy"] - reference["accuracy"]) <= 2e-3  # two argmax flips
+
+
+# ---- JPEG data, the ImageNet recipe, config and damaged data -----------------------
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("jpeg"))
+  TinyJpegImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def test_jpegs_of_varying_sizes_stream_decoded_and_resized_like_memory(jpeg_dir):
+  config = _dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation", image_size=16)
+  _, memory_train, memory_eval = data.load(config)
+  info, train_split, eval_split = input_pipeline.open_dataset(config)
+  assert info.image_shape == (16, 16, 3)
+  mesh = mesh_lib.make_mesh()
+  stream = input_pipeline.TrainStream(train_split, mesh, seed=0, batch_size=8, total_steps=6,
+                                      start_step=0, log_every=6)
+  (images, labels, _), = stream.batches(0, 6)  # 2 epochs of 3 steps
+  stream.close()
+  indices = data.batch_indices(0, 0, 6, 8, 24)
+  np.testing.assert_array_equal(np.asarray(images), memory_train.images[indices])
+  np.testing.assert_array_equal(np.asarray(labels), memory_train.labels[indices])
+  (images, labels, mask), = input_pipeline.EvalStream(eval_split, mesh, batch_size=4)()
+  np.testing.assert_array_equal(np.asarray(images).reshape(-1, 16, 16, 3)[:6], memory_eval.images)
+  np.testing.assert_array_equal(np.asarray(mask).ravel(), [1] * 6 + [0] * 2)
+
+
+def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
+  """configs/imagenet_resnet50.py as it is (stream, random-resized crops, flips,
+  ImageNet normalization, label smoothing, warmup, Nesterov) but for a tiny CNN."""
+  from configs import imagenet_resnet50
+  from research import models
+
+  # A streamed dataset is never read whole, so its mean and std are never measured.
+  monkeypatch.setitem(data.NORMALIZATION, "tiny_jpeg_images", data.NORMALIZATION["imagenet2012"])
+
+  config = imagenet_resnet50.get_config()
+  assert config.dataset.input == "stream"
+  assert imagenet_resnet50.get_config("imagenette").dataset.input == "memory"
+  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32)
+  config.model = ml_collections.ConfigDict(
+      {"name": "cnn", **models.defaults("cnn"), "conv_features": (8, 16), "dense_features": 16,
+       "dtype": "bfloat16"})
+  # One step per compiled call, so that a single shape is compiled.
+  config.update(batch_size=8, eval_batch_size=4, num_train_steps=4, log_every_steps=1)
+  config.schedule.update(warmup_epochs=0.0, warmup_steps=1)
+  workdir = str(tmp_path / "run")
+  final = train.train_and_evaluate(config, workdir)
+  assert final["num_examples"] == 6 and np.isfinite(final["loss"])
+  assert _meta(workdir, 4)["input"]["next_step"] == 4
+
+
+def test_unknown_input_kind_is_refused_with_the_accepted_ones():
+  config = _config(**{"dataset.input": "disk"})
+  with pytest.raises(UserError) as error:
+    config_checks.validate(config)
+  assert "--config.dataset.input='disk' is not accepted" in str(error.value)
+  assert "'memory'" in str(error.value) and "'stream'" in str(error.value)
+
+
+def test_damaged_shard_while_streaming_names_the_file_and_the_fix(fashion_mnist, tmp_path):
+  from research import prepare_data
+
+  prepared = os.fspath(prepare_data.builder_for("fashion_mnist", None).data_path)
+  version_dir = tmp_path / "fashion_mnist" / os.path.basename(prepared)
+  shutil.copytree(prepared, version_dir, copy_function=os.link)
+  shard = version_dir / "fashion_mnist-train.array_record-00000-of-00001"
+  content = shard.read_bytes()
+  shard.unlink()  # break the hard link: the real file stays intact
+  shard.write_bytes(content[:len(content) // 2])
+  _, split, _ = input_pipeline.open_dataset(_fashion_mnist_config(data_dir=str(tmp_path)))
+  stream = input_pipeline.TrainStream(split, mesh_lib.make_mesh(), seed=0, batch_size=32,
+                                      total_steps=10, start_step=0, log_every=10)
+  with pytest.raises(UserError) as error:
+    next(stream.batches(0, 10))
+  stream.close()
+  message = str(error.value)
+  assert "Cannot read split 'train' of fashion_mnist" in message
+  assert "fashion_mnist-train.array_record-00000-of-00001" in message
+  assert "delete that folder and run `make data`" in message
