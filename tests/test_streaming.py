@@ -31,7 +31,8 @@ from test_datasets import TinyJpegImages, _dataset_config
 SETTINGS = {"dataset.input": "stream", "dataset.eval_split": "test[:1000]",
             "num_train_steps": 80, "log_every_steps": 10, "eval_every_steps": 20,
             "eval_batch_size": 96}
-RUN = ["--config=configs/default.py", *(f"--config.{key}={value}" for key, value in SETTINGS.items())]
+RUN = ["--config=configs/default.py",
+       *(f"--config.{key}={value}" for key, value in SETTINGS.items())]
 TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
 
 
@@ -60,8 +61,8 @@ def _last_train_step(workdir):
 def _final_params(workdir, step):
   import orbax.checkpoint as ocp
 
-  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  return state["params"]
+  directory = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(directory)["params"]
 
 
 def _meta(workdir, step):
