@@ -73,3 +73,64 @@ def test_both_cnn_forms_share_parameters_and_outputs():
   variables = fast.init(jax.random.key(0), x)
   assert jax.tree.structure(variables) == jax.tree.structure(plain.init(jax.random.key(0), x))
   np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), atol=1e-5)
+
+
+def test_to_bfloat16_is_bit_identical_to_astype():
+  from research.models.layers import to_bfloat16
+
+  rng = np.random.default_rng(0)
+  bits = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
+  specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0 + 2**-8, 1.0 + 3 * 2**-8,
+                       3.4e38, 1e-45, -1e-40], np.float32)  # ties, overflow, subnormals
+  x = jnp.asarray(np.concatenate([bits.view(np.float32), specials]))
+  ours, reference = to_bfloat16(x), x.astype(jnp.bfloat16)
+  assert ours.dtype == jnp.bfloat16
+  ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+  nan = np.isnan(reference)
+  np.testing.assert_array_equal(np.isnan(ours), nan)
+  np.testing.assert_array_equal(ours[~nan], reference[~nan])
+
+
+def test_bfloat16_matmul_rounds_operands_and_accumulates_in_float32():
+  from research.models.layers import matmul
+
+  x = jax.random.normal(jax.random.key(0), (6, 5, 40))
+  w = jax.random.normal(jax.random.key(1), (40, 7))
+  rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+  y = matmul(x, w, jnp.bfloat16)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, rounded(x) @ rounded(w), rtol=1e-5, atol=1e-5)
+  # Gradients: the same products on bfloat16-rounded operands, float32 results.
+  g = jax.random.normal(jax.random.key(2), (6, 5, 7))
+  grad_x, grad_w = jax.grad(lambda x, w: jnp.sum(matmul(x, w, jnp.bfloat16) * g), (0, 1))(x, w)
+  assert grad_x.dtype == grad_w.dtype == jnp.float32
+  np.testing.assert_allclose(grad_x, rounded(g) @ rounded(w).T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_w, rounded(x).reshape(-1, 40).T @ rounded(g).reshape(-1, 7),
+                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(matmul(x, w), x @ w)  # float32: the plain product
+
+
+@pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
+def test_bfloat16_cnn_stays_close_to_float32(conv_impl):
+  x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
+  variables = CNN(num_classes=10).init(jax.random.key(0), x)
+  full = CNN(num_classes=10, conv_impl=conv_impl).apply(variables, x)
+  half = CNN(num_classes=10, conv_impl=conv_impl, dtype=jnp.bfloat16).apply(variables, x)
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, full, atol=0.05 * float(jnp.abs(full).max()))
+
+
+def test_pool_stem_halves_the_resolution_of_every_stage():
+  from research.models import resnet
+
+  x = jnp.zeros((2, 28, 28, 1))
+  for stem, first_stage in (("cifar", 28), ("pool", 14)):
+    model = resnet.resnet8(num_classes=10, width=4, stem=stem)
+    variables = model.init(jax.random.key(0), x)
+    _, intermediates = model.apply(variables, x, capture_intermediates=True,
+                                   mutable=["intermediates"])
+    block = intermediates["intermediates"]["BasicBlock_0"]["__call__"][0]
+    assert block.shape == (2, first_stage, first_stage, 4)
+  odd = resnet.resnet8(num_classes=10, width=4, stem="pool")
+  assert odd.apply(odd.init(jax.random.key(0), jnp.zeros((1, 27, 27, 3))),
+                   jnp.zeros((1, 27, 27, 3))).shape == (1, 10)

@@ -160,7 +160,7 @@ def test_unknown_model_lists_the_zoo():
 
 def test_knob_of_another_model_fails_with_the_valid_knobs():
   with pytest.raises(UserError, match=r"model.depth does not apply to model 'resnet20'; its "
-                     r"knobs are: width, conv_impl, dtype"):
+                     r"knobs are: width, stem, conv_impl, dtype"):
     _model("resnet20", depth=18)
   with pytest.raises(UserError, match="dtype='float16' is not accepted; use one of float32"):
     _model("mlp", dtype="float16")

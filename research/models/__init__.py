@@ -33,11 +33,11 @@ _VIT = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "dropout_rate", 
 MODELS = {
     "cnn": Entry(CNN, ("conv_features", "dense_features", *_CONV)),
     "mlp": Entry(MLP, ("hidden_features", "dropout_rate", "dtype")),
-    "resnet8": Entry(resnet.resnet8, ("width", *_CONV)),
-    "resnet14": Entry(resnet.resnet14, ("width", *_CONV)),
-    "resnet20": Entry(resnet.resnet20, ("width", *_CONV)),
-    "resnet32": Entry(resnet.resnet32, ("width", *_CONV)),
-    "resnet56": Entry(resnet.resnet56, ("width", *_CONV)),
+    "resnet8": Entry(resnet.resnet8, ("width", "stem", *_CONV)),
+    "resnet14": Entry(resnet.resnet14, ("width", "stem", *_CONV)),
+    "resnet20": Entry(resnet.resnet20, ("width", "stem", *_CONV)),
+    "resnet32": Entry(resnet.resnet32, ("width", "stem", *_CONV)),
+    "resnet56": Entry(resnet.resnet56, ("width", "stem", *_CONV)),
     "resnet18": Entry(resnet.resnet18, ("width", "stem", *_CONV)),
     "resnet34": Entry(resnet.resnet34, ("width", "stem", *_CONV)),
     "resnet50": Entry(resnet.resnet50, ("width", "stem", *_CONV)),
@@ -48,7 +48,8 @@ MODELS = {
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Knobs that take one of a few values, checked before anything is built.
-_CHOICES = {"dtype": tuple(DTYPES), "conv_impl": ("im2col", "xla"), "stem": ("imagenet", "cifar")}
+_CHOICES = {"dtype": tuple(DTYPES), "conv_impl": ("im2col", "xla"),
+            "stem": ("imagenet", "cifar", "pool")}
 
 
 def _lookup(name: str) -> Entry:

@@ -10,7 +10,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from research.models.layers import Conv, ConvReluPool, max_pool_2x2
+from research.models.layers import Conv, ConvReluPool, dense, max_pool_2x2
 
 
 class CNN(nn.Module):
@@ -32,7 +32,10 @@ class CNN(nn.Module):
                  name=name)(x)
         x = max_pool_2x2(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
-    dense = lambda features: nn.Dense(features, dtype=self.dtype,
-                                      kernel_init=nn.initializers.glorot_uniform())
-    x = nn.relu(dense(self.dense_features)(x))
-    return dense(self.num_classes)(x).astype(jnp.float32)
+    init = nn.initializers.glorot_uniform()
+    if self.conv_impl == "im2col":  # bfloat16 matmul operands only (see layers.py)
+      make_dense = lambda features: dense(features, self.dtype, kernel_init=init)
+    else:
+      make_dense = lambda features: nn.Dense(features, dtype=self.dtype, kernel_init=init)
+    x = nn.relu(make_dense(self.dense_features)(x))
+    return make_dense(self.num_classes)(x).astype(jnp.float32)

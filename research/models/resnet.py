@@ -18,6 +18,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research.models import layers
 from research.models.layers import Conv
 
 # He-normal (fan_out), as in the reference ResNets.
@@ -58,33 +59,63 @@ class BottleneckBlock(nn.Module):
     return nn.relu(x + y)
 
 
-def _layers(module, train: bool):
+def layer_set(module, train: bool):
+  """(conv, norm, dense) constructors for `module`'s conv_impl and dtype (also used by
+  wide_resnet.py): with im2col convolutions (CPU) only matmul operands take `dtype`
+  and activations stay float32 (see layers.py)."""
   conv = functools.partial(Conv, use_bias=False, impl=module.conv_impl, dtype=module.dtype,
                            kernel_init=_CONV_INIT)
+  activations = module.dtype if module.conv_impl == "xla" else jnp.float32
   norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=module.dtype)
-  return conv, norm
+                           epsilon=1e-5, dtype=activations)
+  if module.conv_impl == "xla":
+    dense = functools.partial(nn.Dense, dtype=module.dtype)
+  else:
+    dense = functools.partial(layers.dense, dtype=module.dtype)
+  return conv, norm, dense
+
+
+def _stem(x, kind: str, width: int, conv, norm):
+  """imagenet: 7x7/2 conv + 3x3/2 max-pool (1/4 resolution); cifar: 3x3/1 conv (full
+  resolution); pool: 3x3/1 conv + 2x2 max-pool (1/2 resolution)."""
+  if kind == "imagenet":
+    x = nn.relu(norm()(conv(width, (7, 7), (2, 2))(x)))
+    return nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+  x = nn.relu(norm()(conv(width, (3, 3))(x)))
+  if kind == "cifar":
+    return x
+  if kind == "pool":
+    if x.shape[1] % 2 or x.shape[2] % 2:
+      return nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
+    return layers.max_pool_2x2(x)  # the same values; a faster gradient on CPU
+  raise ValueError(f"stem must be 'imagenet', 'cifar' or 'pool', got {kind!r}")
 
 
 class CifarResNet(nn.Module):
-  """ResNet-(6n+2) for small images; resnet8/14/20/32/56 are n = 1/2/3/5/9."""
+  """ResNet-(6n+2) for small images; resnet8/14/20/32/56 are n = 1/2/3/5/9.
+
+  `stem="pool"` adds a 2x2 max-pool after the stem convolution, so the stages run
+  at half the resolution (14, 7, 4 on 28x28 inputs): a quarter of the work per
+  channel, spent on wider stages instead (see configs/fashion_mnist_resnet.py).
+  """
 
   num_classes: int
   blocks_per_stage: int = 3
   width: int = 16
+  stem: str = "cifar"  # or "pool"
   conv_impl: str = "im2col"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv, norm = _layers(self, train)
-    x = nn.relu(norm()(conv(self.width, (3, 3))(x)))
+    conv, norm, dense = layer_set(self, train)
+    x = _stem(x, self.stem, self.width, conv, norm)
     for stage in range(3):
       for block in range(self.blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(self.width * 2**stage, strides, conv, norm)(x)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return dense(self.num_classes)(x).astype(jnp.float32)
 
 
 class ImageNetResNet(nn.Module):
@@ -94,27 +125,21 @@ class ImageNetResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   bottleneck: bool = False
   width: int = 64
-  stem: str = "imagenet"  # or "cifar": 3x3/1 conv, no max-pool, for inputs of ~32 pixels
+  stem: str = "imagenet"  # or "cifar" / "pool" for inputs of ~32 pixels (see _stem)
   conv_impl: str = "im2col"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv, norm = _layers(self, train)
-    if self.stem == "imagenet":
-      x = nn.relu(norm()(conv(self.width, (7, 7), (2, 2))(x)))
-      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
-    elif self.stem == "cifar":
-      x = nn.relu(norm()(conv(self.width, (3, 3))(x)))
-    else:
-      raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+    conv, norm, dense = layer_set(self, train)
+    x = _stem(x, self.stem, self.width, conv, norm)
     block = BottleneckBlock if self.bottleneck else BasicBlock
     for stage, size in enumerate(self.stage_sizes):
       for index in range(size):
         strides = 2 if stage > 0 and index == 0 else 1
         x = block(self.width * 2**stage, strides, conv, norm)(x)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return dense(self.num_classes)(x).astype(jnp.float32)
 
 
 resnet8 = functools.partial(CifarResNet, blocks_per_stage=1)

@@ -10,9 +10,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from research.models.layers import Conv
-
-_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from research.models.resnet import layer_set
 
 
 class WideBlock(nn.Module):
@@ -46,10 +44,7 @@ class WideResNet(nn.Module):
   def __call__(self, x, train: bool = False):
     if (self.depth - 4) % 6 or self.depth < 10:
       raise ValueError(f"wide_resnet depth must be 6n+4 (10, 16, 22, 28, ...), got {self.depth}")
-    conv = functools.partial(Conv, use_bias=False, impl=self.conv_impl, dtype=self.dtype,
-                             kernel_init=_CONV_INIT)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    conv, norm, dense = layer_set(self, train)
     x = conv(16, (3, 3))(x)
     for stage in range(3):
       for block in range((self.depth - 4) // 6):
@@ -57,4 +52,4 @@ class WideResNet(nn.Module):
         x = WideBlock(16 * self.width * 2**stage, strides, self.dropout_rate, conv, norm)(x, train)
     x = nn.relu(norm()(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return dense(self.num_classes)(x).astype(jnp.float32)
