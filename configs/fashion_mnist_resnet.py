@@ -1,26 +1,33 @@
-"""A small ResNet on Fashion-MNIST, sized for about 20 minutes on 2 CPU cores.
+"""A ResNet on Fashion-MNIST: at least 0.935 test accuracy in under 20 minutes on 2 CPU cores.
 
-ResNet-8 (CIFAR-style, n=1: three stages of one basic block at 16/32/64 channels,
-BatchNorm, 78k parameters) on per-channel standardized pixels, random crop (pad 2)
-+ horizontal flip, label smoothing 0.1, SGD Nesterov momentum 0.9, batch 128,
-peak lr 0.1 with a 1-epoch warmup then cosine decay, weight decay 5e-4 on kernels,
-15 epochs. The model was chosen by measured speed: ResNet-20 runs ~4x slower per
-image here (about 230 img/s on 2 idle cores), which leaves too few epochs in 20 minutes.
+ResNet-8 (CIFAR-style, one basic block per stage, BatchNorm) at width 64 with the `pool`
+stem: a 3x3 conv then a 2x2 max-pool, so the three stages (64, 128, 256 channels) run at
+14x14, 7x7 and 4x4 (1.23 M parameters). Wide channels at half resolution keep XLA's CPU
+matmuls efficient, where 16-channel 28x28 stages run them at a fraction of their peak.
+bfloat16 matmul operands with float32 accumulation (layers.py: this CPU's AMX units;
+everything else float32). Per-channel standardized pixels, random crop (pad 2), no flip
+(Fashion-MNIST's shoes and bags all face one way), label smoothing 0.1, SGD Nesterov
+momentum 0.9, batch 128 in micro-batches of 32 (faster here; BatchNorm then normalizes
+over each 32), peak lr 0.1 after a 1-epoch warmup then cosine decay, weight decay 5e-4 on
+kernels, 13 epochs, the whole test split evaluated after every epoch.
 
   python -m research.main --config=configs/fashion_mnist_resnet.py --workdir=runs/fmnist_resnet
 
-Measured here (one run, commit 8470a6d, the machine shared with other jobs: mean
-1-minute load 4.5 on 2 cores): final test accuracy 0.9218 (loss 0.2989) after
-15 epochs; 2566 s of training, 42:51 wall in all, 2403 s of CPU time (the job got
-0.93 of a core on average), which is about 20 minutes on 2 idle cores. Per epoch:
-0.645, 0.539, 0.853, 0.826, 0.874, 0.872, 0.897, 0.895, 0.867, 0.903, 0.910, 0.916,
-0.922 (ep 13), 0.922, 0.922. This is SHORT of the 0.935 target: the 78k-parameter net
-underfits under this much regularization (train accuracy on augmented batches 0.93).
-Early evaluations are low because BatchNorm running averages lag at the peak
-learning rate (batch statistics on the same weights gave 0.83 at epoch 2).
+Measured on 2 CPU cores, nothing else running (2026-11-24, seed 0, one run): final test
+accuracy 0.9363 (loss 0.2590) after 13 epochs, 1121 s after training started (the
+`elapsed` of metrics.jsonl), 18 min 47 s for the whole command; peak RSS 1.8 GB. Test
+accuracy after each epoch: 0.783, 0.863, 0.890, 0.886, 0.899, 0.910, 0.913, 0.917, 0.922,
+0.929, 0.932 (959 s), 0.934, 0.936. About 86 s per epoch (~700 images/s). The margin over
+0.935 is small; other seeds were not measured.
+
+What got here (all 2 cores): the classic ResNet-8 (width 16, full-resolution stages, float32,
+flips) reached 0.922 in 15 epochs (about 20 CPU-minutes); the width-64 `pool` form with flips,
+micro-batches of 64 and 12 epochs reached 0.9305 in 20:04; dropping flips, micro-batches of 32
+(+13% images/s) and 13 epochs gave the figures above. ResNet-20 at width 16 trains at about
+300 images/s here, too slow for 20 minutes.
 
 Knobs of the model and optimizer are in the config, e.g. `--config.model.width=32`,
-`--config.model.name=resnet20` (same knobs), `--config.optimizer.nesterov=False`.
+`--config.model.name=resnet20` (same knobs), `--config.model.dtype=float32`.
 `--config=configs/fashion_mnist_resnet.py:smoke` runs 100 steps.
 """
 
@@ -32,17 +39,20 @@ from configs import default
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config("model=resnet8,optimizer=momentum")
   config.dataset.normalize = True
-  config.model.width = 16
+  config.model.width = 64
+  config.model.stem = "pool"
+  config.model.dtype = "bfloat16"
   config.optimizer.learning_rate = 0.1
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 5e-4
   config.schedule.name = "warmup_cosine"
   config.schedule.warmup_epochs = 1.0
   config.augment.crop_padding = 2
-  config.augment.flip = True
   config.label_smoothing = 0.1
   config.batch_size = 128
-  config.num_epochs = 15
+  config.microbatch_size = 32
+  config.eval_batch_size = 100
+  config.num_epochs = 13
   config.log_every_steps = 100
   if arg == "smoke":
     config.num_train_steps = 100
