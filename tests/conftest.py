@@ -1,8 +1,10 @@
 """Shared fixtures: the real Fashion-MNIST (prepared offline by TFDS) and helpers."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,6 +28,37 @@ def run_main(workdir, *flags, timeout=600, env=None):
   command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, **(env or {})})
+
+
+# Fields of metrics.jsonl that measure time: they differ between otherwise identical runs.
+TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
+
+
+def records(workdir) -> list[dict]:
+  """metrics.jsonl of `workdir` without its timing fields."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in f]
+
+
+def last_train_step(workdir) -> int:
+  try:
+    return max(r["step"] for r in records(workdir) if r["split"] == "train")
+  except (OSError, ValueError):  # no file or no train line yet, or a line being written
+    return 0
+
+
+def interrupt_at_step(workdir, flags, sig, at_step) -> tuple[int, str]:
+  """Starts `research.main` on `workdir`, sends `sig` once it has logged `at_step`
+  (or finished); returns (exit code, stderr)."""
+  command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags]
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 300
+  while last_train_step(workdir) < at_step and process.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  process.send_signal(sig)
+  _, stderr = process.communicate(timeout=300)
+  return process.returncode, stderr
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from research import config_checks, models, optim
-from tests.conftest import run_main
+from conftest import run_main
 
 # (config module, argument) for every variant the recipes accept.
 RECIPES = [("default", None), ("default", "smoke"), ("default", "model=resnet20,optimizer=lamb"),

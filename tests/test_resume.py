@@ -4,33 +4,15 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main
+from conftest import interrupt_at_step, records, run_main
 
 RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=240",
        "--config.log_every_steps=10", "--config.eval_every_steps=80",
        "--config.checkpoint_every_steps=30"]
-TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in f]
-
-
-def _last_train_step(workdir):
-  try:
-    records = _records(workdir)
-  except (OSError, ValueError):
-    return 0
-  steps = [r["step"] for r in records if r["split"] == "train"]
-  return steps[-1] if steps else 0
 
 
 def _final_params(workdir):
@@ -49,25 +31,13 @@ def reference(tmp_path_factory):
   return workdir
 
 
-def _interrupt_and_resume(workdir, sig, at_step):
-  command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *RUN]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-  deadline = time.time() + 300
-  while _last_train_step(workdir) < at_step and process.poll() is None and time.time() < deadline:
-    time.sleep(0.005)
-  process.send_signal(sig)
-  _, stderr = process.communicate(timeout=300)
-  return process.returncode, stderr
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
                          ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path, sig):
   at_step = random.Random(int(sig)).randrange(10, 230)
   workdir = str(tmp_path / "run")
-  code, stderr = _interrupt_and_resume(workdir, sig, at_step)
+  code, stderr = interrupt_at_step(workdir, RUN, sig, at_step)
   if code != 0:  # the run may have finished before the signal landed
     if sig == signal.SIGKILL:
       assert code == -signal.SIGKILL
@@ -78,7 +48,7 @@ def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   if code != 0:
     assert "Resumed from checkpoint step" in resumed.stderr
-  assert _records(workdir) == _records(reference)
+  assert records(workdir) == records(reference)
   for a, b in zip(_final_params(workdir).values(), _final_params(reference).values()):
     for name in a:
       np.testing.assert_array_equal(a[name], b[name])
@@ -105,14 +75,14 @@ def test_eval_mode_evaluates_a_chosen_step_without_training(tmp_path):
   workdir = str(tmp_path / "run")
   short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
   assert run_main(workdir, *short).returncode == 0
-  before = _records(workdir)
+  before = records(workdir)
   result = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=60")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval.jsonl")) as f:
     record = json.loads(f.readline())
   assert record["step"] == 60 and record["split"] == "test" and record["num_examples"] == 10000
   assert 0 < record["accuracy"] <= 1 and len(record["params_fingerprint"]) == 12
-  assert _records(workdir) == before  # no training happened
+  assert records(workdir) == before  # no training happened
   missing = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=61")
   assert missing.returncode == 2 and "one of the steps [60, 80, 90]" in missing.stderr
 
@@ -129,7 +99,7 @@ def test_init_from_another_run_and_head_reinitialization(tmp_path):
 def test_two_fresh_runs_are_bitwise_equal(reference, tmp_path):
   workdir = str(tmp_path / "again")
   assert run_main(workdir, *RUN).returncode == 0
-  assert _records(workdir) == _records(reference)
+  assert records(workdir) == records(reference)
 
 
 def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_path):

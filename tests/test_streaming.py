@@ -14,16 +14,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main
+from conftest import REPO, interrupt_at_step, records, run_main
 from research import config_checks, data, input_pipeline, mesh as mesh_lib, train
 from research.errors import UserError
-from test_datasets import TinyJpegImages, _dataset_config
+from test_datasets import _dataset_config, jpeg_dir  # noqa: F401,F811 (a fixture)
 
 # One short run, shared by the tests that start processes: 80 steps, a log line
 # (and a chunk of compiled steps) every 10, an evaluation and a checkpoint every 20
@@ -33,7 +32,6 @@ SETTINGS = {"dataset.input": "stream", "dataset.eval_split": "test[:1000]",
             "eval_batch_size": 96}
 RUN = ["--config=configs/default.py",
        *(f"--config.{key}={value}" for key, value in SETTINGS.items())]
-TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
 
 
 def _config(**overrides):
@@ -44,18 +42,6 @@ def _config(**overrides):
     group, _, field = key.rpartition(".")
     (config[group] if group else config)[field] = value
   return config
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in f]
-
-
-def _last_train_step(workdir):
-  try:
-    return max(r["step"] for r in _records(workdir) if r["split"] == "train")
-  except (OSError, ValueError):  # no file or no train line yet, or a line being written
-    return 0
 
 
 def _final_params(workdir, step):
@@ -140,9 +126,9 @@ def test_memory_path_trains_exactly_like_the_stream(stream_reference, tmp_path):
   equal the stream run's bit for bit (train losses, evaluations, fingerprints)."""
   workdir = str(tmp_path / "memory")
   final = train.train_and_evaluate(_config(**{"dataset.input": "memory"}), workdir)
-  assert _records(workdir) == _records(stream_reference)
+  assert records(workdir) == records(stream_reference)
   assert final["num_examples"] == 1000
-  tests = [r for r in _records(stream_reference) if r["split"] == "test"]
+  tests = [r for r in records(stream_reference) if r["split"] == "test"]
   assert [r["step"] for r in tests] == [20, 40, 60, 80]
   assert all(r["num_examples"] == 1000 for r in tests)
   assert _meta(stream_reference, 80)["input"]["next_step"] == 80
@@ -156,8 +142,8 @@ def test_stream_steps_in_short_pieces_train_like_whole_chunks(stream_reference, 
   monkeypatch.setattr(input_pipeline, "CALL_BYTES", 3 * 32 * 28 * 28)
   workdir = str(tmp_path / "pieces")
   final = train.train_and_evaluate(_config(num_train_steps=40), workdir)
-  expected = [r for r in _records(stream_reference) if r["step"] <= 40]
-  assert _records(workdir) == expected
+  expected = [r for r in records(stream_reference) if r["step"] <= 40]
+  assert records(workdir) == expected
   assert final["params_fingerprint"] == expected[-1]["params_fingerprint"]
 
 
@@ -166,15 +152,8 @@ def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path
   position), then restarted with the same command."""
   at_step = random.Random(7).randrange(10, 40)
   workdir = str(tmp_path / "run")
-  command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *RUN]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-  deadline = time.time() + 300
-  while _last_train_step(workdir) < at_step and process.poll() is None and time.time() < deadline:
-    time.sleep(0.005)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  returncode, stderr = interrupt_at_step(workdir, RUN, signal.SIGTERM, at_step)
+  assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
   stopped_at = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")))
   assert at_step <= stopped_at < 80
   assert _meta(workdir, stopped_at)["input"]["next_step"] == stopped_at
@@ -182,7 +161,7 @@ def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path
   resumed = run_main(workdir, *RUN)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
-  assert _records(workdir) == _records(stream_reference)
+  assert records(workdir) == records(stream_reference)
   for a, b in zip(_final_params(workdir, 80).values(),
                   _final_params(stream_reference, 80).values()):
     for name in a:
@@ -224,11 +203,11 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
            "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable})
   assert result.returncode == 0, result.stderr[-5000:]
   assert "JAX process 1 of 2" in result.stderr and "4 device(s)" in result.stderr
-  records = _records(workdir)
-  expected = {(r["step"], r["split"]): r for r in _records(stream_reference)}
-  assert [(r["step"], r["split"]) for r in records] == [
+  two_processes = records(workdir)
+  expected = {(r["step"], r["split"]): r for r in records(stream_reference)}
+  assert [(r["step"], r["split"]) for r in two_processes] == [
       (10, "train"), (20, "train"), (20, "test"), (30, "train"), (40, "train"), (40, "test")]
-  for record in records:
+  for record in two_processes:
     reference = expected[(record["step"], record["split"])]
     np.testing.assert_allclose(record["loss"], reference["loss"], rtol=1e-3)
     if record["split"] == "test":
@@ -237,13 +216,6 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
 
 
 # ---- JPEG data, the ImageNet recipe, config and damaged data -----------------------
-
-
-@pytest.fixture(scope="module")
-def jpeg_dir(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("jpeg"))
-  TinyJpegImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
-  return data_dir
 
 
 def test_jpegs_of_varying_sizes_stream_decoded_and_resized_like_memory(jpeg_dir):
