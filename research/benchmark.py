@@ -37,7 +37,7 @@ RECIPES = {
     # name: (config file, overrides applied to it)
     "seed": ("configs/default.py", {}),
     # The seed recipe with bfloat16 matmul operands (layers.py); not in the default set.
-    "seed_bf16": ("configs/default.py", {"model.dtype": "bfloat16"}),
+    "seed_bf16": ("configs/default.py:model=cnn", {"model.dtype": "bfloat16"}),
     # The classic ResNet-20 (width 16, full-resolution stem, float32) in the Fashion-MNIST
     # ResNet recipe's optimizer and augmentation; a log line at every epoch end (batch 128).
     "resnet20": ("configs/fashion_mnist_resnet.py", {
@@ -67,10 +67,11 @@ def load_config(config_file: str, overrides: dict):
   """The ConfigDict `--config=config_file --config.KEY=VALUE...` would give."""
   import importlib.util
 
-  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, config_file))
+  path, _, arg = config_file.partition(":")
+  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg or None)
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -200,7 +201,8 @@ def markdown(results: dict) -> str:
               f"{_fmt(run['median_epoch_seconds'])} | {_fmt(run['test_accuracy'], 4)} | "
               f"{run['peak_rss_mb']:.0f} | {row['flops_per_image'] / 1e6:.1f} "
               if i == 0 else "| | | | | | ")
-      micro = f" ({row['microbatch_size']})" if row["microbatch_size"] else ""
+      split = 0 < row["microbatch_size"] < row["batch_size"]
+      micro = f" ({row['microbatch_size']})" if split else ""
       lines.append(f"{lead}| {row['batch_size']}{micro} | {row['images_per_sec']:.0f} | "
                    f"{row['gflops_per_sec']:.1f} | {100 * row['gflops_per_sec'] / peak:.0f}% |")
   return "\n".join(lines)
