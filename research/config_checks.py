@@ -99,6 +99,7 @@ def validate(config) -> None:
   profiling.parse(config.profile_steps)
   models.build(config.model, num_classes=1)
   optim.build_optimizer(config.optimizer)
+  optim.check(config.optimizer, config.schedule)
 
 
 def check_eval_batch_size(config, num_eval_examples: int) -> None:

@@ -91,6 +91,16 @@ def _duration(config, field: str, steps_per_epoch: float) -> int:
   return int(steps or round(epochs * steps_per_epoch))
 
 
+def _numbers(schedule_config, field: str, example: str) -> tuple:
+  """schedule.`field` as a tuple of non-negative numbers, or a clear error."""
+  value = schedule_config[field]
+  if not (isinstance(value, (tuple, list)) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
+    raise UserError(f"schedule.{field}={value!r} is not accepted: a tuple of non-negative "
+                    f"numbers, e.g. --config.schedule.{field}='{example}' (or '()' for none).")
+  return tuple(value)
+
+
 def build_schedule(schedule_config, learning_rate: float, steps_per_epoch: float,
                    total_steps: int):
   """A float (constant, no warmup) or an optax schedule over `total_steps` updates."""
@@ -98,8 +108,9 @@ def build_schedule(schedule_config, learning_rate: float, steps_per_epoch: float
   if name not in SCHEDULES:
     raise UserError(f"schedule.name={name!r} is unknown. Known schedules: {', '.join(SCHEDULES)}.")
   warmup = _duration(schedule_config, "warmup", steps_per_epoch)
-  boundaries = [int(round(b * steps_per_epoch)) for b in schedule_config.boundaries_epochs]
-  boundaries += [int(b) for b in schedule_config.boundaries_steps]
+  boundaries = [int(round(b * steps_per_epoch))
+                for b in _numbers(schedule_config, "boundaries_epochs", "(30, 60, 80)")]
+  boundaries += [int(b) for b in _numbers(schedule_config, "boundaries_steps", "(1000, 2000)")]
   if boundaries and name != "piecewise":
     raise UserError(f"schedule.boundaries_* apply to the piecewise schedule only, not {name!r}.")
   if name == "piecewise" and not boundaries:

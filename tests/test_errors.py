@@ -71,6 +71,11 @@ def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
     ("--config.eval.checkpoint_step=newest", "eval.checkpoint_step", "'latest', 'best'"),
     ("--config.model.name=resnet9000", "model.name", "Known models: cnn"),
     ("--config.optimizer.name=adamax", "optimizer.name", "Known optimizers: sgd, momentum, adam"),
+    # Found by test_properties: a string here used to fail inside round().
+    ("--config.schedule.boundaries_epochs=true", "schedule.boundaries_epochs",
+     "a tuple of non-negative numbers"),
+    ("--config.schedule.boundaries_steps=(5, -1)", "schedule.boundaries_steps",
+     "a tuple of non-negative numbers"),
 ])
 def test_impossible_values_are_refused_with_field_value_and_accepted(override, field, accepted):
   config = command_line.parse_config([override])
