@@ -33,13 +33,13 @@ def test_recipe_is_valid_and_builds(module, arg):
 
 
 def test_fashion_mnist_resnet_recipe_trains_and_learns(tmp_path):
-  """The recipe as written (bfloat16 matmuls, pool stem, micro-batches), 60 steps."""
+  """The recipe as written (bfloat16 matmuls, pool stem, micro-batches), 30 steps."""
   workdir = tmp_path / "run"
   result = run_main(workdir, "--config=configs/fashion_mnist_resnet.py:smoke",
-                    "--config.num_train_steps=60", "--config.eval_every_steps=60",
-                    "--config.dataset.eval_split=test[:2000]")
+                    "--config.num_train_steps=30", "--config.eval_every_steps=30",
+                    "--config.log_every_steps=10", "--config.dataset.eval_split=test[:1000]")
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   test = [r for r in records if r["split"] == "test"]
-  assert test[-1]["step"] == 60 and test[-1]["num_examples"] == 2000
-  assert test[-1]["accuracy"] > 0.5  # chance is 0.1; 60 steps of this recipe reach 0.62
+  assert test[-1]["step"] == 30 and test[-1]["num_examples"] == 1000
+  assert test[-1]["accuracy"] > 0.3  # chance is 0.1
