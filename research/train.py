@@ -196,8 +196,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
 def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict:
   # ---- Set-up: config, data, schedule -------------------------------------
-  models.build(config.model, num_classes=1)  # unknown names and knobs fail before any data is read
-  optim.check(config.optimizer, config.schedule)
+  # (validate() has already checked the model, optimizer and schedule names and knobs)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
   stream = input_pipeline.streams(config.dataset)  # else the splits are read into memory
   info, train_split, eval_split = (input_pipeline.open_dataset if stream else data.load)(
