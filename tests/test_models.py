@@ -47,19 +47,29 @@ def test_im2col_conv_matches_flax_conv(kernel, strides, padding):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_max_pool_matches_flax_including_odd_sizes():
-  x = jax.random.normal(jax.random.key(2), (3, 11, 13, 4))
-  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+def test_max_pool_matches_flax_including_odd_sizes_and_ties():
+  # Small integers: most windows hold ties, whose gradient must go to the first maximum
+  # in row-major window order, as nn.max_pool's (and Keras's) does, not be split.
+  x = jax.random.randint(jax.random.key(2), (3, 11, 13, 4), 0, 3).astype(jnp.float32)
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), (2, 2))
+  np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+  weights = jax.random.normal(jax.random.key(3), flax_pool(x).shape)
+  gradient = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
+  np.testing.assert_array_equal(gradient(max_pool_2x2), gradient(flax_pool))
 
 
 @pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 13, 13, 32), (2, 12, 11, 3)])
-def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape):
+@pytest.mark.parametrize("ties", [False, True])
+def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
   from research.models.layers import ConvReluPool
 
   x = jax.random.normal(jax.random.key(1), shape)
+  if ties:  # constant regions, as in Fashion-MNIST's black background: tied pool windows
+    x = x.at[:, : shape[1] // 2].set(0.0).at[:, shape[1] // 2:].set(1.0)
   fused = ConvReluPool(8)
   variables = fused.init(jax.random.key(0), x)
-  reference = lambda v, x: max_pool_2x2(nn.relu(nn.Conv(8, (3, 3), padding="VALID").apply(v, x)))
+  reference = lambda v, x: nn.max_pool(nn.relu(nn.Conv(8, (3, 3), padding="VALID").apply(v, x)),
+                                        (2, 2), (2, 2))
   np.testing.assert_allclose(fused.apply(variables, x), reference(variables, x), atol=1e-5)
   loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)
   for argnum in (0, 1):  # parameters and input
