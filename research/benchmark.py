@@ -6,8 +6,10 @@ table to build/bench.md, the raw numbers to build/bench.json):
     from a real `research.main` run (timings from metrics.jsonl's `train_seconds`);
   * final test accuracy and peak memory (max RSS) of that run;
   * images/s at batch 32, 256 and 1024 (steady state, median of windows);
-  * FLOPs per image of one train step, from XLA's cost analysis;
-  * achieved GFLOP/s and its fraction of the fp32 matmul peak measured in the same run.
+  * FLOPs per image of one train step, from XLA's cost analysis: the model's (its plain
+    lax.conv form) and, in brackets, those our fast CPU form executes;
+  * achieved GFLOP/s (model FLOPs) and its fraction of the fp32 matmul peak measured in
+    the same run.
 
   python -m research.benchmark [--recipes=seed,seed_bf16,resnet20] [--resnet_epochs=2]
 """
@@ -115,7 +117,7 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
   """Steady-state images/s of the compiled train loop at `batch_size`, and XLA's FLOPs."""
   import jax
 
-  from research import config_checks, data, mesh as mesh_lib, steps, train
+  from research import config_checks, data, mesh as mesh_lib, models, steps, train
 
   config = load_config(config_file, {**overrides, "batch_size": batch_size})
   microbatches = config_checks.microbatch_count(config)
@@ -130,12 +132,14 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
                                   microbatches=microbatches), donate_argnums=0)
 
   indices = data.batch_indices(config.seed, 0, steps_per_call, batch_size, len(train_split))
-  one_step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))  # no split:
-  # XLA's cost analysis counts a scan body once, so the FLOPs come from the whole batch
-  cost = one_step.lower(state, train_split.images[indices[0]],
-                        train_split.labels[indices[0]]).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops_per_image = float(cost["flops"]) / batch_size
+  batch = train_split.images[indices[0]], train_split.labels[indices[0]]
+  executed = train_step_flops(config, info, mesh, *batch) / batch_size
+  # The model's FLOPs are those of its plain form (lax.conv, every conv output computed):
+  # the fast CPU form skips outputs the 2x2 pool drops, which must not count as work done.
+  reference = config.copy_and_resolve_references()
+  if "conv_impl" in models.MODELS[reference.model.name].knobs:
+    reference.model.conv_impl = "xla"
+  flops_per_image = train_step_flops(reference, info, mesh, *batch) / batch_size
 
   state, metrics = run(state, images, labels, indices)  # compile
   jax.block_until_ready(metrics)
@@ -150,8 +154,21 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
   images_per_sec = statistics.median(rates)
   return {"batch_size": batch_size, "microbatch_size": config.microbatch_size,
           "images_per_sec": images_per_sec,
-          "flops_per_image": flops_per_image,
+          "flops_per_image": flops_per_image, "executed_flops_per_image": executed,
           "gflops_per_sec": images_per_sec * flops_per_image / 1e9}
+
+
+def train_step_flops(config, info, mesh, images, labels) -> float:
+  """XLA's FLOP count of one train step of `config` on this batch, compiled whole:
+  its cost analysis counts a scan body once, so no micro-batch split here."""
+  import jax
+
+  from research import steps, train
+
+  model, tx, init_fn, _ = train.build_model_and_state(config, info, mesh)
+  step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
+  cost = step.lower(init_fn(config.seed), images, labels).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
 def microbatch_overrides(batch_size: int) -> dict:
@@ -192,7 +209,7 @@ def markdown(results: dict) -> str:
            f"{', '.join(results['machine']['devices'])}; measured fp32 matmul peak "
            f"{peak:.0f} GFLOP/s.", ""]
   header = ("| recipe | first epoch s (compile incl.) | steady epoch s | test acc | peak RSS MB "
-            "| MFLOP/image (XLA) | batch (micro) | images/s | GFLOP/s | % of peak |")
+            "| MFLOP/image, model (executed) | batch (micro) | images/s | GFLOP/s | % of peak |")
   lines += [header, "|" + "---|" * 10]
   for name, recipe in results["recipes"].items():
     run = recipe["training"]
@@ -200,6 +217,7 @@ def markdown(results: dict) -> str:
       lead = (f"| {name} | {run['first_epoch_seconds']:.1f} | "
               f"{_fmt(run['median_epoch_seconds'])} | {_fmt(run['test_accuracy'], 4)} | "
               f"{run['peak_rss_mb']:.0f} | {row['flops_per_image'] / 1e6:.1f} "
+              f"({row['executed_flops_per_image'] / 1e6:.1f}) "
               if i == 0 else "| | | | | | ")
       split = 0 < row["microbatch_size"] < row["batch_size"]
       micro = f" ({row['microbatch_size']})" if split else ""
