@@ -6,12 +6,12 @@ The seed CNN's layers with a 128-unit dense layer, batch 64, Adam with a one-cyc
   python -m research.main --config=configs/fashion_mnist_speedrun.py --workdir=runs/speedrun
 
 Measured on 2 CPU cores (2026-11-24, machine otherwise idle): test accuracy after epochs 1-5
-0.826, 0.879, 0.895, 0.910 (0.9097), 0.9128; 0.91 is first reached after epoch 5, 50.3 s after
-training starts (the `elapsed` field of metrics.jsonl; 53 s for the whole command).
+0.816, 0.882, 0.893, 0.908, 0.9142; 0.91 is first reached after epoch 5, 51.7 s after
+training starts (the `elapsed` field of metrics.jsonl; about 55 s for the whole command).
 
 `:long` (Conv64-Conv128, batch 128 as micro-batches of 64, peak 3e-3, 15 epochs, about 18 s
-per epoch) measured the same day: 0.91 after epoch 8 (0.9121), 0.92 after epoch 11 (0.9233,
-197 s), final 0.9267 after 269 s. 0.93 was not reached by either variant; the ResNet
+per epoch) measured the same day: 0.91 after epoch 8 (0.9133, 146 s), 0.92 after epoch 11
+(0.9220, 198 s), final 0.9278 after 268 s. 0.93 was not reached by either variant; the ResNet
 recipe (configs/fashion_mnist_resnet.py: ResNet-8 width 64, bfloat16 matmuls) first reaches
 0.93 after epoch 11, 959 s after training starts (0.9318; final 0.9363 after 1121 s).
 """
