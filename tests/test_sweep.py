@@ -83,9 +83,11 @@ def test_slurm_launcher_submits_each_member_through_the_batch_script(tmp_path):
   assert (tmp_path / "sweep" / "results.md").exists()
 
 
-def _wait_for(path, process, timeout=180):
+def _wait_for_a_line(path, process, timeout=180):
+  """Until `path` holds a complete line. (metrics.jsonl is created before the training loop
+  installs its preemption handler; its first line is written inside the loop.)"""
   deadline = time.monotonic() + timeout
-  while not os.path.exists(path):
+  while not (os.path.exists(path) and "\n" in open(path).read()):
     assert process.poll() is None, process.stdout.read()
     assert time.monotonic() < deadline, f"{path} never appeared"
     time.sleep(0.2)
@@ -102,7 +104,7 @@ def test_interrupted_sweep_resumes_without_redoing_finished_members(tmp_path):
 
   process = _sweep(root, *flags)
   # Stop the sweep with a real SIGTERM once the second member has logged a step.
-  _wait_for(second_member / "metrics.jsonl", process)
+  _wait_for_a_line(second_member / "metrics.jsonl", process)
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=180)
   assert process.returncode == 128 + signal.SIGTERM, output
