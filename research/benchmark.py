@@ -133,13 +133,15 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
 
   indices = data.batch_indices(config.seed, 0, steps_per_call, batch_size, len(train_split))
   batch = train_split.images[indices[0]], train_split.labels[indices[0]]
-  executed = train_step_flops(config, info, mesh, *batch) / batch_size
+  executed = train_step_flops(model, tx, state, *batch) / batch_size
   # The model's FLOPs are those of its plain form (lax.conv, every conv output computed):
   # the fast CPU form skips outputs the 2x2 pool drops, which must not count as work done.
-  reference = config.copy_and_resolve_references()
-  if "conv_impl" in models.MODELS[reference.model.name].knobs:
+  flops_per_image = executed
+  if "conv_impl" in models.MODELS[config.model.name].knobs:
+    reference = config.copy_and_resolve_references()
     reference.model.conv_impl = "xla"
-  flops_per_image = train_step_flops(reference, info, mesh, *batch) / batch_size
+    plain_model, _, _, _ = train.build_model_and_state(reference, info, mesh)
+    flops_per_image = train_step_flops(plain_model, tx, state, *batch) / batch_size
 
   state, metrics = run(state, images, labels, indices)  # compile
   jax.block_until_ready(metrics)
@@ -158,16 +160,15 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
           "gflops_per_sec": images_per_sec * flops_per_image / 1e9}
 
 
-def train_step_flops(config, info, mesh, images, labels) -> float:
-  """XLA's FLOP count of one train step of `config` on this batch, compiled whole:
-  its cost analysis counts a scan body once, so no micro-batch split here."""
+def train_step_flops(model, tx, state, images, labels) -> float:
+  """XLA's FLOP count of one train step on this batch, compiled whole: its cost
+  analysis counts a scan body once, so no micro-batch split here."""
   import jax
 
-  from research import steps, train
+  from research import steps
 
-  model, tx, init_fn, _ = train.build_model_and_state(config, info, mesh)
   step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
-  cost = step.lower(init_fn(config.seed), images, labels).compile().cost_analysis()
+  cost = step.lower(state, images, labels).compile().cost_analysis()
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 

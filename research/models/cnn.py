@@ -5,6 +5,7 @@ Default: Conv(32,3x3,VALID,relu) -> MaxPool2 -> Conv(64,3x3,VALID,relu) -> MaxPo
 kernels, zero biases. 121,930 parameters on 28x28x1 with 10 classes.
 """
 
+import functools
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -32,10 +33,7 @@ class CNN(nn.Module):
                  name=name)(x)
         x = max_pool_2x2(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
-    init = nn.initializers.glorot_uniform()
-    if self.conv_impl == "im2col":  # bfloat16 matmul operands only (see layers.py)
-      make_dense = lambda features: dense(features, self.dtype, kernel_init=init)
-    else:
-      make_dense = lambda features: nn.Dense(features, dtype=self.dtype, kernel_init=init)
+    make_dense = functools.partial(dense, dtype=self.dtype, impl=self.conv_impl,
+                                   kernel_init=nn.initializers.glorot_uniform())
     x = nn.relu(make_dense(self.dense_features)(x))
     return make_dense(self.num_classes)(x).astype(jnp.float32)

@@ -110,8 +110,12 @@ def matmul(x, w, dtype=jnp.float32):
   return _bfloat16_matmul(x.astype(jnp.float32), w.astype(jnp.float32))
 
 
-def dense(features: int, dtype=jnp.float32, **kwargs) -> nn.Dense:
-  """`nn.Dense` (same parameters) whose matmul runs like `matmul(..., dtype)`."""
+def dense(features: int, dtype=jnp.float32, impl: str = "im2col", **kwargs) -> nn.Dense:
+  """`nn.Dense` whose compute dtype means what `Conv`'s does for the same `impl`:
+  "xla", activations and matmul in `dtype`; "im2col" (CPU), only the matmul operands
+  (`matmul(..., dtype)`). Same parameters either way."""
+  if impl == "xla":
+    return nn.Dense(features, dtype=dtype, **kwargs)
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     del precision, preferred_element_type  # float32 accumulation regardless

@@ -68,10 +68,7 @@ def layer_set(module, train: bool):
   activations = module.dtype if module.conv_impl == "xla" else jnp.float32
   norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                            epsilon=1e-5, dtype=activations)
-  if module.conv_impl == "xla":
-    dense = functools.partial(nn.Dense, dtype=module.dtype)
-  else:
-    dense = functools.partial(layers.dense, dtype=module.dtype)
+  dense = functools.partial(layers.dense, dtype=module.dtype, impl=module.conv_impl)
   return conv, norm, dense
 
 
