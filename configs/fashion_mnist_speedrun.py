@@ -6,14 +6,16 @@ The seed CNN's layers with a 128-unit dense layer, batch 64, Adam with a one-cyc
   python -m research.main --config=configs/fashion_mnist_speedrun.py --workdir=runs/speedrun
 
 Measured on 2 CPU cores (2026-11-24, machine otherwise idle): test accuracy after epochs 1-5
-0.816, 0.882, 0.893, 0.908, 0.9142; 0.91 is first reached after epoch 5, 51.7 s after
-training starts (the `elapsed` field of metrics.jsonl; about 55 s for the whole command).
+0.823, 0.882, 0.898, 0.909, 0.9170; 0.91 is first reached after epoch 5, 42.7-45.2 s after
+training starts in three runs (the `elapsed` field of metrics.jsonl; 45.5 s for the whole
+command).
 
-`:long` (Conv64-Conv128, batch 128 as micro-batches of 64, peak 3e-3, 15 epochs, about 18 s
-per epoch) measured the same day: 0.91 after epoch 8 (0.9133, 146 s), 0.92 after epoch 11
-(0.9220, 198 s), final 0.9278 after 268 s. 0.93 was not reached by either variant; the ResNet
-recipe (configs/fashion_mnist_resnet.py: ResNet-8 width 64, bfloat16 matmuls) first reaches
-0.93 after epoch 11, 874 s after training starts (0.9315; final 0.9365 after 1097 s).
+`:long` (Conv64-Conv128, batch 128 as micro-batches of 64, peak 3e-3, 15 epochs, about 15 s
+per epoch) measured the same day: 0.91 after epoch 8 (0.9128, 122 s), 0.92 after epoch 11
+(0.9239, 167 s), final 0.9279 after 227 s. 0.93 was not reached by either variant (nor by
+`:long` with `augment.crop_padding=2` for 20 epochs: 0.9274); the ResNet recipe
+(configs/fashion_mnist_resnet.py: ResNet-8 width 64, bfloat16 matmuls) first reaches 0.93
+after epoch 11, 874 s after training starts (0.9315; final 0.9365 after 1097 s).
 """
 
 import ml_collections
