@@ -221,19 +221,36 @@ def plot_per_class(accuracy: np.ndarray, class_names, title: str, path: str) -> 
 # ---- One workdir ---------------------------------------------------------------------
 
 def evaluate_checkpoint(workdir: str, step: str) -> dict:
-  """Predictions of the chosen checkpoint on the config's eval split."""
-  from research import data
+  """Confusion counts of the chosen checkpoint on the config's eval split."""
   from research.classifier import Classifier
 
   classifier = Classifier(workdir, step)
-  _, _, eval_split = data.load(classifier.config.dataset)
-  predictions = classifier.probabilities(eval_split.images).argmax(axis=1)
-  counts = confusion(eval_split.labels, predictions, classifier.info.num_classes)
+  counts = np.zeros((classifier.info.num_classes,) * 2, np.int64)
+  for images, labels in eval_examples(classifier.config.dataset):
+    predictions = classifier.probabilities(images).argmax(axis=1)
+    counts += confusion(labels, predictions, classifier.info.num_classes)
   support = counts.sum(axis=1)
   return {"step": classifier.step, "split": classifier.config.dataset.eval_split,
           "class_names": classifier.info.class_names, "counts": counts,
           "accuracy": float(np.trace(counts) / max(counts.sum(), 1)),
           "per_class": np.diag(counts) / np.maximum(support, 1), "support": support}
+
+
+def eval_examples(dataset_config, chunk: int = 1000):
+  """Yields the eval split as (uint8 images, labels): whole from memory, or `chunk`
+  examples at a time from storage when the run streams its data (a streamed dataset
+  is never read whole)."""
+  from research import data, input_pipeline
+
+  split_name = dataset_config.eval_split
+  if not input_pipeline.streams(dataset_config):
+    split = data.load_split(dataset_config, split_name)[1]
+    yield split.images, split.labels
+    return
+  split = input_pipeline.open_split(dataset_config, split_name)[1]
+  for start in range(0, len(split), chunk):
+    examples = split.read(range(start, min(start + chunk, len(split))))
+    yield examples.images, examples.labels
 
 
 def report_workdir(workdir: str, out_dir: str, step: str = "latest",

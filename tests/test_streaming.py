@@ -112,6 +112,21 @@ def test_stream_eval_reads_every_example_exactly_once(fashion_mnist):
   assert not images.reshape(-1, 28, 28, 1)[~real].any()  # padding is zeros
 
 
+def test_report_reads_a_streamed_eval_split_in_chunks(stream_reference, fashion_mnist):
+  from research import report
+
+  _, _, test_split = fashion_mnist
+  chunks = list(report.eval_examples(_fashion_mnist_config(eval_split="test[:1000]"), chunk=300))
+  assert [len(images) for images, _ in chunks] == [300, 300, 300, 100]  # never the whole split
+  np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), test_split.images[:1000])
+  np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), test_split.labels[:1000])
+  # The report's confusion matrix of the stream run's checkpoint agrees with its own evaluation.
+  evaluation = report.evaluate_checkpoint(stream_reference, "latest")
+  final = json.load(open(os.path.join(stream_reference, "run.json")))["final_metrics"]["test"]
+  assert evaluation["counts"].sum() == 1000
+  assert evaluation["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
+
+
 def test_pieces_per_call_divide_the_log_interval_and_bound_the_bytes():
   assert input_pipeline.steps_per_call(32 * 784, 125) == 125
   assert input_pipeline.steps_per_call(1024 * 224 * 224 * 3, 100) == 2  # 3 fit; 2 divides 100
