@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.image_size = 0  # > 0: resize (shorter side, centre crop); needed for JPEG datasets
   config.dataset.normalize = False  # True: per-channel mean/std of the dataset; False: [0, 1]
   config.dataset.input = "memory"  # "memory": whole splits on the devices; "stream": read per batch
+  config.dataset.reader_threads = 0  # stream: threads reading and decoding (0 = one per core, <= 32)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "cnn"

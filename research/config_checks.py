@@ -91,6 +91,10 @@ def validate(config) -> None:
   _require(input_kind in input_pipeline.INPUTS, "dataset.input", input_kind,
            "'memory' (the splits held on the devices) or 'stream' (batches read from storage "
            "while training, for datasets that do not fit in memory)")
+  threads = config.dataset.get("reader_threads", 0)
+  _require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
+           "dataset.reader_threads", threads,
+           "0 (one per CPU core, at most 32) or a positive number of threads")
   checkpoint_step = str(config.eval.checkpoint_step).strip()
   _require(checkpoint_step in ("latest", "best") or checkpoint_step.isdigit(),
            "eval.checkpoint_step", config.eval.checkpoint_step,
@@ -171,6 +175,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
+# Fields that change how a run executes, not what it computes: a resumed run may differ in them.
+EXECUTION_ONLY = ("dataset.reader_threads",)
+
+
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
   """A workdir belongs to one experiment: refuse a different config unless allowed."""
   path = os.path.join(workdir, "config.json")
@@ -183,7 +191,8 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
     raise UserError(f"{path} cannot be read ({e}); use a fresh --workdir.") from e
   given = _flatten(json.loads(config.to_json_best_effort()))
   changed = [f"  {key}: {stored.get(key, '<absent>')!r} in the workdir, {given.get(key, '<absent>')!r} now"
-             for key in sorted(set(stored) | set(given)) if stored.get(key) != given.get(key)]
+             for key in sorted(set(stored) | set(given))
+             if stored.get(key) != given.get(key) and key not in EXECUTION_ONLY]
   if changed and not allow_change:
     raise UserError(f"The config differs from the one {workdir} was started with:\n"
                     + "\n".join(changed) + "\nUse another --workdir, or pass "

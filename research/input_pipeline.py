@@ -119,10 +119,14 @@ def steps_per_call(batch_bytes: int, log_every: int) -> int:
   return max(d for d in range(1, min(fits, log_every) + 1) if log_every % d == 0)
 
 
-def _reader(dataset, pieces: int):
-  """An iterator over `dataset` (a grain MapDataset) read ahead by a thread pool: at
+def reader_threads(requested: int = 0) -> int:
+  """`requested` threads, or 0: one per CPU core this process may use, at most MAX_THREADS."""
+  return requested or min(MAX_THREADS, len(os.sched_getaffinity(0)))
+
+
+def _reader(dataset, pieces: int, threads: int):
+  """An iterator over `dataset` (a grain MapDataset) read ahead by `threads` threads: at
   least `pieces` elements, and one per thread, in flight."""
-  threads = min(MAX_THREADS, len(os.sched_getaffinity(0)))
   options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, pieces))
   return iter(dataset.to_iter_dataset(options))
 
@@ -131,7 +135,7 @@ class TrainStream:
   """The training batches of steps [start_step, total_steps), as global arrays."""
 
   def __init__(self, split: StreamSplit, mesh, *, seed: int, batch_size: int, total_steps: int,
-               start_step: int, log_every: int):
+               start_step: int, log_every: int, threads: int = 0):
     self.split = split
     self.mesh = mesh
     self.seed = seed
@@ -140,7 +144,7 @@ class TrainStream:
     self.steps_per_call = steps_per_call(batch_bytes, log_every)
     self._rows = mesh_lib.process_rows(batch_size, mesh, batch_axis=1)
     steps = grain.MapDataset.range(total_steps).map(self._read_step)
-    self._iterator = _reader(steps, 2 * self.steps_per_call)
+    self._iterator = _reader(steps, 2 * self.steps_per_call, reader_threads(threads))
     self._iterator.set_state({"next_index": start_step})
     self._iterator.start_prefetch()  # the first batches are read while the step compiles
 
@@ -206,8 +210,9 @@ class EvalStream:
   (images [k, batch, H, W, C], labels [k, batch], mask [k, batch]), read ahead in
   threads; the last batch is padded with zeros of mask 0."""
 
-  def __init__(self, split: StreamSplit, mesh, batch_size: int):
+  def __init__(self, split: StreamSplit, mesh, batch_size: int, threads: int = 0):
     self.split = split
+    self.threads = reader_threads(threads)
     self.mesh = mesh
     self.batch_size = batch_size
     self.num_batches = -(-len(split) // batch_size)
@@ -227,7 +232,7 @@ class EvalStream:
 
   def __call__(self):
     iterator = _reader(grain.MapDataset.range(self.num_batches).map(self._read_batch),
-                       2 * self.batches_per_call)
+                       2 * self.batches_per_call, self.threads)
     try:
       for first in range(0, self.num_batches, self.batches_per_call):
         count = min(self.batches_per_call, self.num_batches - first)

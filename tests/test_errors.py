@@ -69,6 +69,7 @@ def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
     ("--config.best_metric=f1", "best_metric", "'accuracy' or 'loss'"),
     ("--config.profile_steps=5", "profile_steps", "START,COUNT"),
     ("--config.eval.checkpoint_step=newest", "eval.checkpoint_step", "'latest', 'best'"),
+    ("--config.dataset.reader_threads=-2", "dataset.reader_threads", "0 (one per CPU core"),
     ("--config.model.name=resnet9000", "model.name", "Known models: cnn"),
     ("--config.optimizer.name=adamax", "optimizer.name", "Known optimizers: sgd, momentum, adam"),
     # Found by test_properties: a string here used to fail inside round().
@@ -164,6 +165,9 @@ def test_stored_config_differs_lists_the_fields_and_needs_explicit_consent(tmp_p
   assert "--allow_config_change" in message and "seed" not in message
   config_checks.check_workdir_config(changed, str(workdir), allow_change=True)
   assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
+  # How many threads read a streamed dataset changes nothing computed: no consent needed.
+  threads = command_line.parse_config(["--config.dataset.reader_threads=3"])
+  config_checks.check_workdir_config(threads, str(workdir), allow_change=False)
 
 
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):

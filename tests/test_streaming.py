@@ -127,6 +127,21 @@ def test_report_reads_a_streamed_eval_split_in_chunks(stream_reference, fashion_
   assert evaluation["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
 
 
+def test_the_number_of_reader_threads_changes_nothing_read(fashion_mnist):
+  assert input_pipeline.reader_threads(3) == 3
+  assert input_pipeline.reader_threads(0) == min(input_pipeline.MAX_THREADS,
+                                                 len(os.sched_getaffinity(0)))
+  _, stream_split = input_pipeline.open_split(_fashion_mnist_config(), "test[:500]")
+  mesh = mesh_lib.make_mesh()
+  one, default = (
+      [tuple(np.asarray(array) for array in piece)
+       for piece in input_pipeline.EvalStream(stream_split, mesh, batch_size=64, threads=t)()]
+      for t in (1, 0))
+  for piece_one, piece_default in zip(one, default, strict=True):
+    for a, b in zip(piece_one, piece_default):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_pieces_per_call_divide_the_log_interval_and_bound_the_bytes():
   assert input_pipeline.steps_per_call(32 * 784, 125) == 125
   assert input_pipeline.steps_per_call(1024 * 224 * 224 * 3, 100) == 2  # 3 fit; 2 divides 100
