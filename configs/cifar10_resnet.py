@@ -12,8 +12,8 @@ Expected: about 0.92 test accuracy for ResNet-20 and 0.935 for ResNet-56 (the
 published 91.3% / 93.0% with step decay; cosine decay and 5e-4 usually do a bit
 better). Not run here: CIFAR-10 is not on this machine (TFDS downloads it where
 there is internet). On 2 CPU cores ResNet-20 trains at roughly 200 images/s, i.e.
-about 14 hours for 200 epochs: use an accelerator (and `--config.model.conv_impl=xla`
-there). `tests/test_datasets.py` runs this config on generated data in the real
+about 14 hours for 200 epochs: use an accelerator (where `model.conv_impl=auto` picks
+lax convolutions). `tests/test_datasets.py` runs this config on generated data in the real
 CIFAR-10 format. `:smoke` trains 20 steps.
 """
 

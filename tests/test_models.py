@@ -122,6 +122,29 @@ def test_bfloat16_matmul_rounds_operands_and_accumulates_in_float32():
   np.testing.assert_array_equal(matmul(x, w), x @ w)  # float32: the plain product
 
 
+def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):
+  from research.models import layers
+
+  def layers_used():
+    used = set()
+
+    def record(next_fun, args, kwargs, context):
+      used.add(type(context.module).__name__)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      CNN(num_classes=10).init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
+    return used
+
+  assert layers.resolve_impl("auto") == "im2col"  # these tests run on CPU
+  assert "ConvReluPool" in layers_used() and "Conv" not in layers_used()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what an accelerator reports
+  assert layers.resolve_impl("auto") == "xla" and layers.resolve_impl("im2col") == "im2col"
+  assert "Conv" in layers_used() and "ConvReluPool" not in layers_used()
+  with pytest.raises(ValueError, match="one of"):
+    layers.resolve_impl("cudnn")
+
+
 @pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
 def test_bfloat16_cnn_stays_close_to_float32(conv_impl):
   x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))

@@ -15,7 +15,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from research.errors import UserError
-from research.models import resnet, vit
+from research.models import layers, resnet, vit
 from research.models.cnn import CNN
 from research.models.mlp import MLP
 from research.models.wide_resnet import WideResNet
@@ -48,7 +48,7 @@ MODELS = {
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Knobs that take one of a few values, checked before anything is built.
-_CHOICES = {"dtype": tuple(DTYPES), "conv_impl": ("im2col", "xla"),
+_CHOICES = {"dtype": tuple(DTYPES), "conv_impl": layers.IMPLS,
             "stem": ("imagenet", "cifar", "pool")}
 
 

@@ -11,29 +11,30 @@ from typing import Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from research.models.layers import Conv, ConvReluPool, dense, max_pool_2x2
+from research.models.layers import Conv, ConvReluPool, dense, max_pool_2x2, resolve_impl
 
 
 class CNN(nn.Module):
   num_classes: int
   conv_features: Sequence[int] = (32, 64)
   dense_features: int = 64
-  conv_impl: str = "im2col"
+  conv_impl: str = "auto"  # "im2col" on CPU, "xla" on GPU/TPU (layers.resolve_impl)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no dropout or normalization in this model
+    impl = resolve_impl(self.conv_impl)
     for i, features in enumerate(self.conv_features):
       name = f"Conv_{i}"  # the names nn.Conv would get: checkpoints fit either form
-      if self.conv_impl == "im2col":  # the fast CPU form of the same layers
+      if impl == "im2col":  # the fast CPU form of the same layers
         x = ConvReluPool(features, dtype=self.dtype, name=name)(x)
       else:
-        x = Conv(features, (3, 3), padding="VALID", impl=self.conv_impl, dtype=self.dtype,
+        x = Conv(features, (3, 3), padding="VALID", impl=impl, dtype=self.dtype,
                  name=name)(x)
         x = max_pool_2x2(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
-    make_dense = functools.partial(dense, dtype=self.dtype, impl=self.conv_impl,
+    make_dense = functools.partial(dense, dtype=self.dtype, impl=impl,
                                    kernel_init=nn.initializers.glorot_uniform())
     x = nn.relu(make_dense(self.dense_features)(x))
     return make_dense(self.num_classes)(x).astype(jnp.float32)

@@ -6,7 +6,7 @@ as "gather the k*k shifted views, then one matmul" (im2col) is the same math
 and gives XLA a dot it runs near peak, forward and backward. Parameters have the
 same names, shapes (HWIO kernel) and initializers as `flax.linen.Conv`, so
 checkpoints are interchangeable. `impl="xla"` selects `lax.conv` instead, which
-is the better choice on GPU/TPU.
+is the better choice on GPU/TPU; `impl="auto"` (the default) picks by backend.
 
 `dtype=bfloat16` means different things on the two forms, each the fast one for
 its hardware. `impl="xla"` (accelerators): activations and matmuls in bfloat16.
@@ -24,6 +24,18 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 
+IMPLS = ("auto", "im2col", "xla")
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" -> "im2col" on CPU (XLA:CPU's own convolutions are slow), "xla" on GPU/TPU."""
+  if impl not in IMPLS:
+    raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "im2col" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   out = -(-size // stride)
   total = max((out - 1) * stride + kernel - size, 0)
@@ -38,7 +50,7 @@ class Conv(nn.Module):
   strides: Sequence[int] = (1, 1)
   padding: str = "SAME"
   use_bias: bool = True
-  impl: str = "im2col"  # or "xla"
+  impl: str = "auto"  # or "im2col", "xla"
   dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.glorot_uniform()
 
@@ -48,7 +60,8 @@ class Conv(nn.Module):
     sh, sw = self.strides
     channels = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (kh, kw, channels, self.features), jnp.float32)
-    if self.impl == "xla":
+    impl = resolve_impl(self.impl)
+    if impl == "xla":
       kernel, x = kernel.astype(self.dtype), x.astype(self.dtype)
     if self.padding == "SAME":
       pads = [_same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)]
@@ -56,13 +69,11 @@ class Conv(nn.Module):
       pads = [(0, 0), (0, 0)]
     else:
       raise ValueError(f"padding must be 'SAME' or 'VALID', got {self.padding!r}")
-    if self.impl == "xla":
+    if impl == "xla":
       y = jax.lax.conv_general_dilated(x, kernel, (sh, sw), pads,
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    elif self.impl == "im2col":
-      y = _im2col_conv(x, kernel, (sh, sw), pads, self.dtype)
     else:
-      raise ValueError(f"conv impl must be 'im2col' or 'xla', got {self.impl!r}")
+      y = _im2col_conv(x, kernel, (sh, sw), pads, self.dtype)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
     return y
@@ -110,11 +121,11 @@ def matmul(x, w, dtype=jnp.float32):
   return _bfloat16_matmul(x.astype(jnp.float32), w.astype(jnp.float32))
 
 
-def dense(features: int, dtype=jnp.float32, impl: str = "im2col", **kwargs) -> nn.Dense:
+def dense(features: int, dtype=jnp.float32, impl: str = "auto", **kwargs) -> nn.Dense:
   """`nn.Dense` whose compute dtype means what `Conv`'s does for the same `impl`:
   "xla", activations and matmul in `dtype`; "im2col" (CPU), only the matmul operands
   (`matmul(..., dtype)`). Same parameters either way."""
-  if impl == "xla":
+  if resolve_impl(impl) == "xla":
     return nn.Dense(features, dtype=dtype, **kwargs)
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

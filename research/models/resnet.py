@@ -63,12 +63,13 @@ def layer_set(module, train: bool):
   """(conv, norm, dense) constructors for `module`'s conv_impl and dtype (also used by
   wide_resnet.py): with im2col convolutions (CPU) only matmul operands take `dtype`
   and activations stay float32 (see layers.py)."""
-  conv = functools.partial(Conv, use_bias=False, impl=module.conv_impl, dtype=module.dtype,
+  impl = layers.resolve_impl(module.conv_impl)
+  conv = functools.partial(Conv, use_bias=False, impl=impl, dtype=module.dtype,
                            kernel_init=_CONV_INIT)
-  activations = module.dtype if module.conv_impl == "xla" else jnp.float32
+  activations = module.dtype if impl == "xla" else jnp.float32
   norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                            epsilon=1e-5, dtype=activations)
-  dense = functools.partial(layers.dense, dtype=module.dtype, impl=module.conv_impl)
+  dense = functools.partial(layers.dense, dtype=module.dtype, impl=impl)
   return conv, norm, dense
 
 
@@ -100,7 +101,7 @@ class CifarResNet(nn.Module):
   blocks_per_stage: int = 3
   width: int = 16
   stem: str = "cifar"  # or "pool"
-  conv_impl: str = "im2col"
+  conv_impl: str = "auto"  # "im2col" on CPU, "xla" on GPU/TPU
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -123,7 +124,7 @@ class ImageNetResNet(nn.Module):
   bottleneck: bool = False
   width: int = 64
   stem: str = "imagenet"  # or "cifar" / "pool" for inputs of ~32 pixels (see _stem)
-  conv_impl: str = "im2col"
+  conv_impl: str = "auto"  # "im2col" on CPU, "xla" on GPU/TPU
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

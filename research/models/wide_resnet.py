@@ -37,7 +37,7 @@ class WideResNet(nn.Module):
   depth: int = 16
   width: int = 4
   dropout_rate: float = 0.0
-  conv_impl: str = "im2col"
+  conv_impl: str = "auto"  # "im2col" on CPU, "xla" on GPU/TPU
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
