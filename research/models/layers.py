@@ -28,7 +28,8 @@ IMPLS = ("auto", "im2col", "xla")
 
 
 def resolve_impl(impl: str) -> str:
-  """"auto" -> "im2col" on CPU (XLA:CPU's own convolutions are slow), "xla" on GPU/TPU."""
+  """The convolution form to run: "auto" is "im2col" on CPU (XLA:CPU's own
+  convolutions are slow) and "xla" on GPU/TPU; "im2col" and "xla" stay as given."""
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
