@@ -91,7 +91,7 @@ def validate(config) -> None:
   _require(input_kind in input_pipeline.INPUTS, "dataset.input", input_kind,
            "'memory' (the splits held on the devices) or 'stream' (batches read from storage "
            "while training, for datasets that do not fit in memory)")
-  threads = config.dataset.get("reader_threads", 0)
+  threads = input_pipeline.requested_threads(config.dataset)
   _require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
            "dataset.reader_threads", threads,
            "0 (one per CPU core, at most 32) or a positive number of threads")

@@ -74,6 +74,11 @@ def streams(dataset_config) -> bool:
   return dataset_config.get("input", "memory") == "stream"
 
 
+def requested_threads(dataset_config) -> int:
+  """`config.dataset.reader_threads` (0, the default, where a config predates the field)."""
+  return dataset_config.get("reader_threads", 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamSplit:
   """One split of a prepared TFDS dataset, opened for random access; nothing is read
@@ -125,8 +130,9 @@ def reader_threads(requested: int = 0) -> int:
 
 
 def _reader(dataset, pieces: int, threads: int):
-  """An iterator over `dataset` (a grain MapDataset) read ahead by `threads` threads: at
-  least `pieces` elements, and one per thread, in flight."""
+  """An iterator over `dataset` (a grain MapDataset) read ahead by `reader_threads(threads)`
+  threads: at least `pieces` elements, and one per thread, in flight."""
+  threads = reader_threads(threads)
   options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, pieces))
   return iter(dataset.to_iter_dataset(options))
 
@@ -144,7 +150,7 @@ class TrainStream:
     self.steps_per_call = steps_per_call(batch_bytes, log_every)
     self._rows = mesh_lib.process_rows(batch_size, mesh, batch_axis=1)
     steps = grain.MapDataset.range(total_steps).map(self._read_step)
-    self._iterator = _reader(steps, 2 * self.steps_per_call, reader_threads(threads))
+    self._iterator = _reader(steps, 2 * self.steps_per_call, threads)
     self._iterator.set_state({"next_index": start_step})
     self._iterator.start_prefetch()  # the first batches are read while the step compiles
 
@@ -212,7 +218,7 @@ class EvalStream:
 
   def __init__(self, split: StreamSplit, mesh, batch_size: int, threads: int = 0):
     self.split = split
-    self.threads = reader_threads(threads)
+    self.threads = threads
     self.mesh = mesh
     self.batch_size = batch_size
     self.num_batches = -(-len(split) // batch_size)

@@ -82,7 +82,7 @@ def eval_batches(config, split, mesh):
   read from storage (config.dataset.input="stream")."""
   if input_pipeline.streams(config.dataset):
     return input_pipeline.EvalStream(split, mesh, config.eval_batch_size,
-                                     threads=config.dataset.get("reader_threads", 0))
+                                     threads=input_pipeline.requested_threads(config.dataset))
   arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
             for a in data.padded_for_eval(split, config.eval_batch_size)]
   return lambda: [arrays]
@@ -240,7 +240,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
     train_stream = input_pipeline.TrainStream(
         train_split, mesh, seed=config.seed, batch_size=config.batch_size,
         total_steps=plan.total_steps, start_step=start_step, log_every=plan.log_every,
-        threads=config.dataset.get("reader_threads", 0))
+        threads=input_pipeline.requested_threads(config.dataset))
     train_stream.check_resumed(restored_meta if restored else None, start_step)
     feed = _feed_from_stream(compile_steps(steps.train_on_batches), train_stream)
   else:
