@@ -14,9 +14,12 @@ its hardware. `impl="xla"` (accelerators): activations and matmuls in bfloat16.
 products are accumulated and returned in float32, and everything else stays
 float32. That is the form AMX units run 3-5x faster than float32 here, while
 XLA's CPU elementwise kernels are slow on bfloat16 (its f32->bf16 `convert`
-runs ~4x slower than the bit arithmetic in `to_bfloat16`).
+runs ~4x slower than the bit arithmetic in `to_bfloat16`). Each product, forward
+and backward, is written as the one dot layout XLA:CPU gives YNNPACK; any other
+silently falls back to float32 (`_bfloat16_gradients`).
 """
 
+import functools
 from typing import Sequence
 
 import jax
@@ -80,46 +83,109 @@ class Conv(nn.Module):
     return y
 
 
-def to_bfloat16(x):
-  """float32 -> bfloat16, rounding to nearest even: bit-identical to `astype` (NaN stays
-  NaN), in integer ops that XLA's CPU backend vectorizes."""
+def _bfloat16_bits(x):
+  """float32 -> the uint16 bits of its bfloat16 rounding (to nearest even; NaN stays NaN)."""
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
   rounded = jnp.where(jnp.isnan(x), jnp.uint32(0x7FC0), rounded)
-  return jax.lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
+  return rounded.astype(jnp.uint16)
 
 
-@jax.custom_vjp
-def _bfloat16_matmul(x, w):
-  return _bfloat16_matmul_fwd(x, w)[0]
+def to_bfloat16(x):
+  """float32 -> bfloat16, rounding to nearest even: bit-identical to `astype` (NaN stays
+  NaN), in integer ops that XLA's CPU backend vectorizes."""
+  return jax.lax.bitcast_convert_type(_bfloat16_bits(x), jnp.bfloat16)
 
 
-def _bfloat16_matmul_fwd(x, w):
-  x16, w16 = to_bfloat16(x), to_bfloat16(w)
-  return jnp.matmul(x16, w16, preferred_element_type=jnp.float32), (x16, w16)
+def _bits_to_bfloat16(bits):
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _bfloat16_matmul_bwd(residuals, grad):
-  # Both gradient products on bfloat16 operands too, accumulated in float32.
-  x16, w16 = residuals
-  grad16 = to_bfloat16(grad)
-  grad_x = jnp.matmul(grad16, w16.T, preferred_element_type=jnp.float32)
-  grad_w = jnp.matmul(x16.reshape(-1, x16.shape[-1]).T, grad16.reshape(-1, grad16.shape[-1]),
-                      preferred_element_type=jnp.float32)
-  return grad_x, grad_w
+def _mm(a, b, contract_b=0):
+  """a @ b (a's last axis against b's axis `contract_b`), accumulated in float32."""
+  dims = (((a.ndim - 1,), (contract_b,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-_bfloat16_matmul.defvjp(_bfloat16_matmul_fwd, _bfloat16_matmul_bwd)
+def _bfloat16_gradients(bits, w, grad16, grad_transposed, patches_transposed):
+  """grad @ w.T and patches.T @ grad on bfloat16 operands, accumulated in float32.
+
+  XLA:CPU hands a bfloat16 dot to YNNPACK (AMX) only when the left operand's
+  contracting axis is its last; otherwise it computes in float32 on Eigen, 4-6x
+  slower. The weight gradient contracts over the rows M, so one of patches [M, K] and
+  grad [M, F] must exist transposed: the smaller job is done, through
+  `grad_transposed()` or `patches_transposed()` (bfloat16 [F, M] or [K, M]).
+  """
+  (m, k), f = bits.shape, w.shape[1]
+  grad_p = _mm(grad16, to_bfloat16(w), contract_b=1)
+  if m * f + k * f < m * k:
+    # The barrier keeps XLA from folding the final (small) transpose into the dot.
+    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _bits_to_bfloat16(bits))).T
+  else:
+    grad_w = _mm(patches_transposed(), grad16)
+  return grad_p, grad_w
+
+
+def _patches_transpose(patches, x_shape, grad_p):
+  """The gradient of x from that of patches(x): patches is linear."""
+  zeros = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  grad_x, = jax.linear_transpose(patches, zeros)(
+      grad_p.reshape(jax.eval_shape(patches, zeros).shape))
+  return grad_x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bfloat16_patch_matmul(x, w, patches):
+  return _bfloat16_patch_matmul_fwd(x, w, patches)[0]
+
+
+def _bfloat16_patch_matmul_fwd(x, w, patches):
+  # Rounds x, not its patches (k*k times larger); the patches are built on its bits.
+  bits = patches(_bfloat16_bits(x)).reshape(-1, w.shape[0])
+  return _mm(_bits_to_bfloat16(bits), to_bfloat16(w)), (x, bits, w)
+
+
+def _bfloat16_patch_matmul_bwd(patches, residuals, grad):
+  x, bits, w = residuals
+  grad = grad.reshape(-1, w.shape[1])
+  grad_p, grad_w = _bfloat16_gradients(
+      bits, w, to_bfloat16(grad), lambda: to_bfloat16(grad.T),
+      lambda: to_bfloat16(patches(x).reshape(bits.shape).T))
+  return _patches_transpose(patches, x.shape, grad_p), grad_w
+
+
+_bfloat16_patch_matmul.defvjp(_bfloat16_patch_matmul_fwd, _bfloat16_patch_matmul_bwd)
+
+
+# A product whose contraction is narrower than this stays float32 under
+# dtype=bfloat16: AMX tiles are 32 bfloat16 values deep, and the roundings cost more
+# than they save (the seed CNN's first layer, a 9-wide contraction, made its step 9%
+# slower in bfloat16).
+MIN_BFLOAT16_CONTRACTION = 32
+
+
+def _rounds_to_bfloat16(dtype, contraction: int) -> bool:
+  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"matmul dtype must be float32 or bfloat16, got {dtype}")
+  return jnp.dtype(dtype) == jnp.bfloat16 and contraction >= MIN_BFLOAT16_CONTRACTION
+
+
+def patch_matmul(x, w, patches=lambda x: x, dtype=jnp.float32):
+  """patches(x) @ w (the patches' last axis against w's first), accumulated and returned
+  in float32. `patches` is linear (slices, pads, concatenates, reshapes), so with
+  `dtype=bfloat16` x is rounded once, before it, and its gradient is patches' transpose."""
+  if not _rounds_to_bfloat16(dtype, w.shape[0]):
+    return patches(x) @ w
+  shape = jax.eval_shape(patches, jax.ShapeDtypeStruct(x.shape, jnp.float32)).shape
+  y = _bfloat16_patch_matmul(x.astype(jnp.float32), w.astype(jnp.float32), patches)
+  return y.reshape(*shape[:-1], w.shape[1])
 
 
 def matmul(x, w, dtype=jnp.float32):
   """x @ w (x's last axis against w's first) with operands rounded to `dtype`
-  (float32 or bfloat16), accumulated and returned in float32."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return x @ w
-  if jnp.dtype(dtype) != jnp.bfloat16:
-    raise ValueError(f"matmul dtype must be float32 or bfloat16, got {dtype}")
-  return _bfloat16_matmul(x.astype(jnp.float32), w.astype(jnp.float32))
+  (float32 or bfloat16; see MIN_BFLOAT16_CONTRACTION), accumulated and returned in
+  float32."""
+  return patch_matmul(x, w, dtype=dtype)
 
 
 def dense(features: int, dtype=jnp.float32, impl: str = "auto", **kwargs) -> nn.Dense:
@@ -141,18 +207,20 @@ def dense(features: int, dtype=jnp.float32, impl: str = "auto", **kwargs) -> nn.
 def _im2col_conv(x, kernel, strides, pads, dtype=jnp.float32):
   kh, kw, channels, features = kernel.shape
   sh, sw = strides
-  if any(p for pair in pads for p in pair):
-    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  height = (x.shape[1] - kh) // sh + 1
-  width = (x.shape[2] - kw) // sw + 1
-  if kh == kw == 1:
-    views = x[:, ::sh, ::sw, :][:, :height, :width]
-  else:
+  height = (x.shape[1] + sum(pads[0]) - kh) // sh + 1
+  width = (x.shape[2] + sum(pads[1]) - kw) // sw + 1
+
+  def views(x):
+    if any(p for pair in pads for p in pair):
+      x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    if kh == kw == 1:
+      return x[:, ::sh, ::sw, :][:, :height, :width]
     # Feature order (kh, kw, c) matches kernel.reshape(kh * kw * c, features).
-    views = jnp.concatenate([
+    return jnp.concatenate([
         x[:, i:i + (height - 1) * sh + 1:sh, j:j + (width - 1) * sw + 1:sw, :]
         for i in range(kh) for j in range(kw)], axis=-1)
-  return matmul(views, kernel.reshape(kh * kw * channels, features), dtype)
+
+  return patch_matmul(x, kernel.reshape(kh * kw * channels, features), views, dtype)
 
 
 @jax.custom_vjp
@@ -187,6 +255,44 @@ def max_pool_2x2(x):
                      x[:, 1:h:2, 1:w:2])
 
 
+def _phase_gradient(first, grad, transposed=False):
+  """The gradient of the four pool phases in bfloat16: `grad` where `first` names the
+  phase, else 0; rows (n, i, j, phase) by features, or its transpose, which is built
+  from the 4x smaller pooled arrays rather than by transposing the result."""
+  phases = jnp.arange(4, dtype=first.dtype)
+  if transposed:
+    first, grad = first.transpose(3, 0, 1, 2)[..., None], grad.transpose(3, 0, 1, 2)[..., None]
+    out = jnp.where(first == phases, grad, jnp.zeros((), grad.dtype))
+    return to_bfloat16(out.reshape(out.shape[0], -1))
+  out = jnp.where(first[..., None, :] == phases[:, None], grad[..., None, :],
+                  jnp.zeros((), grad.dtype))
+  return to_bfloat16(out.reshape(-1, out.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bfloat16_phase_conv_max(x, w, patches, out_hw):
+  """The max over the four pool phases of patches(x) @ w (rows (n, i, j, phase))."""
+  return _bfloat16_phase_conv_max_fwd(x, w, patches, out_hw)[0]
+
+
+def _bfloat16_phase_conv_max_fwd(x, w, patches, out_hw):
+  bits = patches(_bfloat16_bits(x))
+  y = _mm(_bits_to_bfloat16(bits), to_bfloat16(w)).reshape(x.shape[0], *out_hw, 4, w.shape[1])
+  pooled, first = _max_of_four_fwd(*(y[:, :, :, phase] for phase in range(4)))
+  return pooled, (x, bits, w, first)
+
+
+def _bfloat16_phase_conv_max_bwd(patches, out_hw, residuals, grad):
+  x, bits, w, first = residuals
+  grad_p, grad_w = _bfloat16_gradients(
+      bits, w, _phase_gradient(first, grad), lambda: _phase_gradient(first, grad, True),
+      lambda: to_bfloat16(patches(x).T))
+  return _patches_transpose(patches, x.shape, grad_p), grad_w
+
+
+_bfloat16_phase_conv_max.defvjp(_bfloat16_phase_conv_max_fwd, _bfloat16_phase_conv_max_bwd)
+
+
 class ConvReluPool(nn.Module):
   """Conv(3x3-style, VALID) -> ReLU -> 2x2 max-pool, computed only where the pool looks.
 
@@ -203,6 +309,10 @@ class ConvReluPool(nn.Module):
   one concatenate along features, [N, out_h, out_w, 4 * kh * kw * C], which reshapes
   for free to the matmul's rows (n, i, j, phase). Phase-major rows cost two more
   copies and put the pool's four operands a whole phase apart.
+
+  With dtype=bfloat16 the convolution and the pool are one custom gradient, so that
+  the transposed gradient its weight-gradient dot needs is built from the pooled
+  arrays (4x smaller) instead of transposing the [M, F] one (`_bfloat16_gradients`).
   """
 
   features: int
@@ -218,14 +328,22 @@ class ConvReluPool(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     n, h, w = x.shape[:3]
     out_h, out_w = (h - kh + 1) // 2, (w - kw + 1) // 2
-    # by_parity[r % 2, c % 2, :, r // 2, c // 2] == x[:, r, c]
-    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    by_parity = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, channels).transpose(2, 4, 0, 1, 3, 5)
-    patches = jnp.concatenate([
-        by_parity[(a + i) % 2, (b + j) % 2, :, (a + i) // 2:(a + i) // 2 + out_h,
-                  (b + j) // 2:(b + j) // 2 + out_w]
-        for a in (0, 1) for b in (0, 1) for i in range(kh) for j in range(kw)], axis=-1)
-    y = matmul(patches.reshape(-1, kh * kw * channels), kernel.reshape(-1, self.features), self.dtype)
+
+    def patches(x):
+      # by_parity[r % 2, c % 2, :, r // 2, c // 2] == x[:, r, c]
+      x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+      by_parity = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, channels).transpose(2, 4, 0, 1, 3, 5)
+      windows = jnp.concatenate([
+          by_parity[(a + i) % 2, (b + j) % 2, :, (a + i) // 2:(a + i) // 2 + out_h,
+                    (b + j) // 2:(b + j) // 2 + out_w]
+          for a in (0, 1) for b in (0, 1) for i in range(kh) for j in range(kw)], axis=-1)
+      return windows.reshape(-1, kh * kw * channels)
+
+    kernel = kernel.reshape(-1, self.features)
+    if _rounds_to_bfloat16(self.dtype, kernel.shape[0]):
+      pooled = _bfloat16_phase_conv_max(x.astype(jnp.float32), kernel, patches, (out_h, out_w))
+      return nn.relu(pooled + bias)
+    y = patch_matmul(x, kernel, patches)
     y = y.reshape(n, out_h, out_w, 4, self.features)
     # Elementwise maxima, not a reduction: XLA's CPU reductions (and the tie counting in
     # their gradient) are many times slower than selects.
