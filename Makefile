@@ -43,7 +43,7 @@ BENCH_EPOCHS ?= 3
 BENCH_ARGS ?=
 
 bench: data
-	$(BIN)/python -m research.benchmark --recipes=seed,resnet20 $(BENCH_ARGS)
+	$(BIN)/python -m research.benchmark --recipes=seed,seed_bf16,resnet20 $(BENCH_ARGS)
 
 $(BENCH_ENV)/tf/.installed:
 	$(PYTHON) -m venv $(BENCH_ENV)/tf

@@ -11,6 +11,7 @@ research.benchmark). Markdown goes to stdout and build/bench_compare.md.
       --torch_python=build/bench-env/torch/bin/python --shared=../shared/bench
 """
 
+import functools
 import json
 import os
 import statistics
@@ -47,8 +48,15 @@ def _run(command: list[str]) -> tuple[list[dict], float]:
   return results, usage.ru_maxrss / 1024
 
 
-def ours(epochs: int) -> dict:
-  run = benchmark.training_run("configs/default.py", [f"--config.num_epochs={epochs}"])
+# Ours: the seed recipe as `make train` runs it, and with its config switch for
+# bfloat16 matmul operands (float32 accumulation), the one change of arithmetic.
+OURS = {"ours (JAX)": {}, "ours (JAX, bf16)": {"model.dtype": "bfloat16"}}
+PEERS = ("Keras/TF", "PyTorch")
+
+
+def ours(epochs: int, overrides: dict) -> dict:
+  run = benchmark.training_run("configs/default.py:model=cnn",
+                               [f"--config.num_epochs={epochs}", *benchmark.as_flags(overrides)])
   return {"steady_epoch_s": run["median_epoch_seconds"], "first_epoch_s": run["first_epoch_seconds"],
           "test_accuracy": run["test_accuracy"], "peak_rss_mb": run["peak_rss_mb"]}
 
@@ -65,7 +73,7 @@ def peer(python: str, script: str, epochs: int) -> dict:
 def main(argv):
   del argv
   contestants = {
-      "ours (JAX)": lambda: ours(_EPOCHS.value),
+      **{name: functools.partial(ours, _EPOCHS.value, overrides) for name, overrides in OURS.items()},
       "Keras/TF": lambda: peer(_KERAS.value, "keras_seed.py", _EPOCHS.value),
       "PyTorch": lambda: peer(_TORCH.value, "torch_seed.py", _EPOCHS.value),
   }
@@ -79,7 +87,7 @@ def main(argv):
       print(f"round {index + 1}: {name} {results[name]}", file=sys.stderr, flush=True)
     rounds.append(results)
 
-  throughput = {"ours (JAX)": {}, "Keras/TF": {}, "PyTorch": {}}
+  throughput = {name: {} for name in contestants}
   batches = ",".join(benchmark.BATCH_SIZES.value)
   for row in _run([_TORCH.value, os.path.join(_SHARED.value, "torch_seed.py"), "--bench", batches,
                    "--steps", str(_STEPS.value), "--windows", "3"])[0]:
@@ -88,9 +96,11 @@ def main(argv):
                                               "keras_throughput.py"),
                    "--batches", batches, "--steps", str(_STEPS.value)])[0]:
     throughput["Keras/TF"][row["batch"]] = row["images_per_sec"]
-  for batch in benchmark.BATCH_SIZES.value:
-    throughput["ours (JAX)"][int(batch)] = benchmark.throughput(
-        "configs/default.py", benchmark.microbatch_overrides(int(batch)), int(batch))["images_per_sec"]
+  for name, overrides in OURS.items():
+    for batch in benchmark.BATCH_SIZES.value:
+      throughput[name][int(batch)] = benchmark.throughput(
+          "configs/default.py:model=cnn", {**overrides, **benchmark.microbatch_overrides(int(batch))},
+          int(batch))["images_per_sec"]
 
   report = {"rounds": rounds, "throughput": throughput, "epochs": _EPOCHS.value,
             "microbatch": benchmark.MICROBATCH.value,
@@ -107,21 +117,22 @@ def main(argv):
 def markdown(report: dict) -> str:
   rounds = report["rounds"]
   names = list(rounds[0])
+  pairs = [(peer_name, mine) for mine in names if mine.startswith("ours") for peer_name in PEERS]
   lines = [f"Seed recipe (batch 32, Adam), {report['epochs']} epochs per run, {len(rounds)} "
            f"interleaved rounds, {report['cpu_count']} CPU cores, {report['date']}.", "",
-           "| round | " + " | ".join(f"{n} s/epoch" for n in names) +
-           " | Keras/TF ÷ ours | PyTorch ÷ ours |", "|" + "---|" * (len(names) + 3)]
-  ratios = {"Keras/TF": [], "PyTorch": []}
+           "| round | " + " | ".join(f"{n} s/epoch" for n in names) + " | " +
+           " | ".join(f"{p} ÷ {m}" for p, m in pairs) + " |",
+           "|" + "---|" * (len(names) + len(pairs) + 1)]
+  ratios = {pair: [] for pair in pairs}
   for index, results in enumerate(rounds, start=1):
-    mine = results["ours (JAX)"]["steady_epoch_s"]
-    for peer_name in ratios:
-      ratios[peer_name].append(results[peer_name]["steady_epoch_s"] / mine)
+    for p, m in pairs:
+      ratios[p, m].append(results[p]["steady_epoch_s"] / results[m]["steady_epoch_s"])
     lines.append(f"| {index} | " + " | ".join(f"{results[n]['steady_epoch_s']:.2f}" for n in names)
-                 + f" | {ratios['Keras/TF'][-1]:.2f}x | {ratios['PyTorch'][-1]:.2f}x |")
+                 + " | " + " | ".join(f"{ratios[pair][-1]:.2f}x" for pair in pairs) + " |")
   median = lambda name, key: statistics.median(r[name][key] for r in rounds)
   lines.append("| **median** | " + " | ".join(f"**{median(n, 'steady_epoch_s'):.2f}**" for n in names)
-               + f" | **{statistics.median(ratios['Keras/TF']):.2f}x** | "
-               f"**{statistics.median(ratios['PyTorch']):.2f}x** |")
+               + " | " + " | ".join(f"**{statistics.median(ratios[pair]):.2f}x**" for pair in pairs)
+               + " |")
   lines += ["", "| | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1),
             "| first epoch s (compile incl.) | " +
             " | ".join(f"{median(n, 'first_epoch_s'):.1f}" for n in names) + " |",

@@ -22,3 +22,27 @@ def test_throughput_counts_the_models_flops_not_the_fast_forms(fashion_mnist):
                  "test_accuracy": 0.91, "peak_rss_mb": 800}}}}
   table = benchmark.markdown(results)
   assert f"| seed | 7.5 | 6.5 | 0.9100 | 800 | {row['flops_per_image'] / 1e6:.1f} (" in table
+
+
+def test_side_by_side_table_gives_every_peer_to_ours_ratio_and_its_median():
+  from research import bench_compare
+
+  def result(seconds):
+    return {"steady_epoch_s": seconds, "first_epoch_s": seconds + 1, "test_accuracy": 0.9,
+            "peak_rss_mb": 700}
+
+  rounds = [{"ours (JAX)": result(5.0), "ours (JAX, bf16)": result(4.0),
+             "Keras/TF": result(10.0), "PyTorch": result(12.0)},
+            {"ours (JAX)": result(6.0), "ours (JAX, bf16)": result(4.0),
+             "Keras/TF": result(9.0), "PyTorch": result(12.0)},
+            {"ours (JAX)": result(5.0), "ours (JAX, bf16)": result(5.0),
+             "Keras/TF": result(11.0), "PyTorch": result(10.0)}]
+  report = {"rounds": rounds, "epochs": 3, "cpu_count": 2, "date": "2026-11-24", "microbatch": 64,
+            "throughput": {name: {32: 1000.0} for name in rounds[0]}}
+  table = bench_compare.markdown(report)
+  assert ("| Keras/TF ÷ ours (JAX) | PyTorch ÷ ours (JAX) | Keras/TF ÷ ours (JAX, bf16) | "
+          "PyTorch ÷ ours (JAX, bf16) |") in table
+  assert "| 2 | 6.00 | 4.00 | 9.00 | 12.00 | 1.50x | 2.00x | 2.25x | 3.00x |" in table
+  # Medians of the per-round ratios: (2.0, 1.5, 2.2), (2.4, 2.0, 2.0), (2.5, 2.25, 2.2), (3, 3, 2).
+  assert "| **median** | **5.00** | **4.00** | **10.00** | **12.00** | **2.00x** | **2.00x** | " \
+         "**2.25x** | **3.00x** |" in table

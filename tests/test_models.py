@@ -149,6 +149,28 @@ def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape)
     np.testing.assert_array_equal(fused.apply(variables, x), f32.apply(variables, x))
 
 
+def test_custom_gradients_are_differentiable_again():
+  # Reverse-over-reverse (a Hessian-vector product) through the im2col layers' own
+  # gradients equals that of flax's layers.
+  from research.models.layers import ConvReluPool
+
+  x = jax.random.normal(jax.random.key(1), (2, 13, 13, 8))
+  fused = ConvReluPool(16)
+  variables = fused.init(jax.random.key(0), x)
+  reference = lambda v, x: nn.max_pool(nn.relu(nn.Conv(16, (3, 3), padding="VALID").apply(v, x)),
+                                        (2, 2), (2, 2))
+  direction = jax.tree.map(jnp.ones_like, variables)
+
+  def hessian_times_direction(apply):
+    gradient = jax.grad(lambda v: jnp.sum(jnp.sin(apply(v, x))))
+    return jax.grad(lambda v: sum(jnp.vdot(g, d) for g, d in zip(
+        jax.tree.leaves(gradient(v)), jax.tree.leaves(direction))))(variables)
+
+  for a, b in zip(jax.tree.leaves(hessian_times_direction(fused.apply)),
+                  jax.tree.leaves(hessian_times_direction(reference))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   # XLA:CPU runs a bfloat16 dot fast (YNNPACK, AMX) only in one operand layout; any other
   # silently becomes a float32 Eigen dot, several times slower. Guard the compiled form.

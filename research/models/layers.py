@@ -14,9 +14,13 @@ its hardware. `impl="xla"` (accelerators): activations and matmuls in bfloat16.
 products are accumulated and returned in float32, and everything else stays
 float32. That is the form AMX units run 3-5x faster than float32 here, while
 XLA's CPU elementwise kernels are slow on bfloat16 (its f32->bf16 `convert`
-runs ~4x slower than the bit arithmetic in `to_bfloat16`). Each product, forward
-and backward, is written as the one dot layout XLA:CPU gives YNNPACK; any other
-silently falls back to float32 (`_bfloat16_gradients`).
+runs ~4x slower than the bit arithmetic in `to_bfloat16`). Products with a
+contraction narrower than MIN_BFLOAT16_CONTRACTION stay float32.
+
+The im2col products and the 2x2 max-pool define their gradients (`jax.custom_vjp`),
+written as the dot layouts XLA:CPU runs fastest (`_gradients`). So they support
+reverse mode, including reverse-over-reverse (Hessian-vector products, in float32:
+bfloat16 roundings have no derivative), but not forward mode (`jax.jvp`).
 """
 
 import functools
@@ -97,8 +101,18 @@ def to_bfloat16(x):
   return jax.lax.bitcast_convert_type(_bfloat16_bits(x), jnp.bfloat16)
 
 
-def _bits_to_bfloat16(bits):
-  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+def _encode(x, rounded: bool):
+  """What patches are built on: x's bfloat16 bits (uint16, which XLA:CPU moves without
+  converting) when operands are `rounded`, else x itself."""
+  return _bfloat16_bits(x) if rounded else x
+
+
+def _decode(encoded, rounded: bool):
+  return jax.lax.bitcast_convert_type(encoded, jnp.bfloat16) if rounded else encoded
+
+
+def _operand(x, rounded: bool):
+  return to_bfloat16(x) if rounded else x
 
 
 def _mm(a, b, contract_b=0):
@@ -107,22 +121,24 @@ def _mm(a, b, contract_b=0):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _bfloat16_gradients(bits, w, grad16, grad_transposed, patches_transposed):
-  """grad @ w.T and patches.T @ grad on bfloat16 operands, accumulated in float32.
+def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: bool):
+  """grad @ w.T and patches.T @ grad, on operands rounded to bfloat16 if `rounded`.
 
-  XLA:CPU hands a bfloat16 dot to YNNPACK (AMX) only when the left operand's
-  contracting axis is its last; otherwise it computes in float32 on Eigen, 4-6x
-  slower. The weight gradient contracts over the rows M, so one of patches [M, K] and
-  grad [M, F] must exist transposed: the smaller job is done, through
-  `grad_transposed()` or `patches_transposed()` (bfloat16 [F, M] or [K, M]).
+  XLA:CPU hands a dot to YNNPACK (AMX for bfloat16) only when the left operand's
+  contracting axis is its last; otherwise Eigen runs it in float32, 1.3x (float32)
+  to 6x (bfloat16) slower. The weight gradient contracts over the rows M, so one of
+  patches [M, K] and grad [M, F] must exist transposed: the smaller job is done,
+  through `grad_transposed()` [F, M] or `patches_transposed()` [K, M].
   """
-  (m, k), f = bits.shape, w.shape[1]
-  grad_p = _mm(grad16, to_bfloat16(w), contract_b=1)
+  (m, k), f = encoded.shape, w.shape[1]
+  grad_p = _mm(grad, _operand(w, rounded), contract_b=1)
+  if not rounded:  # float32: Eigen's transposed-operand dot beats YNNPACK's here
+    return grad_p, jax.lax.dot_general(encoded, grad, (((0,), (0,)), ((), ())))
   if m * f + k * f < m * k:
     # The barrier keeps XLA from folding the final (small) transpose into the dot.
-    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _bits_to_bfloat16(bits))).T
+    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _decode(encoded, rounded))).T
   else:
-    grad_w = _mm(patches_transposed(), grad16)
+    grad_w = _mm(patches_transposed(), grad)
   return grad_p, grad_w
 
 
@@ -134,27 +150,27 @@ def _patches_transpose(patches, x_shape, grad_p):
   return grad_x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bfloat16_patch_matmul(x, w, patches):
-  return _bfloat16_patch_matmul_fwd(x, w, patches)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patch_matmul(x, w, patches, rounded):
+  return _patch_matmul_fwd(x, w, patches, rounded)[0]
 
 
-def _bfloat16_patch_matmul_fwd(x, w, patches):
-  # Rounds x, not its patches (k*k times larger); the patches are built on its bits.
-  bits = patches(_bfloat16_bits(x)).reshape(-1, w.shape[0])
-  return _mm(_bits_to_bfloat16(bits), to_bfloat16(w)), (x, bits, w)
+def _patch_matmul_fwd(x, w, patches, rounded):
+  # Rounds x, not its patches (k*k times larger): the patches are built on its bits.
+  encoded = patches(_encode(x, rounded)).reshape(-1, w.shape[0])
+  return _mm(_decode(encoded, rounded), _operand(w, rounded)), (x, encoded, w)
 
 
-def _bfloat16_patch_matmul_bwd(patches, residuals, grad):
-  x, bits, w = residuals
+def _patch_matmul_bwd(patches, rounded, residuals, grad):
+  x, encoded, w = residuals
   grad = grad.reshape(-1, w.shape[1])
-  grad_p, grad_w = _bfloat16_gradients(
-      bits, w, to_bfloat16(grad), lambda: to_bfloat16(grad.T),
-      lambda: to_bfloat16(patches(x).reshape(bits.shape).T))
+  grad_p, grad_w = _gradients(
+      encoded, w, _operand(grad, rounded), lambda: _operand(grad.T, rounded),
+      lambda: _operand(patches(x).reshape(encoded.shape).T, rounded), rounded)
   return _patches_transpose(patches, x.shape, grad_p), grad_w
 
 
-_bfloat16_patch_matmul.defvjp(_bfloat16_patch_matmul_fwd, _bfloat16_patch_matmul_bwd)
+_patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
 
 
 # A product whose contraction is narrower than this stays float32 under
@@ -172,12 +188,11 @@ def _rounds_to_bfloat16(dtype, contraction: int) -> bool:
 
 def patch_matmul(x, w, patches=lambda x: x, dtype=jnp.float32):
   """patches(x) @ w (the patches' last axis against w's first), accumulated and returned
-  in float32. `patches` is linear (slices, pads, concatenates, reshapes), so with
-  `dtype=bfloat16` x is rounded once, before it, and its gradient is patches' transpose."""
-  if not _rounds_to_bfloat16(dtype, w.shape[0]):
-    return patches(x) @ w
+  in float32. `patches` is linear (slices, pads, concatenates, reshapes): with
+  `dtype=bfloat16`, x is rounded once, before it; x's gradient is patches' transpose."""
+  rounded = _rounds_to_bfloat16(dtype, w.shape[0])
   shape = jax.eval_shape(patches, jax.ShapeDtypeStruct(x.shape, jnp.float32)).shape
-  y = _bfloat16_patch_matmul(x.astype(jnp.float32), w.astype(jnp.float32), patches)
+  y = _patch_matmul(x.astype(jnp.float32), w.astype(jnp.float32), patches, rounded)
   return y.reshape(*shape[:-1], w.shape[1])
 
 
@@ -255,42 +270,44 @@ def max_pool_2x2(x):
                      x[:, 1:h:2, 1:w:2])
 
 
-def _phase_gradient(first, grad, transposed=False):
-  """The gradient of the four pool phases in bfloat16: `grad` where `first` names the
-  phase, else 0; rows (n, i, j, phase) by features, or its transpose, which is built
-  from the 4x smaller pooled arrays rather than by transposing the result."""
+def _phase_gradient(first, grad, rounded: bool, transposed: bool = False):
+  """The gradient of the four pool phases: `grad` where `first` names the phase, else
+  0; rows (n, i, j, phase) by features, or its transpose, which is built from the 4x
+  smaller pooled arrays rather than by transposing the result."""
   phases = jnp.arange(4, dtype=first.dtype)
   if transposed:
     first, grad = first.transpose(3, 0, 1, 2)[..., None], grad.transpose(3, 0, 1, 2)[..., None]
     out = jnp.where(first == phases, grad, jnp.zeros((), grad.dtype))
-    return to_bfloat16(out.reshape(out.shape[0], -1))
+    return _operand(out.reshape(out.shape[0], -1), rounded)
   out = jnp.where(first[..., None, :] == phases[:, None], grad[..., None, :],
                   jnp.zeros((), grad.dtype))
-  return to_bfloat16(out.reshape(-1, out.shape[-1]))
+  return _operand(out.reshape(-1, out.shape[-1]), rounded)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _bfloat16_phase_conv_max(x, w, patches, out_hw):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _phase_conv_max(x, w, patches, out_hw, rounded):
   """The max over the four pool phases of patches(x) @ w (rows (n, i, j, phase))."""
-  return _bfloat16_phase_conv_max_fwd(x, w, patches, out_hw)[0]
+  return _phase_conv_max_fwd(x, w, patches, out_hw, rounded)[0]
 
 
-def _bfloat16_phase_conv_max_fwd(x, w, patches, out_hw):
-  bits = patches(_bfloat16_bits(x))
-  y = _mm(_bits_to_bfloat16(bits), to_bfloat16(w)).reshape(x.shape[0], *out_hw, 4, w.shape[1])
+def _phase_conv_max_fwd(x, w, patches, out_hw, rounded):
+  encoded = patches(_encode(x, rounded))
+  y = _mm(_decode(encoded, rounded), _operand(w, rounded))
+  y = y.reshape(x.shape[0], *out_hw, 4, w.shape[1])
   pooled, first = _max_of_four_fwd(*(y[:, :, :, phase] for phase in range(4)))
-  return pooled, (x, bits, w, first)
+  return pooled, (x, encoded, w, first)
 
 
-def _bfloat16_phase_conv_max_bwd(patches, out_hw, residuals, grad):
-  x, bits, w, first = residuals
-  grad_p, grad_w = _bfloat16_gradients(
-      bits, w, _phase_gradient(first, grad), lambda: _phase_gradient(first, grad, True),
-      lambda: to_bfloat16(patches(x).T))
+def _phase_conv_max_bwd(patches, out_hw, rounded, residuals, grad):
+  x, encoded, w, first = residuals
+  grad_p, grad_w = _gradients(
+      encoded, w, _phase_gradient(first, grad, rounded),
+      lambda: _phase_gradient(first, grad, rounded, transposed=True),
+      lambda: _operand(patches(x).T, rounded), rounded)
   return _patches_transpose(patches, x.shape, grad_p), grad_w
 
 
-_bfloat16_phase_conv_max.defvjp(_bfloat16_phase_conv_max_fwd, _bfloat16_phase_conv_max_bwd)
+_phase_conv_max.defvjp(_phase_conv_max_fwd, _phase_conv_max_bwd)
 
 
 class ConvReluPool(nn.Module):
@@ -310,9 +327,9 @@ class ConvReluPool(nn.Module):
   for free to the matmul's rows (n, i, j, phase). Phase-major rows cost two more
   copies and put the pool's four operands a whole phase apart.
 
-  With dtype=bfloat16 the convolution and the pool are one custom gradient, so that
-  the transposed gradient its weight-gradient dot needs is built from the pooled
-  arrays (4x smaller) instead of transposing the [M, F] one (`_bfloat16_gradients`).
+  The convolution and the pool are one custom gradient (`_phase_conv_max`), so that
+  a transposed gradient for the weight-gradient dot (`_gradients`) is built from the
+  pooled arrays, 4x smaller than the [M, F] one.
   """
 
   features: int
@@ -340,11 +357,8 @@ class ConvReluPool(nn.Module):
       return windows.reshape(-1, kh * kw * channels)
 
     kernel = kernel.reshape(-1, self.features)
-    if _rounds_to_bfloat16(self.dtype, kernel.shape[0]):
-      pooled = _bfloat16_phase_conv_max(x.astype(jnp.float32), kernel, patches, (out_h, out_w))
-      return nn.relu(pooled + bias)
-    y = patch_matmul(x, kernel, patches)
-    y = y.reshape(n, out_h, out_w, 4, self.features)
-    # Elementwise maxima, not a reduction: XLA's CPU reductions (and the tie counting in
-    # their gradient) are many times slower than selects.
-    return nn.relu(max_of_four(*(y[:, :, :, phase] for phase in range(4))) + bias)
+    rounded = _rounds_to_bfloat16(self.dtype, kernel.shape[0])
+    # The pool is elementwise maxima, not a reduction: XLA's CPU reductions (and the
+    # tie counting in their gradient) are many times slower than selects.
+    pooled = _phase_conv_max(x.astype(jnp.float32), kernel, patches, (out_h, out_w), rounded)
+    return nn.relu(pooled + bias)
