@@ -29,6 +29,12 @@ class Schedule:
   def epoch(self, step: int) -> float:
     return step / self.steps_per_epoch
 
+  @property
+  def max_chunk(self) -> int:
+    """The most steps between two stops: the rows of the one compiled train loop."""
+    return min([self.total_steps] + [every for every in (
+        self.log_every, self.eval_every, self.checkpoint_every) if every > 0])
+
   def next_stop(self, step: int) -> int:
     """The next step at which the host must act (log, eval, checkpoint, end).
 

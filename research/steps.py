@@ -111,25 +111,42 @@ def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable,
   }
 
 
-def train_many(state, all_images, all_labels, batch_indices, **step_kwargs):
-  """Runs len(batch_indices) train steps in one compiled loop, gathering each batch
-  from the device-resident dataset. Returns (state, per-step metrics)."""
+def _train_loop(state, num_steps, rows: int, batch, step_kwargs):
+  """Runs `train_step` on batch(i) for i < num_steps in one compiled loop -> (state,
+  per-step metrics [rows], zero from num_steps on). A traced `num_steps` makes one
+  program serve every chunk length up to `rows`: chunks cut short by log, eval or
+  checkpoint stops that do not line up would otherwise each compile a program."""
+  shapes = jax.eval_shape(lambda state: train_step(state, *batch(0), **step_kwargs)[1], state)
+  metrics = jax.tree.map(lambda m: jnp.zeros((rows, *m.shape), m.dtype), shapes)
 
-  def body(state, indices):
-    return train_step(state, all_images[indices], all_labels[indices], **step_kwargs)
+  def body(i, carry):
+    state, metrics = carry
+    state, step_metrics = train_step(state, *batch(i), **step_kwargs)
+    return state, jax.tree.map(lambda all_steps, m: all_steps.at[i].set(m), metrics, step_metrics)
 
-  return jax.lax.scan(body, state, batch_indices)
+  return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
 
-def train_on_batches(state, images, labels, **step_kwargs):
-  """Runs len(images) train steps in one compiled loop over batches the host
-  prepared (images [num_steps, batch, H, W, C] uint8, labels [num_steps, batch]):
-  the streaming counterpart of `train_many`, with the same `train_step`."""
+def train_many(state, all_images, all_labels, batch_indices, num_steps=None, **step_kwargs):
+  """Runs the first `num_steps` (default: all) rows of batch_indices [rows, batch] as
+  train steps in one compiled loop, gathering each batch from the device-resident
+  dataset. Returns (state, per-step metrics [rows], zero from num_steps on)."""
+  rows = batch_indices.shape[0]
 
-  def body(state, batch):
-    return train_step(state, *batch, **step_kwargs)
+  def batch(i):
+    indices = batch_indices[i]
+    return all_images[indices], all_labels[indices]
 
-  return jax.lax.scan(body, state, (images, labels))
+  return _train_loop(state, rows if num_steps is None else num_steps, rows, batch, step_kwargs)
+
+
+def train_on_batches(state, images, labels, num_steps=None, **step_kwargs):
+  """Runs the first `num_steps` (default: all) of the batches the host prepared
+  (images [rows, batch, H, W, C] uint8, labels [rows, batch]) as train steps in one
+  compiled loop: the streaming counterpart of `train_many`, with the same `train_step`."""
+  rows = images.shape[0]
+  return _train_loop(state, rows if num_steps is None else num_steps, rows,
+                     lambda i: (images[i], labels[i]), step_kwargs)
 
 
 def evaluate_all(params, model_state, images, labels, mask, **step_kwargs):

@@ -122,22 +122,32 @@ def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
 class _Feed:
   """Where the loop's batches come from (config.dataset.input)."""
 
-  chunk: Callable  # (state, step, stop) -> (state, per-step metrics, input seconds)
+  chunk: Callable  # (state, step, stop) -> (state, per-step metrics on the host, input seconds)
   checkpoint_meta: Callable[[], dict] = dict  # added to each checkpoint's meta
   close: Callable[[], None] = lambda: None  # stops reader threads, if any
 
 
-def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size: int) -> _Feed:
-  """The dataset on the devices; each compiled call gathers its batches by index."""
+def _first_rows(metrics, count: int) -> dict:
+  """The metrics of the steps run: a compiled loop returns a row for each step it could run."""
+  return {name: values[:count] for name, values in jax.device_get(metrics).items()}
+
+
+def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size: int,
+                      rows: int) -> _Feed:
+  """The dataset on the devices; each compiled call gathers its batches by index. Every
+  call passes `rows` rows of indices (the unused ones zero) and how many to run, so
+  one compiled loop serves chunks of any length."""
   images = mesh_lib.put_replicated(split.images, mesh)
   labels = mesh_lib.put_replicated(split.labels, mesh)
 
   def chunk(state, step, stop):
     started = time.perf_counter()  # input time: host work before the compiled call
     indices = data.batch_indices(seed, step, stop - step, batch_size, len(split))
+    indices = np.pad(indices, ((0, rows - len(indices)), (0, 0)))
     batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
     input_seconds = time.perf_counter() - started
-    return (*train_many(state, images, labels, batch_indices), input_seconds)
+    state, metrics = train_many(state, images, labels, batch_indices, stop - step)
+    return state, _first_rows(metrics, stop - step), input_seconds
 
   return _Feed(chunk)
 
@@ -147,11 +157,11 @@ def _feed_from_stream(train_on_batches, stream: input_pipeline.TrainStream) -> _
 
   def chunk(state, step, stop):
     metrics, input_seconds = [], 0.0
-    for images, labels, seconds in stream.batches(step, stop):
-      state, piece_metrics = train_on_batches(state, images, labels)
-      metrics.append(piece_metrics)
+    for images, labels, count, seconds in stream.batches(step, stop):
+      state, piece_metrics = train_on_batches(state, images, labels, count)
+      metrics.append(_first_rows(piece_metrics, count))
       input_seconds += seconds
-    return state, jax.tree.map(lambda *pieces: jnp.concatenate(pieces), *metrics), input_seconds
+    return state, jax.tree.map(lambda *pieces: np.concatenate(pieces), *metrics), input_seconds
 
   return _Feed(chunk, stream.checkpoint_meta, stream.close)
 
@@ -245,7 +255,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
     feed = _feed_from_stream(compile_steps(steps.train_on_batches), train_stream)
   else:
     feed = _feed_from_memory(compile_steps(steps.train_many), train_split, mesh, config.seed,
-                             config.batch_size)
+                             config.batch_size, plan.max_chunk)
   evaluate = make_evaluator(model, eval_batches(config, eval_split, mesh), eval_input)
 
   run_log = RunLog(workdir, resume_step=start_step)
@@ -276,7 +286,6 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
       profiler.before_chunk(step)
       chunk_started = time.perf_counter()
       state, metrics, input_seconds = feed.chunk(state, step, stop)
-      metrics = jax.device_get(metrics)
       progress.chunk_done(stop, input_seconds, time.perf_counter() - chunk_started - input_seconds,
                           float(np.mean(metrics["loss"])), float(np.mean(metrics["accuracy"])))
       _check_finite(metrics, step, checkpointer)

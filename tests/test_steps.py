@@ -38,6 +38,25 @@ def test_train_many_equals_single_steps(fashion_mnist):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_one_compiled_loop_runs_chunks_of_any_length(fashion_mnist):
+  # Chunks cut at stops that do not line up (log every 469 steps, eval every 937) have
+  # many lengths; each ran as its own compiled program, ~2 s of compiling apiece.
+  _, train_split, _ = fashion_mnist
+  model, tx = CNN(num_classes=10), optax.adam(1e-3)
+  run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
+  indices = data.batch_indices(0, 0, 5, 32, len(train_split))
+  state = _state(model, tx)
+  for count in (3, 2):  # steps 0-2, then 3-4, through 5 rows with the rest unused
+    rows = np.pad(indices[int(state.step):int(state.step) + count], ((0, 5 - count), (0, 0)))
+    state, metrics = run(state, train_split.images, train_split.labels, rows, count)
+    assert np.all(np.asarray(metrics["loss"])[:count] > 0)
+    assert not np.any(np.asarray(metrics["loss"])[count:])
+  whole, _ = run(_state(model, tx), train_split.images, train_split.labels, indices, 5)
+  assert run._cache_size() == 1
+  for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("batch_size", [1000, 768, 7])
 def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   _, _, test_split = fashion_mnist
