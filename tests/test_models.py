@@ -59,6 +59,16 @@ def test_max_pool_matches_flax_including_odd_sizes_and_ties():
   np.testing.assert_array_equal(gradient(max_pool_2x2), gradient(flax_pool))
 
 
+def _assert_same_outputs_and_gradients(apply, reference, variables, x):
+  np.testing.assert_allclose(apply(variables, x), reference(variables, x), atol=1e-5)
+  loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)
+  for argnum in (0, 1):  # parameters and input
+    ours = jax.grad(loss(apply), argnum)(variables, x)
+    theirs = jax.grad(loss(reference), argnum)(variables, x)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 13, 13, 32), (2, 12, 11, 3)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
@@ -71,13 +81,7 @@ def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
   variables = fused.init(jax.random.key(0), x)
   reference = lambda v, x: nn.max_pool(nn.relu(nn.Conv(8, (3, 3), padding="VALID").apply(v, x)),
                                         (2, 2), (2, 2))
-  np.testing.assert_allclose(fused.apply(variables, x), reference(variables, x), atol=1e-5)
-  loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)
-  for argnum in (0, 1):  # parameters and input
-    ours = jax.grad(loss(fused.apply), argnum)(variables, x)
-    theirs = jax.grad(loss(reference), argnum)(variables, x)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+  _assert_same_outputs_and_gradients(fused.apply, reference, variables, x)
 
 
 def test_both_cnn_forms_share_parameters_and_outputs():
@@ -137,13 +141,7 @@ def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape)
   variables = fused.init(jax.random.key(0), x)
   plain = Conv(16, (3, 3), padding="VALID", impl="im2col", dtype=jnp.bfloat16)
   reference = lambda v, x: nn.max_pool(nn.relu(plain.apply(v, x)), (2, 2), (2, 2))
-  np.testing.assert_allclose(fused.apply(variables, x), reference(variables, x), atol=1e-5)
-  loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)
-  for argnum in (0, 1):  # parameters and input
-    ours = jax.grad(loss(fused.apply), argnum)(variables, x)
-    theirs = jax.grad(loss(reference), argnum)(variables, x)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+  _assert_same_outputs_and_gradients(fused.apply, reference, variables, x)
   if shape[-1] * 9 < 32:  # too narrow a contraction for bfloat16 to pay: float32, exactly
     f32 = ConvReluPool(16)
     np.testing.assert_array_equal(fused.apply(variables, x), f32.apply(variables, x))
