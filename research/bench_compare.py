@@ -50,12 +50,13 @@ def _run(command: list[str]) -> tuple[list[dict], float]:
 
 # Ours: the seed recipe as `make train` runs it, and with its config switch for
 # bfloat16 matmul operands (float32 accumulation), the one change of arithmetic.
-OURS = {"ours (JAX)": {}, "ours (JAX, bf16)": {"model.dtype": "bfloat16"}}
+OURS = {"ours (JAX)": "seed", "ours (JAX, bf16)": "seed_bf16"}  # name: benchmark.RECIPES key
 PEERS = ("Keras/TF", "PyTorch")
 
 
-def ours(epochs: int, overrides: dict) -> dict:
-  run = benchmark.training_run("configs/default.py:model=cnn",
+def ours(epochs: int, recipe: str) -> dict:
+  config_file, overrides = benchmark.RECIPES[recipe]
+  run = benchmark.training_run(config_file,
                                [f"--config.num_epochs={epochs}", *benchmark.as_flags(overrides)])
   return {"steady_epoch_s": run["median_epoch_seconds"], "first_epoch_s": run["first_epoch_seconds"],
           "test_accuracy": run["test_accuracy"], "peak_rss_mb": run["peak_rss_mb"]}
@@ -73,7 +74,7 @@ def peer(python: str, script: str, epochs: int) -> dict:
 def main(argv):
   del argv
   contestants = {
-      **{name: functools.partial(ours, _EPOCHS.value, overrides) for name, overrides in OURS.items()},
+      **{name: functools.partial(ours, _EPOCHS.value, recipe) for name, recipe in OURS.items()},
       "Keras/TF": lambda: peer(_KERAS.value, "keras_seed.py", _EPOCHS.value),
       "PyTorch": lambda: peer(_TORCH.value, "torch_seed.py", _EPOCHS.value),
   }
@@ -96,10 +97,11 @@ def main(argv):
                                               "keras_throughput.py"),
                    "--batches", batches, "--steps", str(_STEPS.value)])[0]:
     throughput["Keras/TF"][row["batch"]] = row["images_per_sec"]
-  for name, overrides in OURS.items():
+  for name, recipe in OURS.items():
+    config_file, overrides = benchmark.RECIPES[recipe]
     for batch in benchmark.BATCH_SIZES.value:
       throughput[name][int(batch)] = benchmark.throughput(
-          "configs/default.py:model=cnn", {**overrides, **benchmark.microbatch_overrides(int(batch))},
+          config_file, {**overrides, **benchmark.microbatch_overrides(int(batch))},
           int(batch))["images_per_sec"]
 
   report = {"rounds": rounds, "throughput": throughput, "epochs": _EPOCHS.value,
@@ -117,7 +119,7 @@ def main(argv):
 def markdown(report: dict) -> str:
   rounds = report["rounds"]
   names = list(rounds[0])
-  pairs = [(peer_name, mine) for mine in names if mine.startswith("ours") for peer_name in PEERS]
+  pairs = [(peer_name, mine) for mine in OURS for peer_name in PEERS]
   lines = [f"Seed recipe (batch 32, Adam), {report['epochs']} epochs per run, {len(rounds)} "
            f"interleaved rounds, {report['cpu_count']} CPU cores, {report['date']}.", "",
            "| round | " + " | ".join(f"{n} s/epoch" for n in names) + " | " +

@@ -38,7 +38,7 @@ MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for 
 RECIPES = {
     # name: (config file, overrides applied to it)
     "seed": ("configs/default.py", {}),
-    # The seed recipe with bfloat16 matmul operands (layers.py); not in the default set.
+    # The seed recipe with bfloat16 matmul operands (models/layers.py).
     "seed_bf16": ("configs/default.py:model=cnn", {"model.dtype": "bfloat16"}),
     # The classic ResNet-20 (width 16, full-resolution stem, float32) in the Fashion-MNIST
     # ResNet recipe's optimizer and augmentation; a log line at every epoch end (batch 128).

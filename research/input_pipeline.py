@@ -166,10 +166,8 @@ class TrainStream:
     return int(self._iterator.get_state()["next_index"])
 
   def batches(self, step: int, stop: int):
-    """Yields (images [steps_per_call, batch, H, W, C], labels [steps_per_call, batch],
-    k, input seconds) for steps [step, stop), k <= steps_per_call of them at a time: rows
-    from k on are zero (not to be run), so every piece has one shape and the train loop
-    compiles once. The seconds are the wait for this piece."""
+    """Yields (images [k, batch, H, W, C], labels [k, batch], input seconds) for steps
+    [step, stop), k <= steps_per_call; the seconds are the wait for this piece."""
     if step != self.position:
       raise RuntimeError(f"The input stream is at step {self.position}, training at step {step}.")
     for first in range(step, stop, self.steps_per_call):
@@ -178,14 +176,10 @@ class TrainStream:
       local = [next(self._iterator) for _ in range(count)]
       images = np.stack([images for images, _ in local])
       labels = np.stack([labels for _, labels in local])
-      unused = ((0, self.steps_per_call - count),)
-      images = np.pad(images, unused + ((0, 0),) * (images.ndim - 1))
-      labels = np.pad(labels, unused + ((0, 0),))
-      yield (mesh_lib.from_process_rows(images, (self.steps_per_call, self.batch_size,
-                                                 *images.shape[2:]), self.mesh, batch_axis=1),
-             mesh_lib.from_process_rows(labels, (self.steps_per_call, self.batch_size),
+      yield (mesh_lib.from_process_rows(images, (count, self.batch_size, *images.shape[2:]),
                                         self.mesh, batch_axis=1),
-             count, time.perf_counter() - started)
+             mesh_lib.from_process_rows(labels, (count, self.batch_size), self.mesh, batch_axis=1),
+             time.perf_counter() - started)
 
   def _order(self) -> dict:
     return {"dataset": self.split.builder.info.full_name, "split": self.split.split,

@@ -140,13 +140,12 @@ def train_many(state, all_images, all_labels, batch_indices, num_steps=None, **s
   return _train_loop(state, rows if num_steps is None else num_steps, rows, batch, step_kwargs)
 
 
-def train_on_batches(state, images, labels, num_steps=None, **step_kwargs):
-  """Runs the first `num_steps` (default: all) of the batches the host prepared
-  (images [rows, batch, H, W, C] uint8, labels [rows, batch]) as train steps in one
-  compiled loop: the streaming counterpart of `train_many`, with the same `train_step`."""
+def train_on_batches(state, images, labels, **step_kwargs):
+  """Runs len(images) train steps in one compiled loop over batches the host
+  prepared (images [num_steps, batch, H, W, C] uint8, labels [num_steps, batch]):
+  the streaming counterpart of `train_many`, with the same `train_step`."""
   rows = images.shape[0]
-  return _train_loop(state, rows if num_steps is None else num_steps, rows,
-                     lambda i: (images[i], labels[i]), step_kwargs)
+  return _train_loop(state, rows, rows, lambda i: (images[i], labels[i]), step_kwargs)
 
 
 def evaluate_all(params, model_state, images, labels, mask, **step_kwargs):

@@ -153,15 +153,17 @@ def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size
 
 
 def _feed_from_stream(train_on_batches, stream: input_pipeline.TrainStream) -> _Feed:
-  """Batches read ahead on the host; one compiled call per piece of a chunk."""
+  """Batches read ahead on the host; one compiled call per piece of a chunk (pieces divide
+  log_every, so few lengths are compiled)."""
 
   def chunk(state, step, stop):
-    metrics, input_seconds = [], 0.0
-    for images, labels, count, seconds in stream.batches(step, stop):
-      state, piece_metrics = train_on_batches(state, images, labels, count)
-      metrics.append(_first_rows(piece_metrics, count))
+    pieces, input_seconds = [], 0.0
+    for images, labels, seconds in stream.batches(step, stop):
+      state, piece_metrics = train_on_batches(state, images, labels)
+      pieces.append(piece_metrics)  # fetched after the last piece: no wait in between
       input_seconds += seconds
-    return state, jax.tree.map(lambda *pieces: np.concatenate(pieces), *metrics), input_seconds
+    metrics = jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
+    return state, metrics, input_seconds
 
   return _Feed(chunk, stream.checkpoint_meta, stream.close)
 

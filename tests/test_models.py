@@ -188,3 +188,53 @@ def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   # YNNPACK fusion. conv1 (a 9-wide contraction) stays float32.
   assert len(bf16) == 9, dots
   assert hlo.count('"__ynn_fusion"') >= 9
+
+
+def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):
+  from research.models import layers
+
+  def layers_used():
+    used = set()
+
+    def record(next_fun, args, kwargs, context):
+      used.add(type(context.module).__name__)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      CNN(num_classes=10).init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
+    return used
+
+  assert layers.resolve_impl("auto") == "im2col"  # these tests run on CPU
+  assert "ConvReluPool" in layers_used() and "Conv" not in layers_used()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # what an accelerator reports
+  assert layers.resolve_impl("auto") == "xla" and layers.resolve_impl("im2col") == "im2col"
+  assert "Conv" in layers_used() and "ConvReluPool" not in layers_used()
+  with pytest.raises(ValueError, match="one of"):
+    layers.resolve_impl("cudnn")
+
+
+@pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
+def test_bfloat16_cnn_stays_close_to_float32(conv_impl):
+  x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
+  variables = CNN(num_classes=10).init(jax.random.key(0), x)
+  full = CNN(num_classes=10, conv_impl=conv_impl).apply(variables, x)
+  half = CNN(num_classes=10, conv_impl=conv_impl, dtype=jnp.bfloat16).apply(variables, x)
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, full, atol=0.05 * float(jnp.abs(full).max()))
+
+
+def test_pool_stem_halves_the_resolution_of_every_stage():
+  from research.models import resnet
+
+  x = jnp.zeros((2, 28, 28, 1))
+  for stem, first_stage in (("cifar", 28), ("pool", 14)):
+    model = resnet.resnet8(num_classes=10, width=4, stem=stem)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only: fast
+    _, intermediates = jax.eval_shape(functools.partial(
+        model.apply, capture_intermediates=True, mutable=["intermediates"]), variables, x)
+    block = intermediates["intermediates"]["BasicBlock_0"]["__call__"][0]
+    assert block.shape == (2, first_stage, first_stage, 4)
+  odd = resnet.resnet8(num_classes=10, width=4, stem="pool")
+  odd_input = jnp.zeros((1, 27, 27, 3))
+  odd_variables = jax.eval_shape(odd.init, jax.random.key(0), odd_input)
+  assert jax.eval_shape(odd.apply, odd_variables, odd_input).shape == (1, 10)

@@ -82,11 +82,9 @@ def test_stream_batches_are_the_memory_batches(fashion_mnist):
                                       total_steps=2000, start_step=1873, log_every=4)
   try:
     pieces = list(stream.batches(1873, 1878))
-    # Every piece has one shape (one compiled loop); rows past its step count are zero.
-    assert [(len(images), count) for images, _, count, _ in pieces] == [(4, 4), (4, 1)]
-    assert not np.any(np.asarray(pieces[1][0])[1:]) and not np.any(np.asarray(pieces[1][1])[1:])
-    images = np.concatenate([np.asarray(images)[:count] for images, _, count, _ in pieces])
-    labels = np.concatenate([np.asarray(labels)[:count] for _, labels, count, _ in pieces])
+    assert [len(images) for images, _, _ in pieces] == [4, 1]
+    images = np.concatenate([np.asarray(images) for images, _, _ in pieces])
+    labels = np.concatenate([np.asarray(labels) for _, labels, _ in pieces])
     indices = data.batch_indices(3, 1873, 5, 32, len(train_split))
     np.testing.assert_array_equal(images, train_split.images[indices])
     np.testing.assert_array_equal(labels, train_split.labels[indices])
@@ -258,8 +256,7 @@ def test_jpegs_of_varying_sizes_stream_decoded_and_resized_like_memory(jpeg_dir)
   mesh = mesh_lib.make_mesh()
   stream = input_pipeline.TrainStream(train_split, mesh, seed=0, batch_size=8, total_steps=6,
                                       start_step=0, log_every=6)
-  (images, labels, count, _), = stream.batches(0, 6)  # 2 epochs of 3 steps
-  assert count == 6
+  (images, labels, _), = stream.batches(0, 6)  # 2 epochs of 3 steps
   stream.close()
   indices = data.batch_indices(0, 0, 6, 8, 24)
   np.testing.assert_array_equal(np.asarray(images), memory_train.images[indices])

@@ -12,15 +12,17 @@ is the better choice on GPU/TPU; `impl="auto"` (the default) picks by backend.
 its hardware. `impl="xla"` (accelerators): activations and matmuls in bfloat16.
 `impl="im2col"` (CPU): only the matmul operands are rounded to bfloat16, the
 products are accumulated and returned in float32, and everything else stays
-float32. That is the form AMX units run 3-5x faster than float32 here, while
+float32. That is the form AMX units run 2-3x faster than float32 here, while
 XLA's CPU elementwise kernels are slow on bfloat16 (its f32->bf16 `convert`
-runs ~4x slower than the bit arithmetic in `to_bfloat16`). Products with a
-contraction narrower than MIN_BFLOAT16_CONTRACTION stay float32.
+runs ~4x slower than the bit arithmetic in `to_bfloat16`). A layer whose input is
+narrower than MIN_BFLOAT16_CONTRACTION stays float32.
 
-The im2col products and the 2x2 max-pool define their gradients (`jax.custom_vjp`),
-written as the dot layouts XLA:CPU runs fastest (`_gradients`). So they support
-reverse mode, including reverse-over-reverse (Hessian-vector products, in float32:
-bfloat16 roundings have no derivative), but not forward mode (`jax.jvp`).
+The bfloat16 products, the seed CNN's conv+pool (`ConvReluPool`) and the 2x2
+max-pool define their gradients (`jax.custom_vjp`), written in the dot layouts
+XLA:CPU runs fastest (`_gradients`). They support reverse mode, including
+reverse-over-reverse (Hessian-vector products, in float32: bfloat16 roundings have
+no derivative), but not forward mode (`jax.jvp`); float32 `Conv` and `dense` use
+plain JAX and support both.
 """
 
 import functools
@@ -136,7 +138,7 @@ def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: b
     return grad_p, jax.lax.dot_general(encoded, grad, (((0,), (0,)), ((), ())))
   if m * f + k * f < m * k:
     # The barrier keeps XLA from folding the final (small) transpose into the dot.
-    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _decode(encoded, rounded))).T
+    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _decode(encoded, True))).T
   else:
     grad_w = _mm(patches_transposed(), grad)
   return grad_p, grad_w
@@ -150,33 +152,33 @@ def _patches_transpose(patches, x_shape, grad_p):
   return grad_x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _patch_matmul(x, w, patches, rounded):
-  return _patch_matmul_fwd(x, w, patches, rounded)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bfloat16_patch_matmul(x, w, patches):
+  return _bfloat16_patch_matmul_fwd(x, w, patches)[0]
 
 
-def _patch_matmul_fwd(x, w, patches, rounded):
+def _bfloat16_patch_matmul_fwd(x, w, patches):
   # Rounds x, not its patches (k*k times larger): the patches are built on its bits.
-  encoded = patches(_encode(x, rounded)).reshape(-1, w.shape[0])
-  return _mm(_decode(encoded, rounded), _operand(w, rounded)), (x, encoded, w)
+  encoded = patches(_encode(x, True)).reshape(-1, w.shape[0])
+  return _mm(_decode(encoded, True), to_bfloat16(w)), (x, encoded, w)
 
 
-def _patch_matmul_bwd(patches, rounded, residuals, grad):
+def _bfloat16_patch_matmul_bwd(patches, residuals, grad):
   x, encoded, w = residuals
   grad = grad.reshape(-1, w.shape[1])
   grad_p, grad_w = _gradients(
-      encoded, w, _operand(grad, rounded), lambda: _operand(grad.T, rounded),
-      lambda: _operand(patches(x).reshape(encoded.shape).T, rounded), rounded)
+      encoded, w, to_bfloat16(grad), lambda: to_bfloat16(grad.T),
+      lambda: to_bfloat16(patches(x).reshape(encoded.shape).T), rounded=True)
   return _patches_transpose(patches, x.shape, grad_p), grad_w
 
 
-_patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
+_bfloat16_patch_matmul.defvjp(_bfloat16_patch_matmul_fwd, _bfloat16_patch_matmul_bwd)
 
 
-# A product whose contraction is narrower than this stays float32 under
-# dtype=bfloat16: AMX tiles are 32 bfloat16 values deep, and the roundings cost more
-# than they save (the seed CNN's first layer, a 9-wide contraction, made its step 9%
-# slower in bfloat16).
+# A layer whose input (its forward product's contraction) is narrower than this stays
+# float32 under dtype=bfloat16: AMX tiles are 32 bfloat16 values deep, and the
+# roundings cost more than they save (the seed CNN's first layer, 9 wide, made its step
+# 9% slower in bfloat16).
 MIN_BFLOAT16_CONTRACTION = 32
 
 
@@ -190,9 +192,10 @@ def patch_matmul(x, w, patches=lambda x: x, dtype=jnp.float32):
   """patches(x) @ w (the patches' last axis against w's first), accumulated and returned
   in float32. `patches` is linear (slices, pads, concatenates, reshapes): with
   `dtype=bfloat16`, x is rounded once, before it; x's gradient is patches' transpose."""
-  rounded = _rounds_to_bfloat16(dtype, w.shape[0])
+  if not _rounds_to_bfloat16(dtype, w.shape[0]):
+    return patches(x) @ w  # plain JAX: every transformation, forward mode included
   shape = jax.eval_shape(patches, jax.ShapeDtypeStruct(x.shape, jnp.float32)).shape
-  y = _patch_matmul(x.astype(jnp.float32), w.astype(jnp.float32), patches, rounded)
+  y = _bfloat16_patch_matmul(x.astype(jnp.float32), w.astype(jnp.float32), patches)
   return y.reshape(*shape[:-1], w.shape[1])
 
 
@@ -274,13 +277,13 @@ def _phase_gradient(first, grad, rounded: bool, transposed: bool = False):
   """The gradient of the four pool phases: `grad` where `first` names the phase, else
   0; rows (n, i, j, phase) by features, or its transpose, which is built from the 4x
   smaller pooled arrays rather than by transposing the result."""
-  phases = jnp.arange(4, dtype=first.dtype)
   if transposed:
     first, grad = first.transpose(3, 0, 1, 2)[..., None], grad.transpose(3, 0, 1, 2)[..., None]
-    out = jnp.where(first == phases, grad, jnp.zeros((), grad.dtype))
+    out = jnp.where(first == jnp.arange(4, dtype=first.dtype), grad, jnp.zeros((), grad.dtype))
     return _operand(out.reshape(out.shape[0], -1), rounded)
-  out = jnp.where(first[..., None, :] == phases[:, None], grad[..., None, :],
-                  jnp.zeros((), grad.dtype))
+  # Not a stack of `_max_of_four_bwd`'s four arrays: XLA:CPU runs that 10-15% slower.
+  out = jnp.where(first[..., None, :] == jnp.arange(4, dtype=first.dtype)[:, None],
+                  grad[..., None, :], jnp.zeros((), grad.dtype))
   return _operand(out.reshape(-1, out.shape[-1]), rounded)
 
 
@@ -327,9 +330,9 @@ class ConvReluPool(nn.Module):
   for free to the matmul's rows (n, i, j, phase). Phase-major rows cost two more
   copies and put the pool's four operands a whole phase apart.
 
-  The convolution and the pool are one custom gradient (`_phase_conv_max`), so that
-  a transposed gradient for the weight-gradient dot (`_gradients`) is built from the
-  pooled arrays, 4x smaller than the [M, F] one.
+  The convolution and the pool are one custom gradient (`_phase_conv_max`); in
+  bfloat16 the transposed gradient its weight-gradient dot needs (`_gradients`) is
+  built from the pooled arrays, 4x smaller than the [M, F] one.
   """
 
   features: int
