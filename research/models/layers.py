@@ -144,6 +144,13 @@ def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: b
   return grad_p, grad_w
 
 
+def _patch_product(x, w, patches, rounded: bool):
+  """patches(x) @ w in float32 -> (product [M, F], the encoded patches [M, K]). Rounds
+  x, not its patches (k*k times larger): the patches are built on its bits."""
+  encoded = patches(_encode(x, rounded)).reshape(-1, w.shape[0])
+  return _mm(_decode(encoded, rounded), _operand(w, rounded)), encoded
+
+
 def _patches_transpose(patches, x_shape, grad_p):
   """The gradient of x from that of patches(x): patches is linear."""
   zeros = jax.ShapeDtypeStruct(x_shape, jnp.float32)
@@ -158,9 +165,8 @@ def _bfloat16_patch_matmul(x, w, patches):
 
 
 def _bfloat16_patch_matmul_fwd(x, w, patches):
-  # Rounds x, not its patches (k*k times larger): the patches are built on its bits.
-  encoded = patches(_encode(x, True)).reshape(-1, w.shape[0])
-  return _mm(_decode(encoded, True), to_bfloat16(w)), (x, encoded, w)
+  y, encoded = _patch_product(x, w, patches, rounded=True)
+  return y, (x, encoded, w)
 
 
 def _bfloat16_patch_matmul_bwd(patches, residuals, grad):
@@ -294,8 +300,7 @@ def _phase_conv_max(x, w, patches, out_hw, rounded):
 
 
 def _phase_conv_max_fwd(x, w, patches, out_hw, rounded):
-  encoded = patches(_encode(x, rounded))
-  y = _mm(_decode(encoded, rounded), _operand(w, rounded))
+  y, encoded = _patch_product(x, w, patches, rounded)
   y = y.reshape(x.shape[0], *out_hw, 4, w.shape[1])
   pooled, first = _max_of_four_fwd(*(y[:, :, :, phase] for phase in range(4)))
   return pooled, (x, encoded, w, first)
