@@ -84,6 +84,32 @@ def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
   _assert_same_outputs_and_gradients(fused.apply, reference, variables, x)
 
 
+@pytest.mark.parametrize("shape, kernel", [((2, 13, 13, 4), (3, 3)), ((2, 28, 27, 1), (3, 3)),
+                                           ((1, 12, 12, 2), (5, 5)), ((1, 9, 8, 3), (2, 2))])
+def test_both_forms_of_the_phase_patches_are_the_same_map(shape, kernel):
+  # The forward runs the stacked form and the input gradient transposes the concatenated
+  # one: both must be the convolution windows at the four pool phases.
+  from research.models.layers import _phase_patches
+
+  x = jax.random.normal(jax.random.key(2), shape)
+  stacked = _phase_patches(x, kernel)
+  np.testing.assert_array_equal(stacked, _phase_patches(x, kernel, stacked=False))
+  kh, kw = kernel
+  rows = stacked.reshape(shape[0], (shape[1] - kh + 1) // 2, (shape[2] - kw + 1) // 2, 2, 2, -1)
+  for a, b, i, j in [(0, 0, 0, 0), (1, 0, 2, 1), (1, 1, 0, 2)]:
+    window = x[:, 2 * i + a:2 * i + a + kh, 2 * j + b:2 * j + b + kw].reshape(shape[0], -1)
+    np.testing.assert_array_equal(rows[:, i, j, a, b], window)
+
+
+def test_conv_relu_pool_propagates_nan():
+  from research.models.layers import ConvReluPool
+
+  x = jnp.zeros((1, 6, 6, 1)).at[0, 1, 1, 0].set(jnp.nan)
+  layer = ConvReluPool(4)
+  pooled = layer.apply(layer.init(jax.random.key(0), jnp.zeros_like(x)), x)
+  assert jnp.isnan(pooled[0, 0, 0]).all() and not jnp.isnan(pooled[0, 1:, 1:]).any()
+
+
 def test_both_cnn_forms_share_parameters_and_outputs():
   x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
   fast, plain = CNN(num_classes=10), CNN(num_classes=10, conv_impl="xla")
