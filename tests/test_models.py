@@ -87,13 +87,15 @@ def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
 @pytest.mark.parametrize("shape, kernel", [((2, 13, 13, 4), (3, 3)), ((2, 28, 27, 1), (3, 3)),
                                            ((1, 12, 12, 2), (5, 5)), ((1, 9, 8, 3), (2, 2))])
 def test_both_forms_of_the_phase_patches_are_the_same_map(shape, kernel):
-  # The forward runs the stacked form and the input gradient transposes the concatenated
-  # one: both must be the convolution windows at the four pool phases.
+  # The forward runs the stacked form, the input gradient transposes the concatenated one
+  # and a weight gradient may read the transposed one: all must be the convolution
+  # windows at the four pool phases.
   from research.models.layers import _phase_patches
 
   x = jax.random.normal(jax.random.key(2), shape)
   stacked = _phase_patches(x, kernel)
-  np.testing.assert_array_equal(stacked, _phase_patches(x, kernel, stacked=False))
+  np.testing.assert_array_equal(stacked, _phase_patches(x, kernel, form="concatenated"))
+  np.testing.assert_array_equal(stacked.T, _phase_patches(x, kernel, form="transposed"))
   kh, kw = kernel
   rows = stacked.reshape(shape[0], (shape[1] - kh + 1) // 2, (shape[2] - kw + 1) // 2, 2, 2, -1)
   for a, b, i, j in [(0, 0, 0, 0), (1, 0, 2, 1), (1, 1, 0, 2)]:

@@ -124,7 +124,8 @@ def _mm(a, b, contract_b=0):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: bool):
+def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: bool,
+               eigen: bool = True):
   """grad @ w.T and patches.T @ grad, on operands rounded to bfloat16 if `rounded`.
 
   XLA:CPU hands a dot to YNNPACK (AMX for bfloat16) only when the left operand's
@@ -132,12 +133,18 @@ def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: b
   to 6x (bfloat16) slower. The weight gradient contracts over the rows M, so one of
   patches [M, K] and grad [M, F] must exist transposed: the smaller job is done,
   through `grad_transposed()` [F, M] or `patches_transposed()` [K, M].
+
+  Unrounded (float32), Eigen's transposed-operand dot beats YNNPACK's for these shapes
+  and needs no transposed operand; with `eigen=False` YNNPACK runs it on
+  `patches_transposed()` all the same: in a bfloat16 step every other product runs on
+  YNNPACK's threads, and one Eigen product there cost more in thread hand-offs (about
+  50 us a step at batch 32) than its faster kernel saved.
   """
   (m, k), f = encoded.shape, w.shape[1]
   grad_p = _mm(grad, _operand(w, rounded), contract_b=1)
-  if not rounded:  # float32: Eigen's transposed-operand dot beats YNNPACK's here
+  if not rounded and eigen:
     return grad_p, jax.lax.dot_general(encoded, grad, (((0,), (0,)), ((), ())))
-  if m * f + k * f < m * k:
+  if rounded and m * f + k * f < m * k:
     # The barrier keeps XLA from folding the final (small) transpose into the dot.
     grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _decode(encoded, True))).T
   else:
@@ -294,19 +301,22 @@ def _phase_gradient(first, grad, rounded: bool, transposed: bool = False):
   return _operand(out.reshape(-1, out.shape[-1]), rounded)
 
 
-def _phase_patches(x, kernel_size, stacked: bool = True):
+def _phase_patches(x, kernel_size, form: str = "stacked"):
   """The matmul operand of a VALID convolution at the four 2x2-pool phases: rows
   (n, i, j, a, b) hold the kh x kw x C window at x[:, 2i + a:, 2j + b:], the kernel's
   (kh, kw, c) order; odd last rows and columns (the pool drops them) are skipped.
 
   The input is first split by row and column parity (one transpose, so a fused producer
   such as the previous layer's rounding runs once, not once per window); every window
-  is then a plain slice. Two forms of the same map, measured on XLA:CPU:
-  `stacked=True` nests stacks of at most three windows on non-minor axes, which XLA
-  fuses into one loop writing the operand (the forward: 12% faster in bfloat16 than one
-  36-way concatenate, which it runs as 16 materialized windows, a copy and, for
-  bfloat16, one more copy); `stacked=False` is that concatenate, whose transpose (the
-  input gradient's col2im) XLA runs faster than the stacks'.
+  is then a plain slice. Three forms, measured on XLA:CPU:
+  - "stacked" nests stacks of at most three windows on non-minor axes, which XLA fuses
+    into one loop writing the operand (the forward: 12% faster in bfloat16 than one
+    36-way concatenate, which it runs as 16 materialized windows, a copy and, for
+    bfloat16, one more copy);
+  - "concatenated" is that concatenate, whose transpose (the input gradient's col2im)
+    XLA runs faster than the stacks';
+  - "transposed" is the operand transposed, [kh * kw * C, rows], built as such: a
+    transpose op would be folded into the dot that reads it.
   """
   kh, kw = kernel_size
   n, h, w, channels = x.shape
@@ -319,15 +329,23 @@ def _phase_patches(x, kernel_size, stacked: bool = True):
     return by_parity[(a + i) % 2, (b + j) % 2, :, (a + i) // 2:(a + i) // 2 + out_h,
                      (b + j) // 2:(b + j) // 2 + out_w]
 
-  if stacked:
-    def stack(parts, axis):
-      return jnp.stack(list(parts), axis=axis)
+  def stack(parts, axis):
+    return jnp.stack(list(parts), axis=axis)
+
+  if form == "stacked":
     windows = stack((stack((stack((stack((window(a, b, i, j) for j in range(kw)), -2)
                                    for i in range(kh)), -3) for b in (0, 1)), -4)
                      for a in (0, 1)), -5)
-  else:
+  elif form == "concatenated":
     windows = jnp.concatenate([window(a, b, i, j) for a in (0, 1) for b in (0, 1)
                                for i in range(kh) for j in range(kw)], axis=-1)
+  elif form == "transposed":
+    windows = stack((stack((stack((stack((window(a, b, i, j) for b in (0, 1)), -1)
+                                   for a in (0, 1)), -2) for j in range(kw)), 0)
+                     for i in range(kh)), 0)  # [kh, kw, n, out_h, out_w, C, 2, 2]
+    return jnp.moveaxis(windows, 5, 2).reshape(kh * kw * channels, -1)
+  else:
+    raise ValueError(f"form must be 'stacked', 'concatenated' or 'transposed', got {form!r}")
   return windows.reshape(-1, kh * kw * channels)
 
 
@@ -359,26 +377,30 @@ def _max_and_first_jvp(axis, primals, tangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _phase_conv_max(x, w, patches, out_hw, rounded):
-  """The max over the four pool phases of patches(x) @ w (rows (n, i, j, phase))."""
-  return _phase_conv_max_fwd(x, w, patches, out_hw, rounded)[0]
+def _phase_conv_max(x, w, patches, out_hw, dtype):
+  """The max over the four pool phases of patches(x) @ w (rows (n, i, j, phase)), its
+  operands rounded as `dtype` says (`_rounds_to_bfloat16`)."""
+  return _phase_conv_max_fwd(x, w, patches, out_hw, dtype)[0]
 
 
-def _phase_conv_max_fwd(x, w, patches, out_hw, rounded):
-  y, encoded = _patch_product(x, w, patches, rounded)
+def _phase_conv_max_fwd(x, w, patches, out_hw, dtype):
+  y, encoded = _patch_product(x, w, patches, _rounds_to_bfloat16(dtype, w.shape[0]))
   y = y.reshape(x.shape[0], *out_hw, 4, w.shape[1])
   pooled, first = _max_and_first(y, axis=3)
   return pooled, (x, encoded, w, first)
 
 
-def _phase_conv_max_bwd(patches, out_hw, rounded, residuals, grad):
+def _phase_conv_max_bwd(patches, out_hw, dtype, residuals, grad):
   x, encoded, w, first = residuals
+  rounded = _rounds_to_bfloat16(dtype, w.shape[0])
   grad_p, grad_w = _gradients(
       encoded, w, _phase_gradient(first, grad, rounded),
       lambda: _phase_gradient(first, grad, rounded, transposed=True),
-      lambda: _operand(patches(x).T, rounded), rounded)
+      lambda: _operand(patches(x, form="transposed"), rounded), rounded,
+      eigen=jnp.dtype(dtype) == jnp.float32)
   # The same linear map as `patches`, in the form whose transpose XLA:CPU runs faster.
-  return _patches_transpose(functools.partial(patches, stacked=False), x.shape, grad_p), grad_w
+  return _patches_transpose(functools.partial(patches, form="concatenated"), x.shape,
+                            grad_p), grad_w
 
 
 _phase_conv_max.defvjp(_phase_conv_max_fwd, _phase_conv_max_bwd)
@@ -418,6 +440,6 @@ class ConvReluPool(nn.Module):
     out_hw = (h - kh + 1) // 2, (w - kw + 1) // 2
     patches = functools.partial(_phase_patches, kernel_size=(kh, kw))
     kernel = kernel.reshape(-1, self.features)
-    rounded = _rounds_to_bfloat16(self.dtype, kernel.shape[0])
-    pooled = _phase_conv_max(x.astype(jnp.float32), kernel, patches, out_hw, rounded)
+    pooled = _phase_conv_max(x.astype(jnp.float32), kernel, patches, out_hw,
+                             jnp.dtype(self.dtype))
     return nn.relu(pooled + bias)
