@@ -7,14 +7,13 @@ accumulation and parameters; models/layers.py), batch 64, Adam with a one-cycle 
   python -m research.main --config=configs/fashion_mnist_speedrun.py --workdir=runs/speedrun
 
 Measured on 2 CPU cores (2026-11-24, machine otherwise idle), seeds 0, 1, 2: 0.91 is first
-reached 25.0, 24.3 and 20.0 s after training starts (the `elapsed` field of metrics.jsonl;
-after epoch 5, 5 and 4), final accuracy 0.9126, 0.9159, 0.9141; 27.7 s for the whole command
-(seed 0). With `--config.model.dtype=float32`: after 30.8, 31.2 and 30.8 s (epoch 5 each),
-final 0.9170, 0.9146, 0.9117.
+reached 21.4, 21.5 and 21.4 s after training starts (the `elapsed` field of metrics.jsonl;
+after epoch 5 each), final accuracy 0.9130, 0.9148, 0.9132; 24.7 s for the whole command
+(seed 0). With `--config.model.dtype=float32` (seed 0): after 31.4 s (epoch 5), final 0.9170.
 
-`:long` (Conv64-Conv128, batch 128 as micro-batches of 64, peak 3e-3, 15 epochs, about 12 s
-per epoch) measured the same day: 0.91 after epoch 8 (0.9140, 95.9 s), 0.92 after epoch 11
-(0.9230, 131.0 s), final 0.9281 after 179 s. 0.93 was not reached by either variant (nor, in
+`:long` (Conv64-Conv128, batch 128 as micro-batches of 64, peak 3e-3, 15 epochs, about 7.5 s
+per epoch) measured the same day: 0.91 after epoch 8 (0.9124, 62.1 s), 0.92 after epoch 11
+(0.9236, 84.8 s), final 0.9252 after 115.6 s. 0.93 was not reached by either variant (nor, in
 float32, by `:long` with `augment.crop_padding=2` for 20 epochs: 0.9274); the ResNet recipe
 (configs/fashion_mnist_resnet.py: ResNet-8 width 64, bfloat16 matmuls) first reaches 0.93
 after epoch 12, 623 s after training starts (0.9334; final 0.9363 after 726 s).

@@ -411,10 +411,10 @@ class ConvReluPool(nn.Module):
 
   Same parameters and outputs as `Conv(padding="VALID")`, `relu`, `max_pool_2x2`, in
   a form XLA's CPU backend runs far faster: the convolution is evaluated separately
-  at the four pooling phases (rows 2i+a, columns 2j+b), so the pool is an elementwise
-  max of the four and its gradient a plain select; outputs the pool would drop (an odd
-  last row or column) are never computed. relu(max) == max(relu), so ReLU runs on the
-  pooled values only.
+  at the four pooling phases (rows 2i+a, columns 2j+b), so the pool is a max over the
+  four (`_max_and_first`) and its gradient a plain select; outputs the pool would drop
+  (an odd last row or column) are never computed. relu(max) == max(relu), so ReLU runs
+  on the pooled values only.
 
   The matmul operand is `_phase_patches`: rows (n, i, j, phase) by the kernel's
   (kh, kw, c), so the pool's four operands are adjacent rows. Phase-major rows cost
