@@ -86,7 +86,7 @@ def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
 
 @pytest.mark.parametrize("shape, kernel", [((2, 13, 13, 4), (3, 3)), ((2, 28, 27, 1), (3, 3)),
                                            ((1, 12, 12, 2), (5, 5)), ((1, 9, 8, 3), (2, 2))])
-def test_both_forms_of_the_phase_patches_are_the_same_map(shape, kernel):
+def test_all_forms_of_the_phase_patches_are_the_same_map(shape, kernel):
   # The forward runs the stacked form, the input gradient transposes the concatenated one
   # and a weight gradient may read the transposed one: all must be the convolution
   # windows at the four pool phases.
