@@ -103,6 +103,24 @@ def test_all_forms_of_the_phase_patches_are_the_same_map(shape, kernel):
     np.testing.assert_array_equal(rows[:, i, j, a, b], window)
 
 
+def test_max_and_first_is_max_and_argmax_with_ties_and_nan():
+  from research.models.layers import _max_and_first
+
+  nan, inf = jnp.nan, jnp.inf
+  y = jnp.array([[1.0, 3.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, nan, 5.0, nan],
+                 [nan, 2.0, nan, 7.0], [-inf, -inf, -inf, -inf], [4.0, 1.0, 2.0, 9.0]])
+  for rows in (y, y.T):  # reduce over the last axis, then over the first
+    axis = 1 if rows is y else 0
+    pooled, first = jax.jit(_max_and_first, static_argnums=1)(rows, axis)
+    np.testing.assert_array_equal(pooled, jnp.max(rows, axis))
+    np.testing.assert_array_equal(first, jnp.argmax(rows, axis))
+  # Its derivative is that of the first maximal entry.
+  y_dot = jax.random.normal(jax.random.key(0), y.shape)
+  (_, _), (pooled_dot, _) = jax.jvp(lambda y: _max_and_first(y, 1), (y,), (y_dot,))
+  np.testing.assert_array_equal(pooled_dot, jnp.take_along_axis(
+      y_dot, jnp.argmax(y, 1)[:, None], axis=1)[:, 0])
+
+
 def test_conv_relu_pool_propagates_nan():
   from research.models.layers import ConvReluPool
 
@@ -159,19 +177,21 @@ def test_bfloat16_matmul_rounds_operands_and_accumulates_in_float32(shape, featu
   np.testing.assert_array_equal(matmul(x, w), x @ w)  # float32: the plain product
 
 
-@pytest.mark.parametrize("shape", [(3, 13, 13, 32), (2, 12, 11, 8), (3, 28, 28, 1)])
-def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape):
+# Features 64 on 4 channels: the weight gradient transposes the (smaller) patches.
+@pytest.mark.parametrize("shape, features", [((3, 13, 13, 32), 16), ((2, 12, 11, 8), 16),
+                                             ((3, 28, 28, 1), 16), ((2, 12, 11, 4), 64)])
+def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape, features):
   from research.models.layers import ConvReluPool
 
   x = jax.random.normal(jax.random.key(1), shape)
   x = x.at[:, : shape[1] // 3].set(0.0)  # tied pool windows
-  fused = ConvReluPool(16, dtype=jnp.bfloat16)
+  fused = ConvReluPool(features, dtype=jnp.bfloat16)
   variables = fused.init(jax.random.key(0), x)
-  plain = Conv(16, (3, 3), padding="VALID", impl="im2col", dtype=jnp.bfloat16)
+  plain = Conv(features, (3, 3), padding="VALID", impl="im2col", dtype=jnp.bfloat16)
   reference = lambda v, x: nn.max_pool(nn.relu(plain.apply(v, x)), (2, 2), (2, 2))
   _assert_same_outputs_and_gradients(fused.apply, reference, variables, x)
   if shape[-1] * 9 < 32:  # too narrow a contraction for bfloat16 to pay: float32, exactly
-    f32 = ConvReluPool(16)
+    f32 = ConvReluPool(features)
     np.testing.assert_array_equal(fused.apply(variables, x), f32.apply(variables, x))
 
 
@@ -216,6 +236,9 @@ def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   # YNNPACK fusion. conv1 (a 9-wide contraction) stays float32.
   assert len(bf16) == 9, dots
   assert hlo.count('"__ynn_fusion"') >= 9
+  # No dot in Eigen's transposed-operand form, conv1's float32 weight gradient included:
+  # in a step whose other products run on YNNPACK, it costs thread hand-offs.
+  assert not [line for _, line in dots if "lhs_contracting_dims={0}" in line], dots
 
 
 def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):

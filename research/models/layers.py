@@ -135,18 +135,18 @@ def _gradients(encoded, w, grad, grad_transposed, patches_transposed, rounded: b
   through `grad_transposed()` [F, M] or `patches_transposed()` [K, M].
 
   Unrounded (float32), Eigen's transposed-operand dot beats YNNPACK's for these shapes
-  and needs no transposed operand; with `eigen=False` YNNPACK runs it on
-  `patches_transposed()` all the same: in a bfloat16 step every other product runs on
-  YNNPACK's threads, and one Eigen product there cost more in thread hand-offs (about
-  50 us a step at batch 32) than its faster kernel saved.
+  and needs no transposed operand; with `eigen=False` YNNPACK runs it all the same: in a
+  bfloat16 step every other product runs on YNNPACK's threads, and one Eigen product
+  there cost more in thread hand-offs (about 50 us a step at batch 32) than its faster
+  kernel saved.
   """
   (m, k), f = encoded.shape, w.shape[1]
   grad_p = _mm(grad, _operand(w, rounded), contract_b=1)
   if not rounded and eigen:
     return grad_p, jax.lax.dot_general(encoded, grad, (((0,), (0,)), ((), ())))
-  if rounded and m * f + k * f < m * k:
+  if m * f + k * f < m * k:
     # The barrier keeps XLA from folding the final (small) transpose into the dot.
-    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _decode(encoded, True))).T
+    grad_w = jax.lax.optimization_barrier(_mm(grad_transposed(), _decode(encoded, rounded))).T
   else:
     grad_w = _mm(patches_transposed(), grad)
   return grad_p, grad_w
@@ -301,6 +301,12 @@ def _phase_gradient(first, grad, rounded: bool, transposed: bool = False):
   return _operand(out.reshape(-1, out.shape[-1]), rounded)
 
 
+def _pooled_hw(x_shape, kernel_size) -> tuple[int, int]:
+  """Height and width after a VALID kh x kw convolution and a 2x2 pool (odd edges dropped)."""
+  (kh, kw), (h, w) = kernel_size, x_shape[1:3]
+  return (h - kh + 1) // 2, (w - kw + 1) // 2
+
+
 def _phase_patches(x, kernel_size, form: str = "stacked"):
   """The matmul operand of a VALID convolution at the four 2x2-pool phases: rows
   (n, i, j, a, b) hold the kh x kw x C window at x[:, 2i + a:, 2j + b:], the kernel's
@@ -309,8 +315,8 @@ def _phase_patches(x, kernel_size, form: str = "stacked"):
   The input is first split by row and column parity (one transpose, so a fused producer
   such as the previous layer's rounding runs once, not once per window); every window
   is then a plain slice. Three forms, measured on XLA:CPU:
-  - "stacked" nests stacks of at most three windows on non-minor axes, which XLA fuses
-    into one loop writing the operand (the forward: 2-5% more images/s in bfloat16 than
+  - "stacked" nests stacks of kw, kh and 2 windows (at most 8, and 3 for a 3x3
+    kernel) on non-minor axes, which XLA fuses into one loop writing the operand (the forward: 2-5% more images/s in bfloat16 than
     one 36-way concatenate, which XLA runs as 16 materialized windows, a copy and, for
     bfloat16, one more copy);
   - "concatenated" is that concatenate, whose transpose (the input gradient's col2im)
@@ -320,7 +326,7 @@ def _phase_patches(x, kernel_size, form: str = "stacked"):
   """
   kh, kw = kernel_size
   n, h, w, channels = x.shape
-  out_h, out_w = (h - kh + 1) // 2, (w - kw + 1) // 2
+  out_h, out_w = _pooled_hw(x.shape, kernel_size)
   x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
   # by_parity[r % 2, c % 2, :, r // 2, c // 2] == x[:, r, c]
   by_parity = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, channels).transpose(2, 4, 0, 1, 3, 5)
@@ -351,18 +357,21 @@ def _phase_patches(x, kernel_size, form: str = "stacked"):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_and_first(y, axis: int):
-  """The max over `axis` and the index of its first maximal entry (ties go to the
-  first, as `max_of_four`'s gradient does), as one variadic reduce. XLA:CPU counts a
-  reduce as expensive, so it computes both once and keeps them; the same maxima as
-  elementwise ops would be recomputed from y inside every fusion that reads them (the
+  """The max over `axis` (at most 127 entries: the index is int8) and the index of its
+  first maximal entry, as `jnp.max` and `jnp.argmax` give them (ties go to the first, as
+  `max_of_four`'s gradient does; a NaN is the maximum), in one variadic reduce. XLA:CPU
+  counts a reduce as expensive, so it computes both once and keeps them; the same maxima
+  as elementwise ops would be recomputed from y inside every fusion that reads them (the
   gradient's selects, the next layer's rounding), each a pass over the 4x larger y."""
-  def first_max(a, b):
+  def first_max(a, b):  # symmetric, so any reduction order gives the same answer
     (a_val, a_idx), (b_val, b_idx) = a, b
-    take_a = (a_val > b_val) | ((a_val == b_val) & (a_idx < b_idx)) | jnp.isnan(a_val)
+    a_wins = (a_val >= b_val) | jnp.isnan(a_val)
+    b_wins = (b_val >= a_val) | jnp.isnan(b_val)
+    take_a = a_wins & (~b_wins | (a_idx < b_idx))
     return jnp.where(take_a, a_val, b_val), jnp.where(take_a, a_idx, b_idx)
 
   index = jax.lax.broadcasted_iota(jnp.int8, y.shape, axis)
-  return jax.lax.reduce((y, index), (jnp.float32(-jnp.inf), jnp.int8(y.shape[axis])),
+  return jax.lax.reduce((y, index), (jnp.array(-jnp.inf, y.dtype), jnp.int8(y.shape[axis])),
                         first_max, (axis,))
 
 
@@ -376,31 +385,33 @@ def _max_and_first_jvp(axis, primals, tangents):
   return (pooled, first), (picked, np.zeros(first.shape, jax.dtypes.float0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _phase_conv_max(x, w, patches, out_hw, dtype):
-  """The max over the four pool phases of patches(x) @ w (rows (n, i, j, phase)), its
-  operands rounded as `dtype` says (`_rounds_to_bfloat16`)."""
-  return _phase_conv_max_fwd(x, w, patches, out_hw, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _phase_conv_max(x, w, kernel_size, dtype):
+  """The max over the four pool phases of _phase_patches(x) @ w (rows (n, i, j, phase)),
+  its operands rounded as `dtype` says (`_rounds_to_bfloat16`)."""
+  return _phase_conv_max_fwd(x, w, kernel_size, dtype)[0]
 
 
-def _phase_conv_max_fwd(x, w, patches, out_hw, dtype):
+def _phase_conv_max_fwd(x, w, kernel_size, dtype):
+  patches = functools.partial(_phase_patches, kernel_size=kernel_size)
   y, encoded = _patch_product(x, w, patches, _rounds_to_bfloat16(dtype, w.shape[0]))
-  y = y.reshape(x.shape[0], *out_hw, 4, w.shape[1])
+  y = y.reshape(x.shape[0], *_pooled_hw(x.shape, kernel_size), 4, w.shape[1])
   pooled, first = _max_and_first(y, axis=3)
   return pooled, (x, encoded, w, first)
 
 
-def _phase_conv_max_bwd(patches, out_hw, dtype, residuals, grad):
+def _phase_conv_max_bwd(kernel_size, dtype, residuals, grad):
   x, encoded, w, first = residuals
   rounded = _rounds_to_bfloat16(dtype, w.shape[0])
   grad_p, grad_w = _gradients(
       encoded, w, _phase_gradient(first, grad, rounded),
       lambda: _phase_gradient(first, grad, rounded, transposed=True),
-      lambda: _operand(patches(x, form="transposed"), rounded), rounded,
-      eigen=jnp.dtype(dtype) == jnp.float32)
-  # The same linear map as `patches`, in the form whose transpose XLA:CPU runs faster.
-  return _patches_transpose(functools.partial(patches, form="concatenated"), x.shape,
-                            grad_p), grad_w
+      lambda: _decode(_phase_patches(_encode(x, rounded), kernel_size, "transposed"), rounded),
+      rounded, eigen=jnp.dtype(dtype) == jnp.float32)
+  # The same linear map as the forward's patches, in the form whose transpose XLA:CPU
+  # runs faster.
+  concatenated = functools.partial(_phase_patches, kernel_size=kernel_size, form="concatenated")
+  return _patches_transpose(concatenated, x.shape, grad_p), grad_w
 
 
 _phase_conv_max.defvjp(_phase_conv_max_fwd, _phase_conv_max_bwd)
@@ -436,10 +447,6 @@ class ConvReluPool(nn.Module):
     channels = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (kh, kw, channels, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    h, w = x.shape[1:3]
-    out_hw = (h - kh + 1) // 2, (w - kw + 1) // 2
-    patches = functools.partial(_phase_patches, kernel_size=(kh, kw))
     kernel = kernel.reshape(-1, self.features)
-    pooled = _phase_conv_max(x.astype(jnp.float32), kernel, patches, out_hw,
-                             jnp.dtype(self.dtype))
+    pooled = _phase_conv_max(x.astype(jnp.float32), kernel, (kh, kw), jnp.dtype(self.dtype))
     return nn.relu(pooled + bias)
