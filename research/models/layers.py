@@ -315,10 +315,10 @@ def _phase_patches(x, kernel_size, form: str = "stacked"):
   The input is first split by row and column parity (one transpose, so a fused producer
   such as the previous layer's rounding runs once, not once per window); every window
   is then a plain slice. Three forms, measured on XLA:CPU:
-  - "stacked" nests stacks of kw, kh and 2 windows (at most 8, and 3 for a 3x3
-    kernel) on non-minor axes, which XLA fuses into one loop writing the operand (the forward: 2-5% more images/s in bfloat16 than
-    one 36-way concatenate, which XLA runs as 16 materialized windows, a copy and, for
-    bfloat16, one more copy);
+  - "stacked" nests stacks of kw, kh and 2 windows on non-minor axes, which XLA fuses
+    into one loop writing the operand (it fuses no concatenate of more than 8 parts).
+    The forward: 2-5% more images/s in bfloat16 than one 36-way concatenate, which XLA
+    runs as 16 materialized windows, a copy and, for bfloat16, one more copy;
   - "concatenated" is that concatenate, whose transpose (the input gradient's col2im)
     XLA runs faster than the stacks';
   - "transposed" is the operand transposed, [kh * kw * C, rows], built as such: a
