@@ -22,6 +22,7 @@ the run's steps per epoch. With gradient accumulation one update spans k steps.
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Callable
 
 import jax
@@ -82,9 +83,19 @@ def decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
+def _non_negative(value) -> bool:
+  """A finite number >= 0 (NaN and infinity would only fail later, in int())."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0)
+
+
 def _duration(config, field: str, steps_per_epoch: float) -> int:
   """`field_steps` if > 0, else `field_epochs` converted; both set is a mistake."""
   steps, epochs = config[f"{field}_steps"], config[f"{field}_epochs"]
+  for unit, value in (("steps", steps), ("epochs", epochs)):
+    if not _non_negative(value):
+      raise UserError(f"schedule.{field}_{unit}={value!r} is not accepted: 0 (none) or a "
+                      f"positive finite number of {unit}.")
   if steps and epochs:
     raise UserError(f"schedule.{field}_steps={steps} and schedule.{field}_epochs={epochs} are "
                     f"both set; set only one of them.")
@@ -94,10 +105,9 @@ def _duration(config, field: str, steps_per_epoch: float) -> int:
 def _numbers(schedule_config, field: str, example: str) -> tuple:
   """schedule.`field` as a tuple of non-negative numbers, or a clear error."""
   value = schedule_config[field]
-  if not (isinstance(value, (tuple, list)) and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)):
+  if not (isinstance(value, (tuple, list)) and all(_non_negative(v) for v in value)):
     raise UserError(f"schedule.{field}={value!r} is not accepted: a tuple of non-negative "
-                    f"numbers, e.g. --config.schedule.{field}='{example}' (or '()' for none).")
+                    f"numbers (finite), e.g. --config.schedule.{field}='{example}' (or '()' for none).")
   return tuple(value)
 
 

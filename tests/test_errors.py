@@ -77,6 +77,12 @@ def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
      "a tuple of non-negative numbers"),
     ("--config.schedule.boundaries_steps=(5, -1)", "schedule.boundaries_steps",
      "a tuple of non-negative numbers"),
+    # Found by test_properties: NaN and infinity used to fail inside int().
+    ("--config.schedule.boundaries_epochs=(3, inf)", "schedule.boundaries_epochs",
+     "a tuple of non-negative numbers"),
+    ("--config.schedule.warmup_epochs=nan", "schedule.warmup_epochs", "a positive finite number"),
+    ("--config.schedule.warmup_epochs=inf", "schedule.warmup_epochs", "a positive finite number"),
+    ("--config.schedule.warmup_steps=-3", "schedule.warmup_steps", "a positive finite number"),
 ])
 def test_impossible_values_are_refused_with_field_value_and_accepted(override, field, accepted):
   config = command_line.parse_config([override])
