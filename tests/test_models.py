@@ -121,6 +121,25 @@ def test_max_and_first_is_max_and_argmax_with_ties_and_nan():
       y_dot, jnp.argmax(y, 1)[:, None], axis=1)[:, 0])
 
 
+@pytest.mark.parametrize("features", [8, 32, 33])
+def test_direct_form_only_for_narrow_shallow_layers_and_equal_to_the_matmul_form(features):
+  # The seed CNN's first layer (3x3 on one channel) runs as multiply-adds, not a matmul;
+  # both forms give the same values and gradients for the same parameters.
+  from research.models import layers
+
+  x = jax.random.uniform(jax.random.key(4), (3, 28, 28, 1))  # no ties: jnp.max splits them
+  w = jax.random.normal(jax.random.key(5), (9, features)) * 0.3
+  assert layers._is_direct(w) == (features <= 32)
+  matmul_form = lambda x, w: jnp.max((layers._phase_patches(x, (3, 3)) @ w).reshape(
+      3, 13, 13, 4, features), axis=3)
+  ours = lambda x, w: layers._phase_conv_max(x, w, (3, 3), jnp.dtype(jnp.float32))
+  np.testing.assert_allclose(ours(x, w), matmul_form(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for argnum in (0, 1):
+    np.testing.assert_allclose(jax.grad(loss(ours), argnum)(x, w),
+                               jax.grad(loss(matmul_form), argnum)(x, w), rtol=1e-4, atol=1e-4)
+
+
 def test_conv_relu_pool_propagates_nan():
   from research.models.layers import ConvReluPool
 
@@ -195,12 +214,14 @@ def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape,
     np.testing.assert_array_equal(fused.apply(variables, x), f32.apply(variables, x))
 
 
-def test_custom_gradients_are_differentiable_again():
+# (2, 13, 13, 8): the matmul form; (2, 12, 12, 1): the direct form (a 9-wide layer).
+@pytest.mark.parametrize("shape", [(2, 13, 13, 8), (2, 12, 12, 1)])
+def test_custom_gradients_are_differentiable_again(shape):
   # Reverse-over-reverse (a Hessian-vector product) through the im2col layers' own
   # gradients equals that of flax's layers.
   from research.models.layers import ConvReluPool
 
-  x = jax.random.normal(jax.random.key(1), (2, 13, 13, 8))
+  x = jax.random.normal(jax.random.key(1), shape)
   fused = ConvReluPool(16)
   variables = fused.init(jax.random.key(0), x)
   reference = lambda v, x: nn.max_pool(nn.relu(nn.Conv(16, (3, 3), padding="VALID").apply(v, x)),

@@ -26,6 +26,7 @@ plain JAX and support both.
 """
 
 import functools
+import operator
 from typing import Sequence
 
 import jax
@@ -307,14 +308,32 @@ def _pooled_hw(x_shape, kernel_size) -> tuple[int, int]:
   return (h - kh + 1) // 2, (w - kw + 1) // 2
 
 
+def _phase_window(x, kernel_size):
+  """window(a, b, i, j) -> [n, out_h, out_w, C]: x[:, 2r + a + i, 2s + b + j] at pooled
+  row r and column s, for pool phase (a, b) and kernel tap (i, j).
+
+  x is first split by row and column parity (one transpose, so a fused producer such as
+  the previous layer's rounding runs once, not once per window); every window is then a
+  plain slice."""
+  n, h, w, channels = x.shape
+  out_h, out_w = _pooled_hw(x.shape, kernel_size)
+  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  # by_parity[r % 2, c % 2, :, r // 2, c // 2] == x[:, r, c]
+  by_parity = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, channels).transpose(2, 4, 0, 1, 3, 5)
+
+  def window(a, b, i, j):
+    return by_parity[(a + i) % 2, (b + j) % 2, :, (a + i) // 2:(a + i) // 2 + out_h,
+                     (b + j) // 2:(b + j) // 2 + out_w]
+
+  return window
+
+
 def _phase_patches(x, kernel_size, form: str = "stacked"):
   """The matmul operand of a VALID convolution at the four 2x2-pool phases: rows
   (n, i, j, a, b) hold the kh x kw x C window at x[:, 2i + a:, 2j + b:], the kernel's
   (kh, kw, c) order; odd last rows and columns (the pool drops them) are skipped.
 
-  The input is first split by row and column parity (one transpose, so a fused producer
-  such as the previous layer's rounding runs once, not once per window); every window
-  is then a plain slice. Three forms, measured on XLA:CPU:
+  The windows are `_phase_window`'s slices. Three forms, measured on XLA:CPU:
   - "stacked" nests stacks of kw, kh and 2 windows on non-minor axes, which XLA fuses
     into one loop writing the operand (it fuses no concatenate of more than 8 parts).
     The forward: 2-5% more images/s in bfloat16 than one 36-way concatenate, which XLA
@@ -325,15 +344,8 @@ def _phase_patches(x, kernel_size, form: str = "stacked"):
     transpose op would be folded into the dot that reads it.
   """
   kh, kw = kernel_size
-  n, h, w, channels = x.shape
-  out_h, out_w = _pooled_hw(x.shape, kernel_size)
-  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-  # by_parity[r % 2, c % 2, :, r // 2, c // 2] == x[:, r, c]
-  by_parity = x.reshape(n, (h + 1) // 2, 2, (w + 1) // 2, 2, channels).transpose(2, 4, 0, 1, 3, 5)
-
-  def window(a, b, i, j):
-    return by_parity[(a + i) % 2, (b + j) % 2, :, (a + i) // 2:(a + i) // 2 + out_h,
-                     (b + j) // 2:(b + j) // 2 + out_w]
+  channels = x.shape[-1]
+  window = _phase_window(x, kernel_size)
 
   def stack(parts, axis):
     return jnp.stack(list(parts), axis=axis)
@@ -388,11 +400,64 @@ def _max_and_first_jvp(axis, primals, tangents):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _phase_conv_max(x, w, kernel_size, dtype):
   """The max over the four pool phases of _phase_patches(x) @ w (rows (n, i, j, phase)),
-  its operands rounded as `dtype` says (`_rounds_to_bfloat16`)."""
+  its operands rounded as `dtype` says (`_rounds_to_bfloat16`); a narrow, shallow w
+  (`_is_direct`) as multiply-adds instead."""
   return _phase_conv_max_fwd(x, w, kernel_size, dtype)[0]
 
 
+# A convolution at most this wide (kh * kw * C) and this deep (features) runs as plain
+# multiply-adds (`_direct_phases`), not as a matmul: the seed CNN's first layer (3x3 on
+# one channel, 32 features) spent more time writing and reading its 4x larger product,
+# patches and phase gradient than multiplying. Measured in whole train steps (images/s):
+# seed CNN at batch 32, bfloat16 18,300 against 16,200, float32 11,100 against 10,900;
+# the speed run 18,600 against 17,000. Not beyond: 64 features (the speed run's `:long`)
+# 7,970 against 8,600; 18 wide (two channels) or 25 (5x5), the layer alone 4-6x slower.
+# Always float32 (MIN_BFLOAT16_CONTRACTION is larger).
+MAX_DIRECT_CONTRACTION = 9
+MAX_DIRECT_FEATURES = 32
+
+
+def _is_direct(w) -> bool:
+  return w.shape[0] <= MAX_DIRECT_CONTRACTION and w.shape[1] <= MAX_DIRECT_FEATURES
+
+
+def _direct_phases(x, w, kernel_size):
+  """_phase_patches(x) @ w as [n, out_h, out_w, 4 phases, F], written as kh * kw * C
+  multiply-adds of x's windows, which XLA:CPU fuses with the pool's reduce into one
+  loop: nothing 4x the pooled size is ever written."""
+  kh, kw = kernel_size
+  window, channels = _phase_window(x, kernel_size), x.shape[-1]
+
+  def phase(a, b):
+    return functools.reduce(operator.add, [
+        window(a, b, i, j)[..., c, None] * w[(i * kw + j) * channels + c]
+        for i in range(kh) for j in range(kw) for c in range(channels)])
+
+  return jnp.stack([phase(a, b) for a in (0, 1) for b in (0, 1)], axis=3)
+
+
+def _direct_weight_gradient(x, first, grad, kernel_size):
+  """`_direct_phases`' weight gradient, [kh * kw * C, F]: for each kernel entry, x at the
+  phase the pool picked (`first`) times `grad`, summed. XLA:CPU runs each as one loop
+  that picks and one YNNPACK reduction; the matmul form's weight gradient writes and
+  reads the 4x larger phase gradient and the patches instead."""
+  kh, kw = kernel_size
+  window = _phase_window(x, kernel_size)
+
+  def entry(i, j, c):
+    w00, w01, w10, w11 = (window(a, b, i, j)[..., c, None] for a in (0, 1) for b in (0, 1))
+    picked = jnp.where(first == 0, w00, jnp.where(first == 1, w01,
+                                                  jnp.where(first == 2, w10, w11)))
+    return jnp.sum(picked * grad, (0, 1, 2))
+
+  return jnp.stack([entry(i, j, c) for i in range(kh) for j in range(kw)
+                    for c in range(x.shape[-1])])
+
+
 def _phase_conv_max_fwd(x, w, kernel_size, dtype):
+  if _is_direct(w):
+    pooled, first = _max_and_first(_direct_phases(x, w, kernel_size), axis=3)
+    return pooled, (x, None, w, first)
   patches = functools.partial(_phase_patches, kernel_size=kernel_size)
   y, encoded = _patch_product(x, w, patches, _rounds_to_bfloat16(dtype, w.shape[0]))
   y = y.reshape(x.shape[0], *_pooled_hw(x.shape, kernel_size), 4, w.shape[1])
@@ -402,15 +467,19 @@ def _phase_conv_max_fwd(x, w, kernel_size, dtype):
 
 def _phase_conv_max_bwd(kernel_size, dtype, residuals, grad):
   x, encoded, w, first = residuals
+  # The same linear map as the forward's patches, in the form whose transpose XLA:CPU
+  # runs faster.
+  concatenated = functools.partial(_phase_patches, kernel_size=kernel_size, form="concatenated")
+  if encoded is None:  # the direct form; x's gradient is dropped where unused (a first layer)
+    grad_p = _mm(_phase_gradient(first, grad, False), w, contract_b=1)
+    return (_patches_transpose(concatenated, x.shape, grad_p),
+            _direct_weight_gradient(x, first, grad, kernel_size))
   rounded = _rounds_to_bfloat16(dtype, w.shape[0])
   grad_p, grad_w = _gradients(
       encoded, w, _phase_gradient(first, grad, rounded),
       lambda: _phase_gradient(first, grad, rounded, transposed=True),
       lambda: _decode(_phase_patches(_encode(x, rounded), kernel_size, "transposed"), rounded),
       rounded, eigen=jnp.dtype(dtype) == jnp.float32)
-  # The same linear map as the forward's patches, in the form whose transpose XLA:CPU
-  # runs faster.
-  concatenated = functools.partial(_phase_patches, kernel_size=kernel_size, form="concatenated")
   return _patches_transpose(concatenated, x.shape, grad_p), grad_w
 
 
@@ -434,6 +503,11 @@ class ConvReluPool(nn.Module):
   The convolution and the pool are one custom gradient (`_phase_conv_max`); in
   bfloat16 the transposed gradient its weight-gradient dot needs (`_gradients`) is
   built from the pooled arrays, 4x smaller than the [M, F] one.
+
+  A narrow, shallow layer (`_is_direct`: the seed CNN's first, 3x3 on one channel) is
+  no matmul at all: its four phases are multiply-adds fused with the pool
+  (`_direct_phases`), its weight gradient one pick-and-sum per kernel entry
+  (`_direct_weight_gradient`).
   """
 
   features: int
