@@ -7,9 +7,10 @@ accumulation and parameters; models/layers.py), batch 64, Adam with a one-cycle 
   python -m research.main --config=configs/fashion_mnist_speedrun.py --workdir=runs/speedrun
 
 Measured on 2 CPU cores (2026-11-24, machine otherwise idle), seeds 0, 1, 2: 0.91 is first
-reached 21.4, 21.5 and 21.4 s after training starts (the `elapsed` field of metrics.jsonl;
-after epoch 5 each), final accuracy 0.9130, 0.9148, 0.9132; 24.7 s for the whole command
-(seed 0). With `--config.model.dtype=float32` (seed 0): after 31.4 s (epoch 5), final 0.9170.
+reached 20.4, 20.7 and 20.5 s after training starts (the `elapsed` field of metrics.jsonl;
+after epoch 5 each), final accuracy 0.9115, 0.9140, 0.9148; 23.2-23.4 s for the whole command.
+With `--config.model.dtype=float32` (seed 0, measured before the seed CNN's first layer ran
+as multiply-adds): after 31.4 s (epoch 5), final 0.9170.
 
 `:long` (Conv64-Conv128, batch 128 as micro-batches of 64, peak 3e-3, 15 epochs, about 7.5 s
 per epoch) measured the same day: 0.91 after epoch 8 (0.9124, 62.1 s), 0.92 after epoch 11
