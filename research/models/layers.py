@@ -484,6 +484,9 @@ def _phase_conv_max_bwd(kernel_size, dtype, residuals, grad):
 
 
 _phase_conv_max.defvjp(_phase_conv_max_fwd, _phase_conv_max_bwd)
+# Compiled as one program even where it is called outside jit (an eager apply): the
+# direct form is some 150 elementwise ops, each a pass over memory when run one by one.
+_phase_conv_max = jax.jit(_phase_conv_max, static_argnums=(2, 3))
 
 
 class ConvReluPool(nn.Module):
