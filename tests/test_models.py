@@ -257,8 +257,8 @@ def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   # YNNPACK fusion. conv1 (a 9-wide contraction) stays float32.
   assert len(bf16) == 9, dots
   assert hlo.count('"__ynn_fusion"') >= 9
-  # No dot in Eigen's transposed-operand form, conv1's float32 weight gradient included:
-  # in a step whose other products run on YNNPACK, it costs thread hand-offs.
+  # No dot in Eigen's transposed-operand form (a float32 weight gradient in a bfloat16
+  # step runs on YNNPACK too: an Eigen dot among YNNPACK's costs thread hand-offs).
   assert not [line for _, line in dots if "lhs_contracting_dims={0}" in line], dots
 
 

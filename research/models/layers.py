@@ -421,17 +421,21 @@ def _is_direct(w) -> bool:
   return w.shape[0] <= MAX_DIRECT_CONTRACTION and w.shape[1] <= MAX_DIRECT_FEATURES
 
 
+def _kernel_entries(kernel_size, channels) -> list[tuple[int, int, int]]:
+  """(i, j, c) of every kernel entry, in the order of the kernel's rows (kh, kw, c)."""
+  kh, kw = kernel_size
+  return [(i, j, c) for i in range(kh) for j in range(kw) for c in range(channels)]
+
+
 def _direct_phases(x, w, kernel_size):
   """_phase_patches(x) @ w as [n, out_h, out_w, 4 phases, F], written as kh * kw * C
   multiply-adds of x's windows, which XLA:CPU fuses with the pool's reduce into one
   loop: nothing 4x the pooled size is ever written."""
-  kh, kw = kernel_size
-  window, channels = _phase_window(x, kernel_size), x.shape[-1]
+  window, entries = _phase_window(x, kernel_size), _kernel_entries(kernel_size, x.shape[-1])
 
   def phase(a, b):
-    return functools.reduce(operator.add, [
-        window(a, b, i, j)[..., c, None] * w[(i * kw + j) * channels + c]
-        for i in range(kh) for j in range(kw) for c in range(channels)])
+    return functools.reduce(operator.add, [window(a, b, i, j)[..., c, None] * w[k]
+                                           for k, (i, j, c) in enumerate(entries)])
 
   return jnp.stack([phase(a, b) for a in (0, 1) for b in (0, 1)], axis=3)
 
@@ -441,7 +445,6 @@ def _direct_weight_gradient(x, first, grad, kernel_size):
   phase the pool picked (`first`) times `grad`, summed. XLA:CPU runs each as one loop
   that picks and one YNNPACK reduction; the matmul form's weight gradient writes and
   reads the 4x larger phase gradient and the patches instead."""
-  kh, kw = kernel_size
   window = _phase_window(x, kernel_size)
 
   def entry(i, j, c):
@@ -450,8 +453,7 @@ def _direct_weight_gradient(x, first, grad, kernel_size):
                                                   jnp.where(first == 2, w10, w11)))
     return jnp.sum(picked * grad, (0, 1, 2))
 
-  return jnp.stack([entry(i, j, c) for i in range(kh) for j in range(kw)
-                    for c in range(x.shape[-1])])
+  return jnp.stack([entry(*e) for e in _kernel_entries(kernel_size, x.shape[-1])])
 
 
 def _phase_conv_max_fwd(x, w, kernel_size, dtype):
