@@ -1,5 +1,6 @@
 """User-facing errors: a mistake the user can fix, reported without a traceback."""
 
+import os
 import sys
 
 
@@ -14,7 +15,12 @@ class UserError(Exception):
 
   def exit(self):
     """Ends a command-line program: the message on stderr, the exit status, no traceback."""
-    print(f"error: {self}", file=sys.stderr)
+    print(f"error: {self}", file=sys.stderr, flush=True)
+    # Work this error abandoned (Orbax's background writes after a failed checkpoint) can
+    # still log from other threads and at interpreter shutdown; the message stays last.
+    # Only the process's own stderr: an in-process caller (a test's capture) keeps its own.
+    if sys.stderr is sys.__stderr__:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stderr__.fileno())
     sys.exit(self.exit_code)
 
 

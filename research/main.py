@@ -10,7 +10,6 @@ import errno
 import json
 import logging as std_logging
 import os
-import sys
 
 from absl import app, flags, logging
 
@@ -65,8 +64,7 @@ def _stored_config(workdir: str, command_config):
 def _exit_with_message(error: UserError, verbose: bool):
   if verbose:
     raise error
-  print(f"error: {error}", file=sys.stderr)
-  sys.exit(error.exit_code)
+  error.exit()
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
