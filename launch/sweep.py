@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 
-from absl import app, flags
+from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARRAY_SCRIPT = os.path.join(REPO, "launch", "study_array.sbatch")
@@ -62,7 +62,7 @@ def _space_text() -> tuple[str, str]:
 
 def make_plan(extra: list[str]):
   """Checks the whole command line, writing nothing; returns the study's Plan."""
-  from research import search_space, study
+  from research import command_line, search_space, study
   from research.errors import UserError
 
   if not FLAGS.config or not FLAGS.workdir:
@@ -92,9 +92,7 @@ def make_plan(extra: list[str]):
                     "--select_split='train[90%:]'.")
   fixed = (*study.split_flags(FLAGS.train_split, FLAGS.select_split), *extra)
   search_space.check(params, FLAGS.config, list(fixed))
-  # The test split is checked the way the final evaluation will read it.
-  search_space.check([search_space.Param("eval.split", "choice", values=(FLAGS.test_split,))],
-                     FLAGS.config, list(fixed))
+  _check_splits(command_line.parse_config(list(fixed), FLAGS.config).dataset)
   if FLAGS.heartbeat <= 0:
     raise UserError(f"--heartbeat={FLAGS.heartbeat} is not accepted: a positive number of "
                     "seconds.")
@@ -106,6 +104,19 @@ def make_plan(extra: list[str]):
       train_split=FLAGS.train_split, select_split=FLAGS.select_split,
       test_split=FLAGS.test_split, objective=FLAGS.objective,
       heartbeat_seconds=FLAGS.heartbeat, timeout_seconds=FLAGS.timeout)
+
+
+def _check_splits(dataset_config) -> None:
+  """Each split names part of the dataset (opened, not read): a typo fails now, not after
+  the last trial."""
+  from research import input_pipeline
+  from research.errors import UserError
+
+  for flag in ("train_split", "select_split", "test_split"):
+    try:
+      input_pipeline.open_split(dataset_config, FLAGS[flag].value)
+    except UserError as e:
+      raise UserError(f"--{flag}={FLAGS[flag].value!r}: {e}") from None
 
 
 class _StopOnSignal:
@@ -131,6 +142,7 @@ class _StopOnSignal:
 
 
 def run(argv) -> int:
+  logging.set_verbosity(logging.WARNING)  # TFDS's notes while the splits are checked
   base_env = dict(os.environ)  # the trainers' environment: they pick their own devices
   # This process never computes: JAX stays off the accelerators that the trainers use.
   os.environ["JAX_PLATFORMS"] = "cpu"

@@ -100,6 +100,8 @@ def _parse_entry(entry: str, source: str) -> Param:
   spec = spec.strip()
   if not equals or not re.fullmatch(r"[A-Za-z_][\w.]*", key) or not spec:
     raise UserError(f"{source}: {entry!r} is not a search-space entry. {ACCEPTED}.")
+  if spec.count("(") != spec.count(")") or spec.count("[") != spec.count("]"):
+    raise UserError(f"{source}: {entry!r} has unbalanced parentheses. {ACCEPTED}.")
   call = re.fullmatch(r"(\w+)\((.*)\)", spec, re.DOTALL)
   if call and call.group(1) in KINDS:
     kind, inside = call.group(1), call.group(2)
@@ -163,8 +165,18 @@ def check(params: list[Param], config_file: str, fixed: list[str]) -> None:
   `fixed` are the --config.FIELD=VALUE flags every trial gets. A refused value is
   reported with the entry it came from, in one line.
   """
-  config_checks.validate(command_line.parse_config(fixed, config_file))  # the base itself
+  base = command_line.parse_config(fixed, config_file)
+  config_checks.validate(base)  # the settings every trial shares
   for param in params:
+    if not _is_field(base, param.key):
+      try:  # parse_config names the fields that exist and the nearest one
+        command_line.parse_config([*fixed, f"--config.{param.key}={probe_values(param)[0]}"],
+                                  config_file)
+        reason = "it is not a config field"
+      except UserError as e:
+        reason = str(e).splitlines()[0].split(": ", 1)[-1]
+      raise UserError(f"Search space {param.describe()}: {param.key} is not a field of "
+                      f"{config_file}: {reason}") from None
     for value in probe_values(param):
       try:
         config = command_line.parse_config([*fixed, f"--config.{param.key}={value}"],
@@ -174,6 +186,17 @@ def check(params: list[Param], config_file: str, fixed: list[str]) -> None:
         reason = str(e).splitlines()[0]
         raise UserError(f"Search space {param.describe()}: the value {value} is refused: "
                         f"{reason}") from None
+
+
+def _is_field(config, key: str) -> bool:
+  import ml_collections
+
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return not isinstance(node, ml_collections.ConfigDict)
 
 
 def grid_points(params: list[Param]) -> list[dict]:

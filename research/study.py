@@ -112,7 +112,6 @@ def make_sampler(plan: Plan):
 
   if plan.search == "tpe":
     # constant_liar: parallel workers do not all sample the same promising point.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna.samplers.TPESampler(seed=plan.sampler_seed, constant_liar=True,
                                       n_startup_trials=min(10, max(2, plan.trials // 3)))
   # A grid's trials come with every parameter fixed (enqueued), so nothing is sampled.
@@ -186,6 +185,8 @@ class Study:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # "Experimental" notices (TPE's constant_liar, the retry callback): the versions are pinned.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     self.plan = plan
     self.storage = make_storage(plan)
     direction = OBJECTIVES[plan.objective]
