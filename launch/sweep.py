@@ -181,7 +181,7 @@ def run(argv) -> int:
         import optuna
 
         if opened.count(optuna.trial.TrialState.RUNNING) == 0:
-          opened.evaluate_best_on_test(base_env)
+          opened.evaluate_best_on_test({**base_env, **slots[0].env})
       table = study_results.write(opened)
   print(study_results.summary_text(opened, table), flush=True)
   print(f"Results: {os.path.join(plan.root, 'results.md')} (and .csv, plots, hparams/)",

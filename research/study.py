@@ -231,20 +231,17 @@ class Study:
   # ---- Claiming and running trials ----
 
   def claim(self):
-    """A waiting trial, now running for us (an optuna.Trial), or None."""
+    """A waiting trial, now running for us (an optuna.Trial), or None.
+
+    This is `Study.ask()` without its fallback of creating a new trial when none waits,
+    which would let racing workers exceed the study's N trials: Optuna's own atomic
+    WAITING -> RUNNING claim, through the study's (cached) storage so that the
+    Trial's later calls find it.
+    """
     import optuna
 
-    TrialState = optuna.trial.TrialState
-    for waiting in self.storage.get_all_trials(self.study_id, deepcopy=False,
-                                               states=(TrialState.WAITING,)):
-      trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id,
-                                                                      waiting.number)
-      try:
-        if self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-          return optuna.Trial(self.optuna, trial_id)
-      except optuna.exceptions.UpdateFinishedTrialError:
-        continue
-    return None
+    trial_id = self.optuna._pop_waiting_trial_id()  # noqa: SLF001 -- optuna 4.9, pinned
+    return None if trial_id is None else optuna.Trial(self.optuna, trial_id)
 
   def count(self, *states) -> int:
     return len(self.storage.get_all_trials(self.study_id, deepcopy=False, states=states))
@@ -325,6 +322,7 @@ class Study:
                  f"--config={plan.config_file}", f"--workdir={workdir}",
                  f"--config.eval.split={plan.test_split}",
                  "--config.eval.checkpoint_step=latest"]
+      # On the devices of one worker: those the trial trained on.
       result = subprocess.run(command, capture_output=True, text=True, env=base_env)
       if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()] or ["no output"]
