@@ -266,15 +266,25 @@ class Study:
     print(f"{name}: {', '.join(f'{k}={search_space.as_flag_value(v)}' for k, v in values.items())}"
           f" -> {workdir}", flush=True)
 
+    lost = threading.Event()  # another worker took this trial for dead (a missed heartbeat)
+
     def report(ordinal: int, record: dict) -> bool:
-      trial.report(float(record[plan.objective]), ordinal)
-      return trial.should_prune()
+      try:
+        trial.report(float(record[plan.objective]), ordinal)
+        return trial.should_prune()
+      except optuna.exceptions.UpdateFinishedTrialError:
+        lost.set()
+        return True  # stop the trainer: the trial's retry owns the workdir now
 
     outcome = study_trial.run(command, workdir, slot, report,
                               heartbeat=lambda: self.heartbeat.beat(trial_id),
-                              stop_requested=stop.is_set, poll_seconds=plan.poll_seconds,
-                              base_env=base_env)
+                              stop_requested=lambda: stop.is_set() or lost.is_set(),
+                              poll_seconds=plan.poll_seconds, base_env=base_env)
     last = outcome.evaluations[-1] if outcome.evaluations else {}
+    if lost.is_set() or self.storage.get_trial(trial_id).state.is_finished():
+      print(f"{name}: was taken for dead by another worker (missed heartbeats) and is retried "
+            "there; this worker stopped its trainer.", flush=True)
+      return "lost"
     if outcome.state == "complete" and last:
       self.optuna.tell(trial, float(last[plan.objective]))
     elif outcome.state == "pruned":
