@@ -274,3 +274,26 @@ def test_two_workers_on_postgres_one_killed_mid_trial(tmp_path, postgres_url):
   assert len(rows) == 3 and {row["state"] for row in rows} == {"complete"}
   assert sum(int(row["retries"]) for row in rows) == len(failed)
   assert "Chosen: trial" in (root / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_stopped_study_resumes_its_interrupted_trial_from_the_checkpoint(tmp_path):
+  root = tmp_path / "stopped"
+  flags = ["--sweep=seed=0,1", "--pruner=none", "--", "--config.num_train_steps=60",
+           "--config.eval_every_steps=20", "--config.log_every_steps=5",
+           "--config.checkpoint_every_steps=5"]
+  first = subprocess.Popen(_sweep_command(root, *flags), cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  _wait_for(lambda: glob.glob(str(root / "trials" / "trial-0000" / "checkpoints" / "*")), first)
+  first.send_signal(signal.SIGTERM)
+  output, _ = first.communicate(timeout=300)
+  assert first.returncode == 128 + signal.SIGTERM, output[-3000:]
+  assert "interrupted" in output and "run the same command to resume" in output
+  second = _sweep(root, *flags)
+  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+  info = json.load(open(root / "trials" / "trial-0000" / "run.json"))
+  sessions = [(s["status"], s["start_step"], s["end_step"]) for s in info["sessions"]]
+  assert sessions[0][0] == "preempted" and sessions[1] == ("finished", sessions[0][2], 60)
+  rows = list(csv.DictReader(open(root / "results.csv")))
+  assert sorted((row["workdir"], row["state"], row["retries"]) for row in rows) == [
+      ("trials/trial-0000", "complete", "1"), ("trials/trial-0001", "complete", "0")]
