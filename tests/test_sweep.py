@@ -163,3 +163,24 @@ def test_slurm_array_tasks_are_workers_of_one_study(tmp_path):
   assert len(rows) == 2 and ",complete," in rows[1]
   info = json.loads((root / "trials" / "trial-0000" / "run.json").read_text())
   assert info["status"] == "finished"
+
+
+def test_workers_get_devices_of_their_own(monkeypatch):
+  from research import study_trial
+
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a 4-GPU node: whole GPUs each
+  slots = study_trial.device_slots(2)
+  assert [slot.env["CUDA_VISIBLE_DEVICES"] for slot in slots] == ["0,1", "2,3"]
+  assert [slot.cpus for slot in slots] == [(), ()]
+  assert [s.env["CUDA_VISIBLE_DEVICES"] for s in study_trial.device_slots(4)] == [
+      "0", "1", "2", "3"]
+  with pytest.raises(UserError, match="--workers=5 needs a GPU each, but this machine shows 4"):
+    study_trial.device_slots(5)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: a share of the cores each
+  cores = sorted(os.sched_getaffinity(0))
+  slots = study_trial.device_slots(len(cores))
+  assert [slot.cpus for slot in slots] == [(core,) for core in cores]
+  assert all(slot.env["OMP_NUM_THREADS"] == "1" for slot in slots)
+  assert study_trial.device_slots(1)[0].cpus == ()  # one worker: the whole machine
+  with pytest.raises(UserError, match="needs a CPU core each"):
+    study_trial.device_slots(len(cores) + 1)
