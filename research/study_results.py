@@ -15,14 +15,13 @@ import shutil
 import warnings
 
 from research import report, run_info, search_space
+from research.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
 
 TOP_CURVES = 5
 
 
 def latest_attempts(study) -> list:
   """The newest trial of each of the study's slots (a retry replaces what it retried)."""
-  from research.study import SLOT_ATTR
-
   latest, attempts = {}, {}
   for trial in study.storage.get_all_trials(study.study_id):
     slot = trial.user_attrs.get(SLOT_ATTR, trial.number)
@@ -34,8 +33,6 @@ def latest_attempts(study) -> list:
 
 def rows(study) -> list[dict]:
   """Best first: complete trials by the objective, then pruned ones, then the rest."""
-  from research.study import OBJECTIVES, TEST_ATTR
-
   plan = study.plan
   test = study.storage.get_study_user_attrs(study.study_id).get(TEST_ATTR) or {}
   objective_column = f"{plan.objective} ({plan.select_split})"
@@ -81,8 +78,6 @@ def write(study) -> list[dict]:
 
 
 def summary_text(study, table: list[dict]) -> str:
-  from research.study import TEST_ATTR
-
   plan = study.plan
   states = {}
   for row in table:
