@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = "cnn"
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam"
+  config.optimizer.name = "adam_keras"  # Keras's form of Adam (research/optim.py)
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.0  # on kernels only; see research/optim.py
   config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
