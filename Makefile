@@ -31,7 +31,7 @@ export CHECK_PYTHON
 
 # The environment: pinned versions from requirements.lock, project installed editable.
 $(STAMP): pyproject.toml requirements.lock
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11+ (Debian/Ubuntu: apt-get install python3 python3-venv), or name one: make PYTHON=python3.12"; exit 2; }
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11+ (Debian/Ubuntu: apt-get install python3 python3-venv), or name one: make PYTHON=python3.12" >&2; exit 2; }
 	@$(PYTHON) -c "$$CHECK_PYTHON"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==26.3"
