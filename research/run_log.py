@@ -15,6 +15,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
@@ -109,24 +110,23 @@ def match_tensorboard_to(directory: str, points: dict) -> None:
     return
   from tensorboard.compat.proto import event_pb2
 
-  written = {}  # (tag, step) -> the Event last written for it
+  written = {}  # (tag, step) -> (wall time, value) of the point last written for it
   count = 0
   for path in old_files:
     for event in _read_events(path):
       for value in event.summary.value:
         count += 1
-        single = event_pb2.Event(wall_time=event.wall_time, step=event.step)
-        single.summary.value.add().CopyFrom(value)
-        written[(value.tag, event.step)] = single
-  if count == len(written) and written.keys() == points.keys():
+        written[(value.tag, event.step)] = (event.wall_time, value.simple_value)
+  if count == len(written) and written.keys() == points.keys() and all(
+      written[key][1] == np.float32(value) for key, value in points.items()):
     return  # already exactly metrics.jsonl's points
   now = time.time()
   events = []
   for (tag, step), value in sorted(points.items(), key=lambda item: (item[0][1], item[0][0])):
-    event = written.get((tag, step))
-    if event is None:  # logged but never flushed by a killed process
-      event = event_pb2.Event(wall_time=now, step=step)
-      event.summary.value.add(tag=tag, simple_value=value)
+    # A point logged but never flushed by a killed process gets the time of this start.
+    wall_time = written.get((tag, step), (now,))[0]
+    event = event_pb2.Event(wall_time=wall_time, step=step)
+    event.summary.value.add(tag=tag, simple_value=value)
     events.append(event)
   _write_events(old_files[0], events, now)
   for path in old_files[1:]:

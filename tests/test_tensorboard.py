@@ -109,3 +109,34 @@ def test_after_a_kill_and_a_resume_every_tag_has_one_point_per_step(tmp_path):
     assert [step for step, _ in shown[tag]] == [step for step, _ in points], tag
     assert len({step for step, _ in points}) == len(points)  # one point per step
     np.testing.assert_allclose([v for _, v in shown[tag]], [v for _, v in points], rtol=1e-6)
+
+
+def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_path):
+  """Points past the resume step go, points never flushed come back, a record cut
+  short ends its file, and the first file keeps its name (it sorts before new ones)."""
+  from tensorboardX import SummaryWriter
+
+  from research import run_log
+
+  directory = tmp_path / "tensorboard"
+  first = SummaryWriter(str(directory), filename_suffix=".a")
+  for step in (10, 20, 30):  # the killed run: 30 is past the checkpoint at 20
+    first.add_scalar("train/loss", 1.0 / step, step)
+  first.close()
+  second = SummaryWriter(str(directory), filename_suffix=".b")
+  second.add_scalar("train/loss", 0.05, 20)  # the same step again (a resume before the fix)
+  second.close()
+  [_, path_b] = sorted(str(p) for p in directory.iterdir())
+  with open(path_b, "ab") as f:
+    f.write(b"\x20\x00\x00\x00")  # a record cut short by SIGKILL
+  points = {("train/loss", 10): 0.1, ("train/loss", 20): 0.05, ("test/accuracy", 20): 0.5}
+
+  run_log.match_tensorboard_to(str(directory), points)
+  files = sorted(p.name for p in directory.iterdir())
+  assert len(files) == 1 and files[0].endswith(".a")
+  shown = _tensorboard_points(str(tmp_path))
+  assert shown == {"train/loss": [(10, pytest.approx(0.1)), (20, pytest.approx(0.05))],
+                   "test/accuracy": [(20, 0.5)]}
+  before = (directory / files[0]).read_bytes()
+  run_log.match_tensorboard_to(str(directory), points)  # already right: untouched
+  assert (directory / files[0]).read_bytes() == before
