@@ -60,7 +60,8 @@ class _ConsoleFormat(std_logging.Formatter):
     line = super().formatMessage(record)
     if record.levelno >= std_logging.WARNING:
       stamp, message = line.split(" ", 1)
-      line = f"{stamp} {record.levelname.lower()}: {message}"
+      # Upper case: "error: " (lower case) starts the run's own last line, a UserError's.
+      line = f"{stamp} {record.levelname}: {message}"
     return line
 
 

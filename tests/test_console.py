@@ -15,7 +15,7 @@ from conftest import REPO, run_main
 RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=20",
        "--config.log_every_steps=10", "--config.eval_every_steps=20"]
 ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
-SHORT = re.compile(r"^\d\d:\d\d:\d\d (warning: |error: )?\S")
+SHORT = re.compile(r"^\d\d:\d\d:\d\d (WARNING: |ERROR: )?\S")
 
 
 @pytest.fixture(scope="module")
