@@ -11,7 +11,8 @@ every epoch.
 Expected: about 0.91 test accuracy (Keras reaches 0.910 with this recipe). Measured
 2026-11-29 on 2 CPU cores (deterministic, so the machine's load changes only the time):
 0.9083 (seed 0), 0.9003 and 0.9098 (seeds 1 and 2, --config.seed=1 / 2). About a minute of
-training on 2 idle cores (56 s measured with optax's Adam; the step costs the same).
+training on 2 idle cores (56 s measured with optax's Adam; Keras's form does the same work
+per step and was timed only under load).
 `--config=configs/default.py:smoke` shrinks it to a few hundred steps.
 `--config=configs/default.py:model=resnet20,optimizer=momentum` puts that model's and
 optimizer's knobs (at their defaults) in the config, so `--config.model.width=32` works.
