@@ -7,8 +7,9 @@
 # --num_processes=N --process_id=I: the code path a cluster uses, on one machine.
 # Devices: on a GPU host the GPUs are split evenly, each process seeing only its
 # own share (CUDA_VISIBLE_DEVICES; process I takes the I-th share). The GPUs are
-# those listed in $GPUS (e.g. GPUS=0,1,2,3), else in $CUDA_VISIBLE_DEVICES, else
-# every GPU `nvidia-smi -L` lists; N must divide their number. On a TPU VM one
+# those listed in $GPUS (e.g. GPUS=0,1,2,3), else, where nvidia-smi is installed,
+# in $CUDA_VISIBLE_DEVICES or else every GPU `nvidia-smi -L` lists; N must divide
+# their number. On a TPU VM one
 # process drives all of the host's chips: use launch/local.sh (launch/tpu_vm.sh
 # for a slice). On CPU, give each process several devices with
 #   XLA_FLAGS=--xla_force_host_platform_device_count=2 launch/multiprocess.sh 2 ...
@@ -46,11 +47,13 @@ export JAX_COORDINATOR_BIND_ADDRESS="127.0.0.1:$port"
 gpus=()
 if [[ -n "${GPUS:-}" ]]; then
   IFS=, read -r -a gpus <<< "$GPUS"
-elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: exactly those
-  IFS=, read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  gpu_count="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
-  for ((g = 0; g < gpu_count; g++)); do gpus+=("$g"); done
+elif command -v nvidia-smi >/dev/null 2>&1; then  # a GPU host
+  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: exactly those
+    IFS=, read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
+  else
+    gpu_count="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
+    for ((g = 0; g < gpu_count; g++)); do gpus+=("$g"); done
+  fi
 fi
 if ((${#gpus[@]})); then
   ((${#gpus[@]} % num_processes == 0)) ||
