@@ -249,9 +249,11 @@ def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
   # Read onto this run's mesh, whatever device count wrote it: arrays this state has
   # keep its layout; the rest (e.g. optimizer state, dropped below) is split over the
   # devices along its largest axis that divides, to hold as little as possible.
-  mesh = state.step.sharding.mesh
-  target = stored_on_this_mesh(other.manager.item_metadata(step).state, state,
-                               lambda shape: mesh_lib.split_sharding(shape, mesh))
+  whole = state.step.sharding  # a scalar's: on every device of this run (or the only one)
+  mesh = getattr(whole, "mesh", None)
+  fallback = ((lambda shape: mesh_lib.split_sharding(shape, mesh)) if mesh is not None
+              else (lambda shape: whole))
+  target = stored_on_this_mesh(other.manager.item_metadata(step).state, state, fallback)
   restored = other.manager.restore(step, args=restore_args(target))
   other.close()
   stored = restored.state

@@ -133,7 +133,8 @@ def _devices_env(count: int) -> dict:
 
 
 # Compile time dominates (about a hundred programs); XLA's CPU backend without its
-# costlier LLVM optimizations compiles them in half the time and computes the same.
+# costlier LLVM optimizations compiles them in about half the CPU time (the same
+# programs, less optimized machine code).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 

@@ -602,8 +602,10 @@ def test_tpu_vm_launcher_sets_up_python_on_its_image_and_runs_on_every_worker(tm
       [[ "$*" == *"apt-get install"* ]] || exit 0
       for package in "$@"; do
         case "$package" in
-          make) printf '#!/usr/bin/env bash\\necho "make $*" >> make.log\\n''mkdir -p .venv/bin && cp {tmp_path}/python .venv/bin/python\\n' > "$IMAGE_BIN/make";;
-          python3.11) printf '#!/usr/bin/env bash\\nexec {sys.executable} "$@"\\n' > "$IMAGE_BIN/python3.11";;
+          make) printf '#!/usr/bin/env bash\\necho "make $*" >> make.log\\n%s\\n' \\
+                  'mkdir -p .venv/bin && cp {tmp_path}/python .venv/bin/python' > "$IMAGE_BIN/make";;
+          python3.11) printf '#!/usr/bin/env bash\\nexec %s "$@"\\n' {sys.executable} \\
+                        > "$IMAGE_BIN/python3.11";;
         esac
         chmod +x "$IMAGE_BIN"/* 2>/dev/null
       done
