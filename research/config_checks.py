@@ -11,11 +11,10 @@ import os
 
 import jax
 
-from research import input_pipeline, models, optim, profiling
+from research import config_schema, models, optim, profiling
 from research.errors import UserError
 
-MAX_STEPS = 2**31 - 1  # TrainState.step is an int32
-MAX_SEED = 2**31 - 1  # numpy's epoch-order generator takes no negative seeds
+MAX_STEPS = config_schema.MAX_INT32  # TrainState.step is an int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,49 +57,18 @@ def _require(condition: bool, field: str, value, accepted: str) -> None:
 
 
 def validate(config) -> None:
-  """Fails with the field, the value and what is accepted; writes nothing."""
-  _require(isinstance(config.batch_size, int) and config.batch_size > 0, "batch_size",
-           config.batch_size, "a positive integer")
-  _require(isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0,
-           "eval_batch_size", config.eval_batch_size, "a positive integer")
+  """Fails with the field, the value and what is accepted; writes nothing.
+
+  Every field is checked against its entry in config_schema.FIELDS first (type, range,
+  choices); the checks below are the relations between fields and the registries' own.
+  """
+  check_fields(config)
   # Batches are global and split evenly over every device of every process.
   for field in ("batch_size", "eval_batch_size"):
     _require(config[field] % jax.device_count() == 0, field, config[field], _divisible_by_devices(
         config[field]))
-  _require(isinstance(config.shard_params, bool), "shard_params", config.shard_params,
-           "True (split params and optimizer state over the devices) or False (replicate them)")
   _require(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs", config.num_epochs,
            "a positive number (or set num_train_steps > 0)")
-  _require(config.num_train_steps >= 0, "num_train_steps", config.num_train_steps,
-           "0 (use num_epochs) or a positive number of steps")
-  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-    _require(config[field] >= 0, field, config[field], "0 or a positive number of steps")
-  _require(config.log_every_steps > 0, "log_every_steps", config.log_every_steps,
-           "a positive number of steps")
-  _require(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints,
-           "a positive number")
-  _require(config.best_metric in ("accuracy", "loss"), "best_metric", config.best_metric,
-           "'accuracy' or 'loss'")
-  _require(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing,
-           "a number in [0, 1)")
-  _require(config.augment.crop_padding >= 0, "augment.crop_padding", config.augment.crop_padding,
-           "0 (off) or a positive number of pixels")
-  learning_rate = config.optimizer.learning_rate
-  _require(isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
-           and learning_rate > 0, "optimizer.learning_rate", learning_rate,
-           "a positive finite number, e.g. 0.001")
-  _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED, "seed", config.seed,
-           f"an integer from 0 to {MAX_SEED}")
-  for field in ("num_epochs", "num_train_steps"):
-    _require(config[field] <= MAX_STEPS, field, config[field], f"at most {MAX_STEPS}")
-  input_kind = config.dataset.get("input", "memory")  # configs older than the field: memory
-  _require(input_kind in input_pipeline.INPUTS, "dataset.input", input_kind,
-           "'memory' (the splits held on the devices) or 'stream' (batches read from storage "
-           "while training, for datasets that do not fit in memory)")
-  threads = input_pipeline.requested_threads(config.dataset)
-  _require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
-           "dataset.reader_threads", threads,
-           "0 (one per CPU core, at most 32) or a positive number of threads")
   checkpoint_step = str(config.eval.checkpoint_step).strip()
   _require(checkpoint_step in ("latest", "best") or checkpoint_step.isdigit(),
            "eval.checkpoint_step", config.eval.checkpoint_step,
@@ -110,6 +78,19 @@ def validate(config) -> None:
   models.build(config.model, num_classes=1)
   optim.build_optimizer(config.optimizer)
   optim.check(config.optimizer, config.schedule)
+
+
+def check_fields(config) -> None:
+  """Each field of `config` against its config_schema entry; a field without one is an error."""
+  for name, value in config_schema.flatten(config).items():
+    field = config_schema.FIELDS.get(name)
+    if field is None:
+      raise UserError(f"The config field {name} (= {value!r}) has no entry in "
+                      "research/config_schema.py, so its values cannot be checked: add one there "
+                      "(kind, range, default, meaning), or remove the field from the config.")
+    if field.problem(value):
+      raise UserError(f"--config.{name}={value!r} is not accepted: {field.accepted()} "
+                      f"({field.meaning}).")
 
 
 def check_eval_batch_size(config, num_eval_examples: int) -> None:
