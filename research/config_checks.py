@@ -10,6 +10,7 @@ import math
 import os
 
 import jax
+from absl import logging
 
 from research import config_schema, models, optim, profiling
 from research.errors import UserError
@@ -168,14 +169,10 @@ EXECUTION_ONLY = ("dataset.reader_threads",)
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
   """A workdir belongs to one experiment: refuse a different config unless allowed."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  found = workdir_config(workdir, repair=jax.process_index() == 0)
+  if found is None:
     return
-  try:
-    with open(path) as f:
-      stored = _flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} cannot be read ({e}); use a fresh --workdir.") from e
+  stored = _flatten(found)
   given = _flatten(json.loads(config.to_json_best_effort()))
   changed = [f"  {key}: {stored.get(key, '<absent>')!r} in the workdir, {given.get(key, '<absent>')!r} now"
              for key in sorted(set(stored) | set(given))
@@ -184,3 +181,46 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
     raise UserError(f"The config differs from the one {workdir} was started with:\n"
                     + "\n".join(changed) + "\nUse another --workdir, or pass "
                     "--allow_config_change to continue this run with the new values.")
+
+
+def workdir_config(workdir: str, repair: bool) -> dict | None:
+  """The config `workdir` was started with (WORKDIR/config.json), or None if it has none.
+
+  A config.json that cannot be read (truncated, overwritten) is rebuilt from the config
+  stored in the newest readable checkpoint's `meta`, with a warning; with `repair` the
+  rebuilt config replaces it (the damaged file is kept beside it, as config.json.unreadable).
+  A UserError when no checkpoint holds one either.
+  """
+  from research import checkpoint  # the checkpoints are only read when config.json is damaged
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.lexists(path):
+    return None
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored, dict):
+      raise ValueError("not a JSON object")
+    return stored
+  except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+    problem = f"{type(e).__name__}: {str(e)[:200]}"
+  checkpoints = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    found = checkpoints.stored_config()
+  finally:
+    checkpoints.close()
+  if found is None:
+    raise UserError(f"{path} cannot be read ({problem}), and no checkpoint in "
+                    f"{checkpoints.directory} holds the config to rebuild it from. Move it away "
+                    "to start this workdir afresh, or use another --workdir.")
+  step, stored = found
+  kept = ""
+  if repair:
+    os.replace(path, path + ".unreadable")
+    with open(path + ".tmp", "w") as f:
+      json.dump(stored, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    kept = f" and wrote it back (the damaged file is kept as {path}.unreadable)"
+  logging.warning("%s cannot be read (%s): using the config stored in checkpoint step %d%s.",
+                  path, problem, step, kept)
+  return stored
