@@ -14,6 +14,10 @@ from conftest import run_main
 from research import checkpoint
 from research.errors import UserError
 
+# Orbax's remaining reads of a step it failed to read end, when collected, as "coroutine
+# ignored" warnings in whichever test runs then.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _state(step):
   return {"step": jnp.int32(step), "params": {"w": jnp.full((3,), float(step))}}
