@@ -264,10 +264,11 @@ class Checkpointer:
         restored = self.manager.restore(candidate, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as e:  # a damaged step can fail in many layers of Orbax/TensorStore
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
         if step is not None:
           raise UserError(f"Checkpoint step {candidate} in {self.directory} cannot be read: "
-                          f"{type(e).__name__}: {str(e)[:300]}") from e
-        self._set_aside(candidate, f"reading it fails ({type(e).__name__}: {str(e)[:300]})")
+                          f"{reason}") from e
+        self._set_aside(candidate, f"reading it fails ({reason})")
         continue
       return restored.state, restored.meta
     if self._steps_format.unreadable:
@@ -318,7 +319,8 @@ class Checkpointer:
     self._steps_format.unreadable.add(step)
     source = os.path.join(self.directory, str(step))
     if self.read_only:
-      logging.warning("Skipping checkpoint step %d in %s: %s.", step, self.directory, problem)
+      logging.warning("Skipping checkpoint step %d in %s: %s (left in place: this reader only "
+                      "reads).", step, self.directory, problem)
     elif jax.process_index() == 0:
       target = os.path.join(self._unreadable_dir(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
       try:
@@ -327,7 +329,7 @@ class Checkpointer:
         moved = f"moved it to {target}"
       except OSError as e:
         moved = f"it could not be moved to {self._unreadable_dir()} ({e.strerror or e}), so it stays, unused"
-      logging.warning("Setting aside checkpoint step %d in %s: %s; %s.", step, self.directory,
+      logging.warning("Skipping checkpoint step %d in %s: %s; %s.", step, self.directory,
                       problem, moved)
     if sync and jax.process_count() > 1 and not self.read_only:
       _sync(f"set_aside_checkpoint_{step}")
