@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import research
+from research import mesh as mesh_lib
 from research.errors import TrainingFailure, UserError
 
 # Metrics an evaluation produces that can pick the "best" checkpoint, and which way is better.
@@ -49,6 +50,30 @@ def code_version() -> dict:
   commit = git("rev-parse", "HEAD")
   dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
   return {"package_version": research.__version__, "git_commit": commit or None, "git_dirty": dirty}
+
+
+def restore_args(target) -> ocp.args.Composite:
+  """Orbax's arguments to read a checkpoint's state into `target`: abstract arrays
+  (jax.ShapeDtypeStruct) carrying the current mesh's shardings. Orbax then lays each
+  array out for this run's devices and processes, whatever the checkpoint was written
+  with; without them it would insist on the writer's device layout."""
+  return ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+
+
+def stored_on_this_mesh(stored, like, fallback):
+  """Abstract arrays for every leaf of a checkpoint's state metadata `stored`: a leaf
+  that `like` (a TrainState on the current mesh) also has, with the same shape, takes
+  that leaf's sharding and dtype; any other (another optimizer's state, a classifier of
+  another size) takes `fallback(shape)`, a sharding on the current mesh."""
+  current = {name: leaf for name, leaf in _by_path(like).items() if hasattr(leaf, "sharding")}
+
+  def abstract(path, leaf):
+    mine = current.get(path_name(path))
+    if mine is not None and tuple(mine.shape) == tuple(leaf.shape):
+      return jax.ShapeDtypeStruct(mine.shape, mine.dtype, sharding=mine.sharding)
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=fallback(tuple(leaf.shape)))
+
+  return jax.tree_util.tree_map_with_path(abstract, stored)
 
 
 UNREADABLE_DIR = "checkpoints_unreadable"  # beside checkpoints/, in the workdir
@@ -261,8 +286,7 @@ class Checkpointer:
     for candidate in candidates:
       self._check_shapes(candidate, abstract_state)
       try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(candidate, args=restore_args(abstract_state))
       except Exception as e:  # a damaged step can fail in many layers of Orbax/TensorStore
         reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
         if step is not None:
@@ -403,7 +427,15 @@ def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
     raise UserError(f"init_from={source!r} has no checkpoints/ folder; give a training workdir.")
   other = Checkpointer(workdir, read_only=True)
   step = other.resolve_step("latest")
-  restored = other.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Read onto this run's mesh, whatever device count wrote it: arrays this state has
+  # keep its layout; the rest (e.g. optimizer state, dropped below) is split over the
+  # devices along its largest axis that divides, to hold as little as possible.
+  whole = state.step.sharding  # a scalar's: on every device of this run (or the only one)
+  mesh = getattr(whole, "mesh", None)
+  fallback = ((lambda shape: mesh_lib.split_sharding(shape, mesh)) if mesh is not None
+              else (lambda shape: whole))
+  target = stored_on_this_mesh(other.manager.item_metadata(step).state, state, fallback)
+  restored = other.manager.restore(step, args=restore_args(target))
   other.close()
   stored = restored.state
   taken = {}
@@ -418,7 +450,7 @@ def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
         return leaf
       value = found[key]
       if tuple(np.shape(value)) == leaf.shape:
-        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+        return value  # already in this leaf's dtype and sharding (stored_on_this_mesh)
       if reinit_head and leaf.shape[-1] == num_classes:
         reinitialized.append(f"{name}/{key}")
         return leaf

@@ -64,10 +64,10 @@ def validate(config) -> None:
   choices); the checks below are the relations between fields and the registries' own.
   """
   check_fields(config)
-  # Batches are global and split evenly over every device of every process.
-  for field in ("batch_size", "eval_batch_size"):
-    _require(config[field] % jax.device_count() == 0, field, config[field], _divisible_by_devices(
-        config[field]))
+  # The train batch is global and split evenly over every device of every process; the
+  # eval batch is rounded up to a multiple of the device count (masked padding).
+  _require(config.batch_size % jax.device_count() == 0, "batch_size", config.batch_size,
+           _divisible_by_devices(config.batch_size))
   _require(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs", config.num_epochs,
            "a positive number (or set num_train_steps > 0)")
   checkpoint_step = str(config.eval.checkpoint_step).strip()
@@ -95,7 +95,9 @@ def check_fields(config) -> None:
 
 
 def check_eval_batch_size(config, num_eval_examples: int) -> None:
-  """A batch larger than the whole (device-rounded) eval split only pads with zeros."""
+  """A batch larger than the whole eval split only pads with zeros. Both are rounded up
+  to a multiple of the device count (as `mesh.rounded_to_devices` rounds the batch), so
+  any size up to the split's is accepted on every device count."""
   devices = jax.device_count()
   largest = -(-num_eval_examples // devices) * devices
   _require(config.eval_batch_size <= largest, "eval_batch_size", config.eval_batch_size,
