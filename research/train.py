@@ -79,12 +79,15 @@ def input_functions(config, info: data.DatasetInfo, train_split: data.Split | No
 def eval_batches(config, split, mesh):
   """A callable yielding the eval split's padded batches (images, labels, mask) as
   global arrays [num_batches, batch, ...]: all at once from memory, or in pieces
-  read from storage (config.dataset.input="stream")."""
+  read from storage (config.dataset.input="stream"). The batch is
+  `eval_batch_size` rounded up to a multiple of the device count, so any size
+  runs on any number of devices; the extra rows are masked padding."""
+  batch_size = mesh_lib.rounded_to_devices(config.eval_batch_size, mesh)
   if input_pipeline.streams(config.dataset):
-    return input_pipeline.EvalStream(split, mesh, config.eval_batch_size,
+    return input_pipeline.EvalStream(split, mesh, batch_size,
                                      threads=input_pipeline.requested_threads(config.dataset))
   arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
-            for a in data.padded_for_eval(split, config.eval_batch_size)]
+            for a in data.padded_for_eval(split, batch_size)]
   return lambda: [arrays]
 
 
@@ -226,15 +229,22 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                          best_metric=config.best_metric)
+  # Either way the state is read onto this run's mesh, whatever device count wrote it;
+  # the parameters' fingerprint (a collective: every process computes it) shows they
+  # arrived unchanged.
   restored = checkpointer.restore(abstract_state)
   if restored is not None:
     state, restored_meta = restored
-    console("Resumed from checkpoint step %d in %s.", int(state.step), checkpointer.directory)
+    params = checkpoint.fingerprint(state.params)
+    console("Resumed from checkpoint step %d in %s (params %s).", int(state.step),
+            checkpointer.directory, params)
   else:
     state = init_fn(config.seed)
     if config.init_from:
       state = checkpoint.initialize_from(state, config.init_from, info.num_classes,
                                          config.init_reinit_head)
+      params = checkpoint.fingerprint(state.params)
+      console("Initialized from %s (params %s).", config.init_from, params)
   start_step = int(jax.device_get(state.step))
   meta = {"config": config.to_dict(), **checkpoint.code_version()}
 
