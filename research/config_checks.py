@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from research import input_pipeline, models, optim, profiling
+from research import backend, input_pipeline, models, optim, profiling
 from research.errors import UserError
 
 MAX_STEPS = 2**31 - 1  # TrainState.step is an int32
@@ -101,6 +101,9 @@ def validate(config) -> None:
   _require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
            "dataset.reader_threads", threads,
            "0 (one per CPU core, at most 32) or a positive number of threads")
+  precision = config.get("matmul_precision", "default")  # older configs: the default
+  _require(precision in backend.MATMUL_PRECISIONS, "matmul_precision", precision,
+           "'default' (the backend's: TF32 on NVIDIA GPUs), 'high' or 'highest' (full float32)")
   checkpoint_step = str(config.eval.checkpoint_step).strip()
   _require(checkpoint_step in ("latest", "best") or checkpoint_step.isdigit(),
            "eval.checkpoint_step", config.eval.checkpoint_step,
