@@ -21,6 +21,7 @@ ACCELERATOR = backend.Backend(platform="gpu", static_trip_counts=True)  # forced
 CPU = backend.Backend(platform="cpu", static_trip_counts=False)
 
 
+@pytest.mark.cpu_only
 def test_backend_is_resolved_from_jax_and_pieces_are_binary_digits():
   assert backend.current() == CPU  # these tests run on the CPU (see conftest's cpu_only)
   assert backend.current("gpu") == ACCELERATOR and backend.current("tpu").static_trip_counts
@@ -163,6 +164,7 @@ def test_no_accelerator_on_an_empty_root(tmp_path, monkeypatch):
   assert backend.present_accelerator()[0] == "TPU"
 
 
+@pytest.mark.cpu_only
 def test_main_stops_before_training_with_one_line_and_allow_cpu_goes_on(tmp_path):
   env = {backend.DEVICE_ROOT_ENV: _fake_root(tmp_path / "root", "dev/nvidia0"),
          "JAX_PLATFORMS": ""}

@@ -2,10 +2,12 @@
 `make bench`; here: that they are measured at all, and counted the right way)."""
 
 from absl import flags
+import pytest
 
 from research import benchmark
 
 
+@pytest.mark.cpu_only
 def test_throughput_counts_the_models_flops_not_the_fast_forms(fashion_mnist):
   del fashion_mnist  # prepared data
   flags.FLAGS(["test"])  # benchmark flags at their defaults
