@@ -178,3 +178,43 @@ def test_main_stops_before_training_with_one_line_and_allow_cpu_goes_on(tmp_path
   result = run_main(workdir, "--config=configs/default.py:smoke", "--allow_cpu",
                     "--config.batch_size=0", env=env)
   assert result.returncode == 2 and "batch_size" in result.stderr.strip().splitlines()[-1]
+
+
+# ---- Install: one lock per accelerator target ----------------------------------------
+
+@pytest.mark.parametrize("accel, plugin", [("cuda12", "jax-cuda12-plugin"),
+                                           ("cuda13", "jax-cuda13-plugin"), ("tpu", "libtpu")])
+def test_accelerator_locks_pin_the_plugin_for_the_locked_jax_and_repeat_no_base_pin(accel, plugin):
+  def pins(path):
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), path)) as f:
+      return dict(line.strip().lower().replace("_", "-").split("==") for line in f
+                  if "==" in line and not line.startswith("#"))
+
+  base, extra = pins("requirements.lock"), pins(f"requirements-{accel}.lock")
+  assert plugin in extra and not set(extra) & set(base)
+  if accel != "tpu":
+    assert extra[plugin] == base["jax"] == base["jaxlib"]
+
+
+def test_make_installs_the_accelerators_lock_and_refuses_unknown_targets():
+  import subprocess
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  dry = subprocess.run(["make", "-n", "test", "ACCEL=cuda12", "VENV=/nonexistent/venv"],
+                       cwd=repo, capture_output=True, text=True)
+  assert dry.returncode == 0, dry.stderr
+  assert "-c requirements.lock" in dry.stdout and "-c requirements-cuda12.lock 'jax[cuda12]'" \
+      in dry.stdout and "rm -rf /nonexistent/venv" in dry.stdout  # another ACCEL's venv goes
+  wrong = subprocess.run(["make", "-n", "train", "ACCEL=rocm"], cwd=repo, capture_output=True,
+                         text=True)
+  assert wrong.returncode != 0 and "ACCEL=rocm is not accepted" in wrong.stderr
+
+
+def test_prepare_data_names_the_missing_original_files(tmp_path):
+  from research import prepare_data
+
+  (tmp_path / "gz").mkdir()
+  (tmp_path / "gz" / "train-images-idx3-ubyte.gz").touch()
+  with pytest.raises(UserError, match="lacks train-labels-idx1-ubyte.gz, t10k-images"):
+    prepare_data.ensure_prepared("fashion_mnist", str(tmp_path / "tfds"),
+                                 source_dir=str(tmp_path / "gz"))
