@@ -154,7 +154,7 @@ def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size
       input_seconds = time.perf_counter() - started
       state, metrics = train_many(state, images, labels, batch_indices, stop - step)
       return state, _first_rows(metrics, stop - step), input_seconds
-    pieces, input_seconds, offset = [], 0.0, 0
+    pieces, input_seconds, offset = [], time.perf_counter() - started, 0
     for length in where.piece_lengths(stop - step):
       started = time.perf_counter()
       batch_indices = mesh_lib.global_batch(indices[offset:offset + length], mesh, batch_axis=1)
