@@ -7,14 +7,13 @@ mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
 import errno
-import json
 import logging as std_logging
 import os
 
 from absl import app, flags, logging
 
 from research import command_line
-from research.errors import TrainingFailure, UserError
+from research.errors import TrainingFailure, UserError, end_within
 
 # --config (a config file, default configs/default.py) is defined by
 # command_line.parse, which turns every flag mistake into a UserError.
@@ -51,21 +50,25 @@ class _QuietLibraries:
 
 
 def _stored_config(workdir: str, command_config):
-  """The config a workdir was trained with; only `eval.*` comes from the command line."""
+  """The config a workdir was trained with; only `eval.*` comes from the command line.
+  A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
   import ml_collections
 
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      stored = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f"--mode=eval needs {path} (written by training): {e}") from e
+  from research import config_checks, workdir_layout
+
+  workdir_layout.check(workdir, writing=False)
+  stored = config_checks.workdir_config(workdir, repair=False)
+  if stored is None:
+    raise UserError(f"--mode=eval needs {os.path.join(workdir, 'config.json')} (written by "
+                    "training): is --workdir the workdir of a training run?")
+  stored = ml_collections.ConfigDict(stored)
   stored.eval = command_config.eval
   return stored
 
 
 def _exit_with_message(error: UserError, verbose: bool):
   if verbose:
+    end_within(error.exit_code)
     raise error
   error.exit()
 
@@ -90,11 +93,15 @@ def main(argv):
     _exit_with_message(e, _VERBOSE.value)
   except OSError as e:
     if e.errno not in _DISK_ERRORS:
+      end_within(1)
       raise
     _exit_with_message(TrainingFailure(
         f"Writing {e.filename or 'a file'} failed: {e.strerror}. Free some space (or fix the "
         "permissions) and rerun the same command: it resumes from the last checkpoint."),
         _VERBOSE.value)
+  except BaseException as e:  # a bug's traceback, preemption's exit status: still end promptly
+    end_within(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+    raise
 
 
 def _run(argv) -> None:
