@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.checkpoint_step = "latest"
   config.eval.split = "test"
 
+  # Precision of float32 matmuls and convolutions: "default" (the backend's: TF32 on
+  # NVIDIA GPUs, one bfloat16 pass on TPU, float32 on CPU), "high" or "highest" (full
+  # float32 everywhere: results that carry over from CPU, slower on accelerators).
+  config.matmul_precision = "default"
   # GPU only: deterministic XLA reductions (slower); CPU runs are deterministic anyway.
   config.deterministic = False
   # Split params and optimizer state over the devices (FSDP-style) instead of

@@ -10,7 +10,8 @@
 #   3. set up on every worker: Python 3.11 and make where the image lacks them
 #      (the default image, tpu-ubuntu2204-base, is Ubuntu 22.04 with python3.10:
 #      python3.11 and python3.11-venv come from the deadsnakes PPA), then `make
-#      data` with $TPU_PYTHON (default python3.11), then jax[tpu] at the locked version;
+#      data ACCEL=tpu` with $TPU_PYTHON (default python3.11): the pinned TPU wheels of
+#      requirements-tpu.lock (see docs/accelerators.md);
 #   4. run `python -m research.main ARGS` on all workers at once: research.distributed
 #      sees a Cloud TPU VM and calls jax.distributed.initialize(), which reads the
 #      slice's workers from the TPU metadata;
@@ -94,6 +95,5 @@ $python_q -c 'import sys; assert sys.version_info >= (3, 11), sys.version' || {
   echo \"error: launch/tpu_vm.sh: $python_q on \$(hostname) is not Python 3.11+; set TPU_PYTHON\" >&2
   exit 2; }
 mkdir -p $remote_dir && tar -xzf code.tar.gz -C $remote_dir && cd $remote_dir
-make data PYTHON=$python_q
-.venv/bin/python -m pip install --quiet -c requirements.lock 'jax[tpu]'"
+make data PYTHON=$python_q ACCEL=tpu"
 on_all_workers "cd $remote_dir && .venv/bin/python -m research.main $(printf '%q ' "$@")"

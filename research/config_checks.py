@@ -109,14 +109,16 @@ def check_model_fits(model_config, image_shape, initialize) -> None:
   a shape failure into a UserError naming the model and the input shape."""
   try:
     initialize()
-  except (TypeError, ValueError, ZeroDivisionError) as e:  # flax/lax shape errors
+  # flax/lax shape errors; flax asserts some (a width that its attention heads cannot split)
+  except (TypeError, ValueError, ZeroDivisionError, AssertionError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     settings = ", ".join(f"model.{key}={value!r}" for key, value in model_config.items())
     raise UserError(
         f"The model ({settings}) cannot take images of shape {tuple(image_shape)} "
         f"(height, width, channels): initializing it fails with {type(e).__name__}: "
-        f"{first_line[:300]}. Use a model (or model settings) whose downsampling fits this "
-        "image size, or a dataset with larger images.") from e
+        f"{first_line[:300]}. Use model settings that fit together and fit this image size (a "
+        "downsampling the image allows, a width its attention heads divide), or a dataset "
+        "with larger images.") from e
 
 
 def _divisible_by_devices(size: int) -> str:

@@ -8,7 +8,7 @@ with every argument), so a new field cannot go unchecked: add its entry below.
 
 Why a table beside configs/default.py rather than inside it: default.py stays the
 readable recipe users copy, and this table also covers fields default.py does not set
-(the knobs each model and optimizer of the registries bring, `matmul_precision`).
+(the knobs each model and optimizer of the registries bring).
 Each entry repeats default.py's default (tests/test_properties.py checks they agree);
 for registry knobs the default is the model's or optimizer's own (`REGISTRY_DEFAULT`).
 A field a config leaves out is fine (configs may omit optional fields); only the

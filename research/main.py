@@ -25,6 +25,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Continue a workdir whose stored config differs from this one.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
+_ALLOW_CPU = flags.DEFINE_bool(
+    "allow_cpu", False, "Train on the CPU although this machine has a GPU or TPU that JAX "
+    "does not use (its accelerator wheels not installed: see docs/accelerators.md).")
 # Multi-process runs (see research/distributed.py): all three, or none on one host,
 # SLURM or a Cloud TPU VM.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
@@ -149,10 +152,11 @@ def _run(argv) -> None:
                                " --xla_gpu_deterministic_ops=true").strip()
   import jax
 
-  from research import distributed, train
+  from research import backend, distributed, train
 
   how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)  # before anything touches a device
+  backend.check_accelerator_used(jax.default_backend(), _ALLOW_CPU.value)
   logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
                jax.process_count(), how, jax.devices())
   if _MODE.value == "eval":

@@ -121,9 +121,13 @@ def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable,
 
 def _train_loop(state, num_steps, rows: int, batch, step_kwargs):
   """Runs `train_step` on batch(i) for i < num_steps in one compiled loop -> (state,
-  per-step metrics [rows], zero from num_steps on). A traced `num_steps` makes one
-  program serve every chunk length up to `rows`: chunks cut short by log, eval or
-  checkpoint stops that do not line up would otherwise each compile a program."""
+  per-step metrics [rows], zero from num_steps on).
+
+  `num_steps` is either traced (the CPU form: one program serves every chunk length up
+  to `rows`, where chunks cut short by log, eval or checkpoint stops that do not line up
+  would otherwise each compile a program) or the Python int `rows` (the accelerator
+  form, research/backend.py: XLA knows the trip count, so GPUs run the loop without
+  copying its condition to the host every iteration)."""
   shapes = jax.eval_shape(lambda state: train_step(state, *batch(0), **step_kwargs)[1], state)
   metrics = jax.tree.map(lambda m: jnp.zeros((rows, *m.shape), m.dtype), shapes)
 
@@ -136,9 +140,10 @@ def _train_loop(state, num_steps, rows: int, batch, step_kwargs):
 
 
 def train_many(state, all_images, all_labels, batch_indices, num_steps=None, **step_kwargs):
-  """Runs the first `num_steps` (default: all) rows of batch_indices [rows, batch] as
-  train steps in one compiled loop, gathering each batch from the device-resident
-  dataset. Returns (state, per-step metrics [rows], zero from num_steps on)."""
+  """Runs the first `num_steps` (default: all, a static trip count) rows of batch_indices
+  [rows, batch] as train steps in one compiled loop, gathering each batch from the
+  device-resident dataset. Returns (state, per-step metrics [rows], zero from num_steps
+  on)."""
   rows = batch_indices.shape[0]
 
   def batch(i):

@@ -125,6 +125,23 @@ def test_image_size_the_model_cannot_take(tmp_path):
            "cannot take images of shape (28, 28, 1)")
 
 
+def test_attention_heads_that_do_not_divide_the_width():
+  # flax asserts this one (an AssertionError, not a shape error): still one clear line.
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from research import config_checks, models
+  from research.errors import UserError
+
+  model_config = ml_collections.ConfigDict({**models.defaults("vit_ti"), "name": "vit_ti",
+                                            "num_heads": 5})
+  model = models.build(model_config, 10)
+  with pytest.raises(UserError, match=r"num_heads=5.*divisible by number of heads \(5\)"):
+    config_checks.check_model_fits(model_config, (32, 32, 3), lambda: jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)))
+
+
 def test_eval_batch_larger_than_the_eval_split(tmp_path):
   workdir = str(tmp_path / "run")
   result = run_main(workdir, SMOKE, "--config.eval_batch_size=20000")

@@ -31,7 +31,7 @@ def test_make_names_the_missing_prerequisite_and_creates_nothing(tmp_path, files
   venv = tmp_path / "venv"
   result = subprocess.run(
       ["make", "-C", REPO, f"PYTHON={_fake_python(tmp_path, files)}", f"VENV={venv}",
-       f"{venv}/.installed"], capture_output=True, text=True, timeout=60)
+       f"{venv}/.installed-cpu"], capture_output=True, text=True, timeout=60)
   assert result.returncode != 0
   for fragment in expected:
     assert fragment in result.stderr, result.stderr
@@ -42,7 +42,7 @@ def test_make_names_the_missing_prerequisite_and_creates_nothing(tmp_path, files
 def test_a_python_that_is_not_there_is_named(tmp_path):
   venv = tmp_path / "venv"
   result = subprocess.run(["make", "-C", REPO, "PYTHON=python3.99", f"VENV={venv}",
-                           f"{venv}/.installed"], capture_output=True, text=True, timeout=60)
+                           f"{venv}/.installed-cpu"], capture_output=True, text=True, timeout=60)
   assert result.returncode != 0
   assert "python3.99 not found" in result.stderr
   assert not venv.exists()
