@@ -19,10 +19,29 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: train test test-fast data bench bench-compare check-accelerator clean
 
+# What the machine must provide, checked before anything is created: Python 3.11+ and
+# its venv module with ensurepip (Debian and Ubuntu ship that part separately).
+define CHECK_PYTHON
+import sys
+found = "%d.%d" % sys.version_info[:2]
+if sys.version_info < (3, 11):
+    sys.exit("error: Python 3.11+ is needed; $(PYTHON) is Python " + found + ". Install a newer "
+             "one (Debian/Ubuntu: apt-get install python3.11 python3.11-venv) and name it: "
+             "make PYTHON=python3.11 ...")
+try:
+    import ensurepip, venv
+except ImportError:
+    sys.exit("error: $(PYTHON) (Python " + found + ") cannot create virtual environments: its "
+             "venv/ensurepip part is missing. Install it (Debian/Ubuntu, as root: apt-get install "
+             "python3-venv, or python" + found + "-venv) and rerun make.")
+endef
+export CHECK_PYTHON
+
 # The environment: pinned versions from requirements.lock (and the ACCEL's lock),
 # project installed editable.
 $(STAMP): pyproject.toml requirements.lock $(ACCEL_LOCK)
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version' 
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11+ (Debian/Ubuntu: apt-get install python3 python3-venv), or name one: make PYTHON=python3.12" >&2; exit 2; }
+	@$(PYTHON) -c "$$CHECK_PYTHON"
 	@for other in $(VENV)/.installed-*; do \
 	  if [ -e "$$other" ] && [ "$$other" != "$(STAMP)" ]; then \
 	    echo "$(VENV) holds $${other#$(VENV)/.installed-} wheels: rebuilding it for ACCEL=$(ACCEL)"; \

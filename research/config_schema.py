@@ -173,7 +173,7 @@ FIELDS: dict[str, Field] = {
     "model.dtype": choice(REGISTRY_DEFAULT, "compute dtype (parameters stay float32)",
                           models.DTYPES),
     # ---- optimizer (common fields; each optimizer's knobs come from research/optim.py)
-    "optimizer.name": choice("adam", "which optax optimizer", optim.OPTIMIZERS),
+    "optimizer.name": choice("adam_keras", "which optax optimizer", optim.OPTIMIZERS),
     "optimizer.learning_rate": number(1e-3, "peak learning rate", above=0.0),
     "optimizer.weight_decay": number(0.0, "on kernels only (0 = off)"),
     "optimizer.grad_clip_norm": number(0.0, "clip the global gradient norm (0 = off)"),

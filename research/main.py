@@ -9,6 +9,7 @@ mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 import errno
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -49,6 +50,41 @@ class _QuietLibraries:
     return record.levelno >= std_logging.WARNING or ours
 
 
+class _ConsoleFormat(std_logging.Formatter):
+  """Console lines for people: a short time, then the message (warnings and errors say
+  so); absl's prefix (level, date, thread id, file:line) stays in the --log_dir files
+  and on the console with --verbose."""
+
+  def __init__(self):
+    super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+  def formatMessage(self, record) -> str:
+    line = super().formatMessage(record)
+    if record.levelno >= std_logging.WARNING:
+      stamp, message = line.split(" ", 1)
+      # Upper case: "error: " (lower case) starts the run's own last line, a UserError's.
+      line = f"{stamp} {record.levelname}: {message}"
+    return line
+
+
+def _set_up_logging(verbose: bool) -> None:
+  """absl's full lines go to the --log_dir files when that flag is given; the console
+  gets short lines from this package (and libraries' warnings), or, with --verbose,
+  absl's full lines from everything."""
+  absl_handler = logging.get_absl_handler()
+  to_files = bool(flags.FLAGS.log_dir) and not flags.FLAGS.logtostderr
+  if to_files:
+    absl_handler.use_absl_log_file()  # every INFO line, absl prefix and all
+  if verbose and not to_files:
+    return  # absl's own lines on stderr, as they always were
+  console = std_logging.StreamHandler(sys.stderr) if to_files else absl_handler.python_handler
+  console.setFormatter(logging.PythonFormatter() if verbose else _ConsoleFormat())
+  if not verbose:
+    console.addFilter(_QuietLibraries())
+  if to_files:
+    std_logging.getLogger().addHandler(console)
+
+
 def _stored_config(workdir: str, command_config):
   """The config a workdir was trained with; only `eval.*` comes from the command line.
   A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
@@ -85,8 +121,7 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def main(argv):
-  if not _VERBOSE.value:
-    logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  _set_up_logging(_VERBOSE.value)
   try:
     _run(argv)
   except UserError as e:

@@ -44,16 +44,19 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
   With `microbatches` > 1 the batch's gradient is summed over that many equal
   slices, one after another: the same gradient up to float rounding, with
   activations small enough to stay in cache (XLA's CPU convolutions slow down per
-  image as the batch grows). BatchNorm then normalizes per micro-batch.
+  image as the batch grows). BatchNorm then normalizes per micro-batch. Each
+  micro-batch draws its own dropout masks (the step's dropout key folded with the
+  micro-batch's index), as one pass over the whole batch would; augmentation
+  already draws per example over the whole batch, before the split.
   """
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   inputs = (preprocess(images) if train_input is None
             else train_input(images, jax.random.fold_in(step_rng, 1)))
 
-  def loss_fn(params, model_state, inputs, labels):
+  def loss_fn(params, model_state, inputs, labels, dropout_key):
     variables = {"params": params, **model_state}
     logits, new_model_state = apply_fn(
-        variables, inputs, train=True, rngs={"dropout": step_rng},
+        variables, inputs, train=True, rngs={"dropout": dropout_key},
         mutable=list(model_state))
     loss = cross_entropy(logits, labels, label_smoothing).mean()
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
@@ -62,18 +65,23 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
     (loss, (correct, new_model_state)), grads = grad_fn(state.params, state.model_state, inputs,
-                                                        labels)
+                                                        labels, step_rng)
   else:
+    microbatch_keys = jax.random.fold_in(step_rng, 2)  # 1 is augmentation's
+
     def accumulate(carry, batch):
       loss_sum, correct_sum, grad_sum, model_state = carry
-      (loss, (correct, model_state)), grads = grad_fn(state.params, model_state, *batch)
+      inputs, labels, index = batch
+      (loss, (correct, model_state)), grads = grad_fn(
+          state.params, model_state, inputs, labels, jax.random.fold_in(microbatch_keys, index))
       return (loss_sum + loss, correct_sum + correct, jax.tree.map(jnp.add, grad_sum, grads),
               model_state), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss, correct, grads, new_model_state), _ = jax.lax.scan(
         accumulate, (jnp.float32(0), jnp.int32(0), zeros, state.model_state),
-        (split_microbatches(inputs, microbatches), split_microbatches(labels, microbatches)))
+        (split_microbatches(inputs, microbatches), split_microbatches(labels, microbatches),
+         jnp.arange(microbatches)))
     loss = loss / microbatches
     grads = jax.tree.map(lambda g: g / microbatches, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

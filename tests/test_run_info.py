@@ -36,7 +36,7 @@ def test_run_json_running_then_finished_with_final_and_best_metrics(tmp_path):
     record.step = 20
   info = run_info.read(workdir)
   assert info["status"] == "finished" and info["end_time"] >= info["start_time"]
-  assert info["config"]["optimizer"]["name"] == "adam" and info["seed"] == 0
+  assert info["config"]["optimizer"]["name"] == "adam_keras" and info["seed"] == 0
   assert set(info["code"]) == {"package_version", "git_commit", "git_dirty"}
   assert {"jax", "flax", "optax", "orbax-checkpoint",
           "tensorflow-datasets"} <= set(info["versions"])
