@@ -21,7 +21,7 @@ import jax
 from absl import logging
 
 from research import checkpoint
-from research.run_log import METRICS_FILE
+from research import run_log
 
 RUN_FILE = "run.json"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
@@ -63,17 +63,7 @@ def numerics(config, where=None) -> dict:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl ([] when there is none); bad lines are skipped."""
-  records = []
-  try:
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          continue  # a line cut short by a crash
-  except FileNotFoundError:
-    pass
-  return records
+  return run_log.read_records(os.path.join(workdir, run_log.METRICS_FILE))
 
 
 def summarize_metrics(records: list[dict]) -> dict:

@@ -39,15 +39,22 @@ class RunLog:
     self._writer = SummaryWriter(tensorboard_dir)
 
   def _truncate_after(self, step: int) -> None:
-    """Drops lines newer than `step`: they will be written again, identically."""
+    """Drops records newer than `step` (they will be written again, identically) and
+    lines that are not records (a crash's cut line, damaged bytes), with a warning."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
+    with open(self.path, "rb") as f:
       lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if _step_of(line) <= step]
+    records = [_record_of(line) for line in lines]
+    kept = [line for line, record in zip(lines, records)
+            if record is not None and record["step"] <= step]
+    damaged = sum(record is None for record in records)
+    if damaged:
+      logging.warning("%s: dropped %d damaged line(s); the records around them are kept.",
+                      self.path, damaged)
     if len(kept) != len(lines):
       tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
+      with open(tmp, "wb") as f:
         f.writelines(kept)
       os.replace(tmp, self.path)
 
@@ -80,15 +87,9 @@ def _scalars(record: dict) -> dict:
 def _scalar_points(path: str) -> dict:
   """{(tag, step): value} of every scalar in metrics.jsonl."""
   points = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        for tag, value in _scalars(record).items():
-          points[(tag, int(record["step"]))] = value
+  for record in read_records(path):
+    for tag, value in _scalars(record).items():
+      points[(tag, record["step"])] = value
   return points
 
 
@@ -168,11 +169,25 @@ def _write_events(path: str, events: list, wall_time: float) -> None:
   os.replace(temporary, path)
 
 
-def _step_of(line: str) -> int:
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl ([] when there is none). Lines that are not records
+  (a line cut short by a crash, damaged bytes) are skipped: one bad line never costs a run."""
   try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return -1  # keep malformed lines out of the way of the comparison: drop nothing else
+    with open(path, "rb") as f:
+      return [record for record in map(_record_of, f) if record is not None]
+  except FileNotFoundError:
+    return []
+
+
+def _record_of(line: bytes) -> dict | None:
+  """A line's record: a JSON object with an integer step; None for anything else."""
+  try:
+    record = json.loads(line)
+  except ValueError:  # UnicodeDecodeError included
+    return None
+  if not isinstance(record, dict) or type(record.get("step")) is not int:
+    return None
+  return record
 
 
 def _plain(value):

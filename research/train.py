@@ -402,15 +402,8 @@ def _write_config(config, workdir: str) -> None:
 
 
 def _last_eval(workdir: str) -> dict:
-  path = os.path.join(workdir, "metrics.jsonl")
-  last = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get("split") == "test":
-          last = record
-  return last
+  tests = [record for record in run_info.read_metrics(workdir) if record.get("split") == "test"]
+  return tests[-1] if tests else {}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
