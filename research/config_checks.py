@@ -6,7 +6,6 @@ steps the run has, and `is_time(step, every)` decides every periodic action.
 
 import dataclasses
 import json
-import math
 import os
 
 import jax

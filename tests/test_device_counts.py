@@ -9,49 +9,26 @@ train batch must divide by it. The device counts are forced CPU devices
 (`--xla_force_host_platform_device_count`), one fresh process per count.
 """
 
-import importlib
-import io
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-from PIL import Image
 
 from conftest import REPO, run_main
-from test_datasets import LABEL_NAMES, Cifar10
+from test_datasets import LABEL_NAMES, Cifar10, TinyJpegImages
 from test_recipes import RECIPES
 
 EVAL_EXAMPLES = 1000  # in every eval split below: at least the largest recipe eval batch
 
 
-class ManyJpegImages(tfds.core.GeneratorBasedBuilder):
+class ManyJpegImages(TinyJpegImages):
   """JPEGs of varying sizes with a validation split, standing in for imagenet2012 and
   imagenette (read back by name with TFDS's read-only builder, unregistered)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(names=["tench", "springer", "cassette"])}))
-
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(130, 0),
-            "validation": self._generate_examples(EVAL_EXAMPLES, 1)}
-
-  def _generate_examples(self, count, seed):
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-      height, width = rng.integers(20, 40, 2)
-      encoded = io.BytesIO()
-      Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
-          encoded, format="JPEG")
-      yield index, {"image": encoded.getvalue(), "label": int(rng.integers(0, 3))}
+  TRAIN_EXAMPLES, EVAL_EXAMPLES, MAX_SIDE = 130, EVAL_EXAMPLES, 40
 
 
 def _write_cifar10(folder, train_per_file=110, test=EVAL_EXAMPLES):
