@@ -1,22 +1,57 @@
 # Two commands do all set-up on a fresh machine: `make train` and `make test`.
+# ACCEL picks JAX's wheels: cpu (default), cuda12 / cuda13 (NVIDIA GPUs, CUDA 12 or 13
+# drivers) or tpu (Cloud TPU VMs); e.g. `make train ACCEL=cuda12`. See docs/accelerators.md.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+ACCEL ?= cpu
+ACCELS := cpu cuda12 cuda13 tpu
+$(if $(filter $(ACCEL),$(ACCELS)),,$(error ACCEL=$(ACCEL) is not accepted: use one of $(ACCELS)))
+# One stamp per ACCEL: a venv holds one target's wheels, and switching ACCEL rebuilds it.
+STAMP := $(VENV)/.installed-$(ACCEL)
+ACCEL_LOCK := $(if $(filter cpu,$(ACCEL)),,requirements-$(ACCEL).lock)
+ACCEL_INSTALL := $(if $(ACCEL_LOCK),-c $(ACCEL_LOCK) 'jax[$(ACCEL)]')
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 # Two workers (the machine's two cores); a test file stays on one worker, so its
 # module-wide fixtures (a trained workdir, say) are built once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: train test test-fast data postgres bench bench-compare clean
+.PHONY: train test test-fast data postgres bench bench-compare check-accelerator clean
 
-# The environment: pinned versions from requirements.lock, project installed editable.
-$(STAMP): pyproject.toml requirements.lock
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version' 
+# What the machine must provide, checked before anything is created: Python 3.11+ and
+# its venv module with ensurepip (Debian and Ubuntu ship that part separately).
+define CHECK_PYTHON
+import sys
+found = "%d.%d" % sys.version_info[:2]
+if sys.version_info < (3, 11):
+    sys.exit("error: Python 3.11+ is needed; $(PYTHON) is Python " + found + ". Install a newer "
+             "one (Debian/Ubuntu: apt-get install python3.11 python3.11-venv) and name it: "
+             "make PYTHON=python3.11 ...")
+try:
+    import ensurepip, venv
+except ImportError:
+    sys.exit("error: $(PYTHON) (Python " + found + ") cannot create virtual environments: its "
+             "venv/ensurepip part is missing. Install it (Debian/Ubuntu, as root: apt-get install "
+             "python3-venv, or python" + found + "-venv) and rerun make.")
+endef
+export CHECK_PYTHON
+
+# The environment: pinned versions from requirements.lock (and the ACCEL's lock),
+# project installed editable.
+$(STAMP): pyproject.toml requirements.lock $(ACCEL_LOCK)
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found. Install Python 3.11+ (Debian/Ubuntu: apt-get install python3 python3-venv), or name one: make PYTHON=python3.12" >&2; exit 2; }
+	@$(PYTHON) -c "$$CHECK_PYTHON"
+	@for other in $(VENV)/.installed-*; do \
+	  if [ -e "$$other" ] && [ "$$other" != "$(STAMP)" ]; then \
+	    echo "$(VENV) holds $${other#$(VENV)/.installed-} wheels: rebuilding it for ACCEL=$(ACCEL)"; \
+	    rm -rf $(VENV); break; \
+	  fi; \
+	done
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "pip==26.3"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock \
+	    $(ACCEL_INSTALL) -e '.[test]'
 	touch $@
 
 # Fashion-MNIST prepared by TFDS: offline from Debian's files when possible.
@@ -58,6 +93,12 @@ BENCH_ARGS ?=
 
 bench: data
 	$(BIN)/python -m research.benchmark --recipes=seed,seed_bf16,resnet20 $(BENCH_ARGS)
+
+# An accelerator machine checked end to end (docs/accelerators.md): one table, in
+# build/check_accelerator.md. DATA: a folder of Fashion-MNIST's original .gz files.
+DATA ?= /usr/share/datasets/fashion-mnist
+check-accelerator: $(STAMP)
+	$(BIN)/python -m research.check_accelerator --data=$(DATA) --shared=$(SHARED)/bench $(CHECK_ARGS)
 
 $(BENCH_ENV)/tf/.installed:
 	$(PYTHON) -m venv $(BENCH_ENV)/tf

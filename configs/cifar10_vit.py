@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "smoke":
     config.model.depth = 2
     config.model.width = 64
+    config.model.num_heads = 4  # the width must divide by the heads (6 does not divide 64)
     config.num_train_steps = 10
     config.batch_size = 32
     config.schedule.warmup_epochs = 0.0

@@ -5,7 +5,13 @@
 #
 # Each process gets ARGS plus --coordinator_address=127.0.0.1:PORT (a free port)
 # --num_processes=N --process_id=I: the code path a cluster uses, on one machine.
-# On CPU, give each process several devices with
+# Devices: on a GPU host the GPUs are split evenly, each process seeing only its
+# own share (CUDA_VISIBLE_DEVICES; process I takes the I-th share). The GPUs are
+# those listed in $GPUS (e.g. GPUS=0,1,2,3), else, where nvidia-smi is installed,
+# in $CUDA_VISIBLE_DEVICES or else every GPU `nvidia-smi -L` lists; N must divide
+# their number. On a TPU VM one
+# process drives all of the host's chips: use launch/local.sh (launch/tpu_vm.sh
+# for a slice). On CPU, give each process several devices with
 #   XLA_FLAGS=--xla_force_host_platform_device_count=2 launch/multiprocess.sh 2 ...
 # It waits for all of them and exits 0 only if all exit 0. When one fails, the
 # others (which would wait for it forever in a collective) get SIGTERM, then
@@ -37,10 +43,41 @@ port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0
 # Process 0 serves the coordinator on loopback only, not on every interface.
 export JAX_COORDINATOR_BIND_ADDRESS="127.0.0.1:$port"
 
+# The GPUs to split among the processes (none: CPU, or a TPU host below).
+gpus=()
+if [[ -n "${GPUS:-}" ]]; then
+  IFS=, read -r -a gpus <<< "$GPUS"
+elif command -v nvidia-smi >/dev/null 2>&1; then  # a GPU host
+  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: exactly those
+    IFS=, read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
+  else
+    gpu_count="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
+    for ((g = 0; g < gpu_count; g++)); do gpus+=("$g"); done
+  fi
+fi
+if ((${#gpus[@]})); then
+  ((${#gpus[@]} % num_processes == 0)) ||
+    fail "$num_processes processes cannot share ${#gpus[@]} GPUs (${gpus[*]}) evenly: give a" \
+         "process count that divides ${#gpus[@]}, or name the GPUs to use, e.g. GPUS=0,1."
+  per_process=$((${#gpus[@]} / num_processes))
+elif ((num_processes > 1)) && compgen -G '/dev/accel*' >/dev/null; then
+  fail "this host has TPU chips, and one process drives all of them: run launch/local.sh" \
+       "here (or launch/tpu_vm.sh, one process per host of a slice)."
+fi
+
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  "$PYTHON" -m research.main "$@" --coordinator_address="127.0.0.1:$port" \
-      --num_processes="$num_processes" --process_id="$i" &
+  if ((${#gpus[@]})); then
+    # Only its own GPUs are visible to process I; JAX numbers them from 0.
+    own="$(IFS=,; echo "${gpus[*]:i*per_process:per_process}")"
+    echo "launch/multiprocess.sh: process $i gets GPU(s) $own" >&2
+    CUDA_VISIBLE_DEVICES="$own" JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 $((per_process - 1)))" \
+      "$PYTHON" -m research.main "$@" --coordinator_address="127.0.0.1:$port" \
+        --num_processes="$num_processes" --process_id="$i" &
+  else
+    "$PYTHON" -m research.main "$@" --coordinator_address="127.0.0.1:$port" \
+        --num_processes="$num_processes" --process_id="$i" &
+  fi
   pids+=("$!")
 done
 

@@ -7,8 +7,11 @@
 # Steps, each with gcloud (authenticated, with a default project):
 #   1. create the TPU VM slice (skipped if TPU_NAME exists; SPOT=1 for a spot slice);
 #   2. copy this checkout (git-tracked files) to every worker;
-#   3. set up on every worker: `make data` with $TPU_PYTHON (default python3.11;
-#      the image must provide Python 3.11+), then jax[tpu] at the locked version;
+#   3. set up on every worker: Python 3.11 and make where the image lacks them
+#      (the default image, tpu-ubuntu2204-base, is Ubuntu 22.04 with python3.10:
+#      python3.11 and python3.11-venv come from the deadsnakes PPA), then `make
+#      data ACCEL=tpu` with $TPU_PYTHON (default python3.11): the pinned TPU wheels of
+#      requirements-tpu.lock (see docs/accelerators.md);
 #   4. run `python -m research.main ARGS` on all workers at once: research.distributed
 #      sees a Cloud TPU VM and calls jax.distributed.initialize(), which reads the
 #      slice's workers from the TPU metadata;
@@ -16,7 +19,9 @@
 #      also when a step fails (KEEP_TPU=1 keeps it).
 # --workdir must be storage every worker shares (an NFS/Filestore or gcsfuse
 # mount): checkpoints are written by all workers together.
-# Other settings: RUNTIME_VERSION (default tpu-ubuntu2204-base).
+# Other settings: RUNTIME_VERSION (default tpu-ubuntu2204-base; any Ubuntu-based
+# TPU runtime works the same way), TPU_PYTHON (a command name pythonX.Y, 3.11 or
+# newer, installed from deadsnakes when missing, or a path to a Python on the image).
 if ! command -v gcloud >/dev/null 2>&1; then
   echo "error: launch/tpu_vm.sh needs the Google Cloud CLI, and 'gcloud' is not on PATH." \
        "Install it (https://cloud.google.com/sdk/docs/install), run 'gcloud auth login' and" \
@@ -72,6 +77,23 @@ trap 'exit 130' INT
 archive="$(mktemp -d)/code.tar.gz"
 git ls-files -z | tar --null -T - -czf "$archive"
 "${tpu[@]}" scp "$archive" "$TPU_NAME:code.tar.gz" --zone="$ZONE" --worker=all
-on_all_workers "mkdir -p $remote_dir && tar -xzf code.tar.gz -C $remote_dir && cd $remote_dir &&
-  make data PYTHON=$TPU_PYTHON && .venv/bin/python -m pip install --quiet -c requirements.lock 'jax[tpu]'"
+# Python and make first: Ubuntu 22.04 images have python3.10 and may lack make.
+python_q="$(printf '%q' "$TPU_PYTHON")"
+install_python=""
+if [[ "$TPU_PYTHON" =~ ^python3\.[0-9]+$ ]]; then
+  install_python="sudo add-apt-repository -y ppa:deadsnakes/ppa &&
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q $TPU_PYTHON $TPU_PYTHON-venv"
+fi
+on_all_workers "set -e
+if ! command -v make >/dev/null 2>&1 || ! command -v $python_q >/dev/null 2>&1 ||
+   ! $python_q -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  sudo DEBIAN_FRONTEND=noninteractive apt-get update -q
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q make software-properties-common
+  ${install_python:-true}
+fi
+$python_q -c 'import sys; assert sys.version_info >= (3, 11), sys.version' || {
+  echo \"error: launch/tpu_vm.sh: $python_q on \$(hostname) is not Python 3.11+; set TPU_PYTHON\" >&2
+  exit 2; }
+mkdir -p $remote_dir && tar -xzf code.tar.gz -C $remote_dir && cd $remote_dir
+make data PYTHON=$python_q ACCEL=tpu"
 on_all_workers "cd $remote_dir && .venv/bin/python -m research.main $(printf '%q ' "$@")"

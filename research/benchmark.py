@@ -8,8 +8,13 @@ table to build/bench.md, the raw numbers to build/bench.json):
   * images/s at batch 32, 256 and 1024 (steady state, median of windows);
   * FLOPs per image of one train step, from XLA's cost analysis: the model's (its plain
     lax.conv form) and, in brackets, those our fast CPU form executes;
-  * achieved GFLOP/s (model FLOPs) and its fraction of the fp32 matmul peak measured in
-    the same run.
+  * achieved GFLOP/s (model FLOPs) and its fraction of the device's peak: on CPU the fp32
+    matmul rate measured in the same run; on a GPU or TPU the maker's peak for the
+    recipe's arithmetic (`PEAKS`: bfloat16, or TF32 for float32 at the default precision).
+
+Every measurement runs in a child process (`--measure`); this parent never imports
+JAX: a TPU has one owner, and JAX takes 75% of a GPU's memory in the first process
+that opens it.
 
   python -m research.benchmark [--recipes=seed,seed_bf16,resnet20] [--resnet_epochs=2]
 """
@@ -34,6 +39,8 @@ _EPOCHS = flags.DEFINE_integer("resnet_epochs", 2,
 OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
 MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
                                    "batches larger than this (0: none).")
+_MEASURE = flags.DEFINE_string("measure", None, "Internal: the JSON of one measurement to run "
+                               "in this (child) process; prints RESULT {json}.")
 
 RECIPES = {
     # name: (config file, overrides applied to it)
@@ -47,6 +54,41 @@ RECIPES = {
         "model.dtype": "float32", "log_every_steps": 60_000 // 128}),
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense peak TFLOP/s per chip (no structured sparsity): (bfloat16, TF32, float32), by
+# jax device_kind, first match wins. TF32 is what float32 matmuls and convolutions run as
+# on NVIDIA GPUs at matmul_precision="default"; a TPU runs them as bfloat16 passes (one at
+# "default"), so its float32 runs are measured against the bfloat16 peak (TF32: None).
+# Sources: NVIDIA datasheets (H100/H200: "H100 Tensor Core GPU" and "H200 Tensor Core GPU",
+# SXM figures, sparsity figures halved; A100: "A100 Tensor Core GPU" datasheet; L4: "L4
+# Tensor Core GPU" datasheet, 242/120 with sparsity); Google Cloud TPU system architecture
+# pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): peak bf16 compute per chip.
+PEAKS = [
+    ("H100 PCIe", (756.0, 378.0, 51.0)),
+    ("H100 NVL", (835.0, 418.0, 60.0)),
+    ("H100", (989.4, 494.7, 66.9)),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", (989.4, 494.7, 66.9)),  # SXM ("NVIDIA H200"); same compute as H100 SXM
+    ("A100", (312.0, 156.0, 19.5)),  # SXM4 and PCIe
+    ("L4", (121.0, 60.0, 30.3)),
+    ("TPU v4", (275.0, None, None)),
+    ("TPU v5 lite", (197.0, None, None)),  # v5e
+    ("TPU v5e", (197.0, None, None)),
+    ("TPU v5p", (459.0, None, None)),
+    ("TPU v5", (459.0, None, None)),  # v5p reports "TPU v5"
+    ("TPU v6 lite", (918.0, None, None)),  # v6e (Trillium)
+    ("TPU v6e", (918.0, None, None)),
+]
+
+
+def device_peak_gflops(device_kind: str, dtype: str) -> tuple[float | None, str]:
+  """(the maker's peak GFLOP/s for `dtype` arithmetic on this device, its name), or
+  (None, why) for a device not in PEAKS."""
+  for pattern, (bf16, tf32, _) in PEAKS:
+    if pattern.lower() in device_kind.lower():
+      if dtype == "bfloat16" or tf32 is None:
+        return bf16 * 1e3, f"{pattern} bf16 peak"
+      return tf32 * 1e3, f"{pattern} TF32 peak"
+  return None, f"no peak known for {device_kind!r}"
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -178,23 +220,55 @@ def microbatch_overrides(batch_size: int) -> dict:
   return {"microbatch_size": size} if size and batch_size > size else {}
 
 
-def main(argv):
-  del argv
+def machine() -> dict:
+  """Devices of this process's JAX backend and, on CPU, the measured fp32 matmul peak."""
   import jax
 
+  platform = jax.default_backend()
+  return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+          "platform": platform, "device_kind": jax.devices()[0].device_kind,
+          "matmul_peak_gflops": matmul_peak_gflops() if platform == "cpu" else None}
+
+
+def in_child(what: str, *args) -> dict:
+  """Runs one measurement (`machine` or `throughput`) in a child process."""
+  command = [sys.executable, "-m", "research.benchmark", f"--microbatch={MICROBATCH.value}",
+             "--measure=" + json.dumps({"what": what, "args": args})]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+  if result.returncode != 0 or not lines:
+    raise RuntimeError(f"{what}{args} failed:\n{result.stderr[-3000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def peak_for(results: dict, recipe: str) -> tuple[float | None, str]:
+  """The peak a recipe's rate is compared with (see PEAKS)."""
+  found = results["machine"]
+  if found["platform"] == "cpu":
+    return found["matmul_peak_gflops"], "measured fp32 matmul peak"
+  dtype = RECIPES[recipe][1].get("model.dtype", "float32")
+  return device_peak_gflops(found["device_kind"], dtype)
+
+
+def main(argv):
+  del argv
+  if _MEASURE.value:  # a child: one measurement
+    request = json.loads(_MEASURE.value)
+    measure = {"machine": machine, "throughput": throughput}[request["what"]]
+    print("RESULT " + json.dumps(measure(*request["args"])), flush=True)
+    return
   os.makedirs(OUT_DIR.value, exist_ok=True)
-  peak = matmul_peak_gflops()
-  results = {"machine": {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-                         "matmul_peak_gflops": peak}, "recipes": {}}
+  results = {"machine": in_child("machine"), "recipes": {}}
   for name in _RECIPES.value:
     config_file, overrides = RECIPES[name]
     run_overrides = as_flags(overrides)
     if name == "resnet20":
       run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
-    rows = [throughput(config_file, {**overrides, **microbatch_overrides(int(b))}, int(b))
-            for b in BATCH_SIZES.value]
+    rows = [in_child("throughput", config_file, {**overrides, **microbatch_overrides(int(b))},
+                     int(b)) for b in BATCH_SIZES.value]
     results["recipes"][name] = {"throughput": rows, "training": training_run(config_file,
-                                                                             run_overrides)}
+                                                                             run_overrides),
+                                "peak": peak_for(results, name)}
     print(f"{name}: done", file=sys.stderr, flush=True)
   table = markdown(results)
   print(table)
@@ -205,15 +279,21 @@ def main(argv):
 
 
 def markdown(results: dict) -> str:
-  peak = results["machine"]["matmul_peak_gflops"]
-  lines = [f"Machine: {results['machine']['cpu_count']} CPU cores, "
-           f"{', '.join(results['machine']['devices'])}; measured fp32 matmul peak "
-           f"{peak:.0f} GFLOP/s.", ""]
+  found = results["machine"]
+  if found.get("platform", "cpu") == "cpu":
+    where = (f"{found['cpu_count']} CPU cores, {', '.join(found['devices'])}; measured fp32 "
+             f"matmul peak {found['matmul_peak_gflops']:.0f} GFLOP/s.")
+  else:
+    where = (f"{len(found['devices'])} x {found['device_kind']} ({found['platform']}); % of "
+             "peak: of one device's datasheet peak for the recipe's arithmetic (bf16, or TF32 "
+             "for float32).")
+  lines = [f"Machine: {where}", ""]
   header = ("| recipe | first epoch s (compile incl.) | steady epoch s | test acc | peak RSS MB "
             "| MFLOP/image, model (executed) | batch (micro) | images/s | GFLOP/s | % of peak |")
   lines += [header, "|" + "---|" * 10]
   for name, recipe in results["recipes"].items():
     run = recipe["training"]
+    peak, _ = recipe.get("peak") or (found["matmul_peak_gflops"], "")
     for i, row in enumerate(recipe["throughput"]):
       lead = (f"| {name} | {run['first_epoch_seconds']:.1f} | "
               f"{_fmt(run['median_epoch_seconds'])} | {_fmt(run['test_accuracy'], 4)} | "
@@ -222,8 +302,14 @@ def markdown(results: dict) -> str:
               if i == 0 else "| | | | | | ")
       split = 0 < row["microbatch_size"] < row["batch_size"]
       micro = f" ({row['microbatch_size']})" if split else ""
+      digits = 2 if peak and peak > 1e4 else 0  # small recipes use a sliver of a GPU's peak
+      fraction = f"{100 * row['gflops_per_sec'] / peak:.{digits}f}%" if peak else "n/a"
       lines.append(f"{lead}| {row['batch_size']}{micro} | {row['images_per_sec']:.0f} | "
-                   f"{row['gflops_per_sec']:.1f} | {100 * row['gflops_per_sec'] / peak:.0f}% |")
+                   f"{row['gflops_per_sec']:.1f} | {fraction} |")
+  peaks = {recipe.get("peak", (None, ""))[1] for recipe in results["recipes"].values()}
+  if found.get("platform", "cpu") != "cpu" and peaks:
+    lines += ["", "Peaks used: " + "; ".join(sorted(p for p in peaks if p)) + " (research/"
+              "benchmark.py PEAKS)."]
   return "\n".join(lines)
 
 

@@ -7,12 +7,18 @@ version, in stream mode the input stream's position (`input`, checked on resume:
 see input_pipeline.py) and, for checkpoints written after an evaluation, its metrics.
 
 Orbax writes each step into a temporary folder and renames it once complete, so
-a checkpoint cut short by a crash is never listed; restore also falls back to an
-older step when the newest cannot be read. Kept: the last `keep` steps plus the
-best one by `best_metric`.
+a checkpoint cut short by a crash is never listed. A step damaged afterwards (a
+flaky or full network filesystem, a hand edit) is set aside into
+WORKDIR/checkpoints_unreadable/ with a warning naming the damaged file, and the
+newest readable step is used: the small files Orbax reads as JSON are checked before
+the CheckpointManager is built (it reads some of them for every step), and the array
+data by the restore itself. Kept: the last `keep` steps plus the best one by
+`best_metric`.
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import research
+from research import mesh as mesh_lib
 from research.errors import TrainingFailure, UserError
 
 # Metrics an evaluation produces that can pick the "best" checkpoint, and which way is better.
@@ -45,6 +52,136 @@ def code_version() -> dict:
   return {"package_version": research.__version__, "git_commit": commit or None, "git_dirty": dirty}
 
 
+def restore_args(target) -> ocp.args.Composite:
+  """Orbax's arguments to read a checkpoint's state into `target`: abstract arrays
+  (jax.ShapeDtypeStruct) carrying the current mesh's shardings. Orbax then lays each
+  array out for this run's devices and processes, whatever the checkpoint was written
+  with; without them it would insist on the writer's device layout."""
+  return ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+
+
+def stored_on_this_mesh(stored, like, fallback):
+  """Abstract arrays for every leaf of a checkpoint's state metadata `stored`: a leaf
+  that `like` (a TrainState on the current mesh) also has, with the same shape, takes
+  that leaf's sharding and dtype; any other (another optimizer's state, a classifier of
+  another size) takes `fallback(shape)`, a sharding on the current mesh."""
+  current = {name: leaf for name, leaf in _by_path(like).items() if hasattr(leaf, "sharding")}
+
+  def abstract(path, leaf):
+    mine = current.get(path_name(path))
+    if mine is not None and tuple(mine.shape) == tuple(leaf.shape):
+      return jax.ShapeDtypeStruct(mine.shape, mine.dtype, sharding=mine.sharding)
+    return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=fallback(tuple(leaf.shape)))
+
+  return jax.tree_util.tree_map_with_path(abstract, stored)
+
+
+UNREADABLE_DIR = "checkpoints_unreadable"  # beside checkpoints/, in the workdir
+# The text Orbax writes into each commit_success.txt (step and item level).
+_COMMIT_MARK = re.compile(r"Checkpoint commit was successful to .*/(\d+)"
+                          r"(?:\.orbax-checkpoint-tmp[^/]*)?(?:/(\w+))?")
+
+
+def damage(step_dir: str, step: int) -> str | None:
+  """Why Orbax could not read this step back, naming the damaged file, or None.
+
+  Checks the files Orbax reads as JSON: `_CHECKPOINT_METADATA` (read for every step
+  when a CheckpointManager is built), each item's folder, `meta/metadata`,
+  `metrics/metrics` and `state/_METADATA`, and any `commit_success.txt`,
+  `state/_sharding` and `state/array_metadatas/*` present (Orbax does without them
+  on a local file system). The array data is checked by reading it: see `restore`.
+  """
+  if not os.path.isdir(step_dir):
+    return "it is a file, not a folder"
+  metadata, problem = _json_object(step_dir, "_CHECKPOINT_METADATA")
+  if problem:
+    return problem
+  items = metadata.get("item_handlers")
+  if not isinstance(items, dict):
+    return "_CHECKPOINT_METADATA names no items (damaged)"
+  for item in sorted({"state", "meta", *items}):
+    if not os.path.isdir(os.path.join(step_dir, item)):
+      return f"{item}/ is missing"
+  required = ["meta/metadata", "state/_METADATA"] + (["metrics/metrics"] if "metrics" in items
+                                                     else [])
+  present = [name for name in ["state/_sharding"] + [
+      f"state/array_metadatas/{entry}" for entry in _listing(step_dir, "state/array_metadatas")]
+             if os.path.lexists(os.path.join(step_dir, name))]
+  for name in required + present:
+    problem = _json_object(step_dir, name)[1]
+    if problem:
+      return problem
+  for item in ["", *sorted(items)]:
+    name = os.path.join(item, "commit_success.txt")
+    if os.path.lexists(os.path.join(step_dir, name)):
+      problem = _commit_mark_problem(os.path.join(step_dir, name), step, item or None)
+      if problem:
+        return f"{name}: {problem}"
+  return None
+
+
+def _listing(step_dir: str, folder: str) -> list[str]:
+  try:
+    return sorted(os.listdir(os.path.join(step_dir, folder)))
+  except OSError:
+    return []
+
+
+def _json_object(step_dir: str, name: str):
+  """(the JSON object in step_dir/name, None) or (None, what is wrong with the file)."""
+  try:
+    with open(os.path.join(step_dir, name), "rb") as f:
+      content = f.read()
+  except FileNotFoundError:
+    return None, f"{name} is missing"
+  except OSError as e:
+    return None, f"{name} cannot be read ({e.strerror or e})"
+  try:
+    value = json.loads(content.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError) as e:
+    kind = "empty" if not content else "not valid JSON, truncated or overwritten"
+    return None, f"{name} is damaged ({kind}: {str(e)[:100]})"
+  if not isinstance(value, dict):
+    return None, f"{name} is damaged (not a JSON object)"
+  return value, None
+
+
+def _commit_mark_problem(path: str, step: int, item: str | None) -> str | None:
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    return f"damaged ({e})"
+  found = _COMMIT_MARK.fullmatch(text.strip())
+  if found is None or int(found.group(1)) != step or found.group(2) != item:
+    return "damaged (not the text Orbax writes)"
+  return None
+
+
+class _ReadableSteps:
+  """Orbax's standard step names, without the steps found damaged: a CheckpointManager
+  built with it never reads them (a read-only one cannot move them out of its way)."""
+
+  def __init__(self):
+    self.unreadable: set[int] = set()
+    self._standard = ocp.path.step.standard_name_format()
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def find_step(self, base_path, step: int):
+    if step in self.unreadable:
+      raise ValueError(f"Checkpoint step {step} in {base_path} cannot be read.")
+    return self._standard.find_step(base_path, step)
+
+  def find_all(self, base_path):
+    return (found for found in self._standard.find_all(base_path)
+            if found.step not in self.unreadable)
+
+  def __getattr__(self, name):
+    return getattr(self._standard, name)
+
+
 class Checkpointer:
   """Saves and restores TrainStates in WORKDIR/checkpoints."""
 
@@ -52,6 +189,9 @@ class Checkpointer:
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.best_metric = best_metric
+    self.read_only = read_only
+    self._steps_format = _ReadableSteps()
+    self._screen()
     mode = BEST_METRIC_MODES[best_metric]
     metric = lambda metrics: metrics[best_metric]
     # LatestN alone would evict the best step; BestN alone would evict recent ones.
@@ -67,6 +207,7 @@ class Checkpointer:
         read_only=read_only,
         save_interval_steps=0 if read_only else 1,
         create=not read_only,
+        step_name_format=self._steps_format,
     )
     self._started = []  # steps whose save this Checkpointer started
     self.manager = ocp.CheckpointManager(
@@ -93,18 +234,29 @@ class Checkpointer:
 
   def _write_failure(self, error: Exception) -> TrainingFailure:
     """A failed write (disk full, permissions, ...) as a TrainingFailure naming the step;
-    its half-written temporary folder is removed, the finished checkpoints stay."""
-    self.manager.reload()
-    finished = set(self.manager.all_steps())
-    failed = sorted(set(self._started) - finished)
-    if jax.process_index() == 0:
-      for step in failed:
-        for entry in os.listdir(self.directory):
-          if entry.startswith(f"{step}.") and "tmp" in entry:
-            shutil.rmtree(os.path.join(self.directory, entry), ignore_errors=True)
+    its half-written temporary folder is removed, the finished checkpoints stay.
+
+    It never raises itself: whatever the clean-up meets (the checkpoints folder gone or
+    replaced by a file) goes into the message instead."""
     text = str(error)
     reason = ("the disk is full (No space left on device)" if "No space left" in text
               else text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__)
+    try:
+      self.manager.reload()
+      finished = set(self.manager.all_steps())
+      failed = sorted(set(self._started) - finished)
+      if jax.process_index() == 0:
+        for step in failed:
+          for entry in os.listdir(self.directory):
+            if entry.startswith(f"{step}.") and "tmp" in entry:
+              shutil.rmtree(os.path.join(self.directory, entry), ignore_errors=True)
+    except Exception as listing_error:  # the folder itself is the problem
+      return TrainingFailure(
+          f"Writing checkpoint step {self._started[-1] if self._started else '?'} to "
+          f"{self.directory} failed: {reason}. The checkpoints folder cannot be listed either "
+          f"({type(listing_error).__name__}: {str(listing_error)[:200]}): check that it is a "
+          "folder you can write, then rerun the same command to resume from the last "
+          "checkpoint there.")
     last_good = max(finished) if finished else None
     kept = ("No earlier checkpoint exists." if last_good is None else
             f"The previous checkpoint (step {last_good}) is untouched: rerun the same command "
@@ -126,40 +278,87 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None):
     """Restores `step` (default: the newest readable one) -> (state, meta) or None.
 
-    Unreadable newer checkpoints are skipped with a warning naming them.
+    Unreadable steps are set aside with a warning naming them; None (start afresh)
+    when no step is left.
     """
     self._log_incomplete()
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     for candidate in candidates:
       self._check_shapes(candidate, abstract_state)
       try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self.manager.restore(candidate, args=restore_args(abstract_state))
       except Exception as e:  # a damaged step can fail in many layers of Orbax/TensorStore
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
         if step is not None:
           raise UserError(f"Checkpoint step {candidate} in {self.directory} cannot be read: "
-                          f"{type(e).__name__}: {e}") from e
-        logging.warning("Skipping checkpoint step %d in %s: it cannot be read (%s: %s).",
-                        candidate, self.directory, type(e).__name__, str(e)[:300])
-        self._set_aside(candidate)
+                          f"{reason}") from e
+        self._set_aside(candidate, f"reading it fails ({reason})")
         continue
       return restored.state, restored.meta
+    if self._steps_format.unreadable:
+      logging.warning("No readable checkpoint in %s (the unreadable ones are in %s): starting "
+                      "from scratch.", self.directory, self._unreadable_dir())
     return None
 
-  def _set_aside(self, step: int) -> None:
-    """Moves an unreadable step out of the manager's way (kept for inspection, never
-    deleted), so that training can write that step again."""
-    if jax.process_index() == 0:
-      aside = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable")
-      os.makedirs(aside, exist_ok=True)
-      target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-      os.replace(os.path.join(self.directory, str(step)), target)
-      logging.warning("Moved unreadable checkpoint step %d to %s.", step, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+  def stored_config(self) -> tuple[int, dict] | None:
+    """(step, config) from the newest step whose `meta` item holds a config, or None."""
+    for step in sorted(self.steps(), reverse=True):
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      except Exception as e:  # damaged: an older step may still hold it
+        logging.warning("Checkpoint step %d in %s: its stored config cannot be read (%s).", step,
+                        self.directory, str(e)[:200])
+        continue
+      if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        return step, meta["config"]
+    return None
 
-      multihost_utils.sync_global_devices(f"set_aside_checkpoint_{step}")
-    self.manager.reload()
+  def _unreadable_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+
+  def _screen(self) -> None:
+    """Sets aside every step whose small files are damaged, before Orbax reads them."""
+    try:
+      entries = sorted(os.listdir(self.directory), key=lambda e: (len(e), e))
+    except OSError:  # absent (a fresh run); the workdir check reports the rest
+      entries = []
+    damaged = {}
+    for entry in entries:
+      if entry.isdigit():
+        problem = damage(os.path.join(self.directory, entry), int(entry))
+        if problem:
+          damaged[int(entry)] = problem
+    multi = jax.process_count() > 1 and not self.read_only
+    if multi:  # every process has looked before process 0 moves anything
+      _sync("checkpoint_screened")
+    for step, problem in damaged.items():
+      self._set_aside(step, problem, sync=False)
+    if multi:
+      _sync("checkpoint_set_aside")
+
+  def _set_aside(self, step: int, problem: str, sync: bool = True) -> None:
+    """Moves an unreadable step out of the manager's way (kept for inspection, never
+    deleted), so that training can write that step again; a read-only Checkpointer
+    only stops listing it."""
+    self._steps_format.unreadable.add(step)
+    source = os.path.join(self.directory, str(step))
+    if self.read_only:
+      logging.warning("Skipping checkpoint step %d in %s: %s (left in place: this reader only "
+                      "reads).", step, self.directory, problem)
+    elif jax.process_index() == 0:
+      target = os.path.join(self._unreadable_dir(), f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+      try:
+        os.makedirs(self._unreadable_dir(), exist_ok=True)
+        os.replace(source, target)
+        moved = f"moved it to {target}"
+      except OSError as e:
+        moved = f"it could not be moved to {self._unreadable_dir()} ({e.strerror or e}), so it stays, unused"
+      logging.warning("Skipping checkpoint step %d in %s: %s; %s.", step, self.directory,
+                      problem, moved)
+    if sync and jax.process_count() > 1 and not self.read_only:
+      _sync(f"set_aside_checkpoint_{step}")
+    if hasattr(self, "manager"):
+      self.manager.reload()
 
   def resolve_step(self, which) -> int:
     """'latest', 'best' or a step number -> an existing step, or a UserError listing them."""
@@ -210,6 +409,12 @@ class Checkpointer:
     self.manager.close()
 
 
+def _sync(name: str) -> None:
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices(name)
+
+
 def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
   """Returns `state` with params and model state taken from another run's latest checkpoint.
 
@@ -222,13 +427,21 @@ def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
     raise UserError(f"init_from={source!r} has no checkpoints/ folder; give a training workdir.")
   other = Checkpointer(workdir, read_only=True)
   step = other.resolve_step("latest")
-  restored = other.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Read onto this run's mesh, whatever device count wrote it: arrays this state has
+  # keep its layout; the rest (e.g. optimizer state, dropped below) is split over the
+  # devices along its largest axis that divides, to hold as little as possible.
+  whole = state.step.sharding  # a scalar's: on every device of this run (or the only one)
+  mesh = getattr(whole, "mesh", None)
+  fallback = ((lambda shape: mesh_lib.split_sharding(shape, mesh)) if mesh is not None
+              else (lambda shape: whole))
+  target = stored_on_this_mesh(other.manager.item_metadata(step).state, state, fallback)
+  restored = other.manager.restore(step, args=restore_args(target))
   other.close()
   stored = restored.state
   taken = {}
   for name in ("params", "model_state"):
     fresh, found = getattr(state, name), _by_path(stored.get(name, {}))
-    problems, reinitialized = [], []
+    problems, reinitialized, shapes = [], [], []  # shapes: (in the source, here) of misfits
 
     def pick(path, leaf):
       key = path_name(path)
@@ -237,22 +450,45 @@ def initialize_from(state, source: str, num_classes: int, reinit_head: bool):
         return leaf
       value = found[key]
       if tuple(np.shape(value)) == leaf.shape:
-        return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+        return value  # already in this leaf's dtype and sharding (stored_on_this_mesh)
       if reinit_head and leaf.shape[-1] == num_classes:
         reinitialized.append(f"{name}/{key}")
         return leaf
       problems.append(f"{name}/{key}: {tuple(np.shape(value))} in {workdir}, {leaf.shape} here")
+      shapes.append((tuple(np.shape(value)), tuple(leaf.shape)))
       return leaf
 
     taken[name] = jax.tree_util.tree_map_with_path(pick, fresh)
+    expected = set(_by_path(fresh))
+    problems += [f"{name}/{key}: in {workdir} only" for key in found if key not in expected]
     if problems:
-      hint = (" Set --config.init_reinit_head=True to re-initialize the classifier."
-              if not reinit_head else "")
-      raise UserError("init_from does not fit this model:\n  " + "\n  ".join(problems[:20]) + hint)
+      head_only = len(shapes) == len(problems) and all(
+          len(source) == len(here) > 0 and source[:-1] == here[:-1] and here[-1] == num_classes
+          for source, here in shapes)
+      raise UserError(_init_from_mismatch(problems, workdir, head_only and not reinit_head))
     if reinitialized:
       logging.info("init_from: re-initialized %s (class count differs).", ", ".join(reinitialized))
   logging.info("Initialized from %s step %d.", workdir, step)
   return state.replace(**taken)
+
+
+def _init_from_mismatch(problems: list[str], workdir: str, suggest_reinit_head: bool) -> str:
+  """The message for arrays that do not fit: re-initializing the classifier is suggested
+  only when the class count is all that differs."""
+  listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more"
+                                         if len(problems) > 20 else "")
+  if suggest_reinit_head:
+    return (f"init_from does not fit this model: only the classifier differs (the class count):"
+            f"\n  {listed}\nSet --config.init_reinit_head=True to re-initialize the classifier.")
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      source_model = json.load(f)["model"]
+    trained_with = f" ({workdir} trained model.name={source_model['name']!r})"
+  except (OSError, ValueError, KeyError, TypeError):
+    trained_with = ""
+  return (f"init_from does not fit this model: the architectures differ{trained_with}, so no "
+          f"re-initialization of the classifier can make them fit:\n  {listed}\nGive "
+          "--config.init_from a run of the same model and model settings, or train from scratch.")
 
 
 def path_name(path) -> str:

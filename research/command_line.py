@@ -66,7 +66,7 @@ def _explain(error: Exception, argv: list[str], flag_values: flags.FlagValues) -
   if load_error:
     return load_error
   for name in _override_names(argv):
-    problem = _unknown_field(config, name)
+    problem = _knob_hint(config, name, argv, spec) or _unknown_field(config, name)
     if problem:
       return f"--config.{name}={_value_of(argv, 'config.' + name)!r}: {problem}"
   if isinstance(error, flags.UnrecognizedFlagError):
@@ -140,6 +140,34 @@ def _unknown_field(config, name: str) -> str | None:
     node = node[part]
     walked.append(part)
   return None
+
+
+def _knob_hint(config, name: str, argv: list[str], spec: str) -> str | None:
+  """How to set `name` (e.g. 'model.dropout_rate') when the config lacks it but the chosen
+  model or optimizer has that knob: a config argument (`model=NAME`) puts the knobs in."""
+  group, _, knob = name.partition(".")
+  if group not in ("model", "optimizer") or "." in knob or group not in config:
+    return None
+  if knob in config[group]:
+    return None
+  from research import models, optim  # only on this error path: they import JAX
+
+  chosen = _value_of(argv, f"config.{group}.name") or config[group].get("name")
+  try:
+    knobs = (models.defaults if group == "model" else optim.defaults)(chosen)
+  except UserError:  # an unknown name: validation says so once the flags parse
+    return None
+  if knob not in knobs:
+    return None
+  path, _, argument = spec.partition(":")
+  suggested = f"{path}:{','.join(filter(None, [argument, f'{group}={chosen}']))}"
+  with_knobs, problem = _load_config(suggested)
+  if problem or knob not in with_knobs.get(group, {}):
+    return None  # this config file takes no such argument: today's message stands
+  listed = ", ".join(f"{group}.{field}" for field in sorted(config[group]))
+  value = _value_of(argv, f"config.{name}")
+  return (f"{path} lists only {listed}; {chosen} has the knob {knob} (default "
+          f"{knobs[knob]!r}): use --config={suggested} --config.{name}={value}")
 
 
 def _illegal_value(name: str, argv: list[str], config, flag_values, message: str) -> str:

@@ -6,16 +6,15 @@ steps the run has, and `is_time(step, every)` decides every periodic action.
 
 import dataclasses
 import json
-import math
 import os
 
 import jax
+from absl import logging
 
-from research import input_pipeline, models, optim, profiling
+from research import config_schema, models, optim, profiling
 from research.errors import UserError
 
-MAX_STEPS = 2**31 - 1  # TrainState.step is an int32
-MAX_SEED = 2**31 - 1  # numpy's epoch-order generator takes no negative seeds
+MAX_STEPS = config_schema.MAX_INT32  # TrainState.step is an int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,49 +57,18 @@ def _require(condition: bool, field: str, value, accepted: str) -> None:
 
 
 def validate(config) -> None:
-  """Fails with the field, the value and what is accepted; writes nothing."""
-  _require(isinstance(config.batch_size, int) and config.batch_size > 0, "batch_size",
-           config.batch_size, "a positive integer")
-  _require(isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0,
-           "eval_batch_size", config.eval_batch_size, "a positive integer")
-  # Batches are global and split evenly over every device of every process.
-  for field in ("batch_size", "eval_batch_size"):
-    _require(config[field] % jax.device_count() == 0, field, config[field], _divisible_by_devices(
-        config[field]))
-  _require(isinstance(config.shard_params, bool), "shard_params", config.shard_params,
-           "True (split params and optimizer state over the devices) or False (replicate them)")
+  """Fails with the field, the value and what is accepted; writes nothing.
+
+  Every field is checked against its entry in config_schema.FIELDS first (type, range,
+  choices); the checks below are the relations between fields and the registries' own.
+  """
+  check_fields(config)
+  # The train batch is global and split evenly over every device of every process; the
+  # eval batch is rounded up to a multiple of the device count (masked padding).
+  _require(config.batch_size % jax.device_count() == 0, "batch_size", config.batch_size,
+           _divisible_by_devices(config.batch_size))
   _require(config.num_epochs > 0 or config.num_train_steps > 0, "num_epochs", config.num_epochs,
            "a positive number (or set num_train_steps > 0)")
-  _require(config.num_train_steps >= 0, "num_train_steps", config.num_train_steps,
-           "0 (use num_epochs) or a positive number of steps")
-  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
-    _require(config[field] >= 0, field, config[field], "0 or a positive number of steps")
-  _require(config.log_every_steps > 0, "log_every_steps", config.log_every_steps,
-           "a positive number of steps")
-  _require(config.keep_checkpoints > 0, "keep_checkpoints", config.keep_checkpoints,
-           "a positive number")
-  _require(config.best_metric in ("accuracy", "loss"), "best_metric", config.best_metric,
-           "'accuracy' or 'loss'")
-  _require(0 <= config.label_smoothing < 1, "label_smoothing", config.label_smoothing,
-           "a number in [0, 1)")
-  _require(config.augment.crop_padding >= 0, "augment.crop_padding", config.augment.crop_padding,
-           "0 (off) or a positive number of pixels")
-  learning_rate = config.optimizer.learning_rate
-  _require(isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
-           and learning_rate > 0, "optimizer.learning_rate", learning_rate,
-           "a positive finite number, e.g. 0.001")
-  _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED, "seed", config.seed,
-           f"an integer from 0 to {MAX_SEED}")
-  for field in ("num_epochs", "num_train_steps"):
-    _require(config[field] <= MAX_STEPS, field, config[field], f"at most {MAX_STEPS}")
-  input_kind = config.dataset.get("input", "memory")  # configs older than the field: memory
-  _require(input_kind in input_pipeline.INPUTS, "dataset.input", input_kind,
-           "'memory' (the splits held on the devices) or 'stream' (batches read from storage "
-           "while training, for datasets that do not fit in memory)")
-  threads = input_pipeline.requested_threads(config.dataset)
-  _require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
-           "dataset.reader_threads", threads,
-           "0 (one per CPU core, at most 32) or a positive number of threads")
   checkpoint_step = str(config.eval.checkpoint_step).strip()
   _require(checkpoint_step in ("latest", "best") or checkpoint_step.isdigit(),
            "eval.checkpoint_step", config.eval.checkpoint_step,
@@ -112,8 +80,23 @@ def validate(config) -> None:
   optim.check(config.optimizer, config.schedule)
 
 
+def check_fields(config) -> None:
+  """Each field of `config` against its config_schema entry; a field without one is an error."""
+  for name, value in config_schema.flatten(config).items():
+    field = config_schema.FIELDS.get(name)
+    if field is None:
+      raise UserError(f"The config field {name} (= {value!r}) has no entry in "
+                      "research/config_schema.py, so its values cannot be checked: add one there "
+                      "(kind, range, default, meaning), or remove the field from the config.")
+    if field.problem(value):
+      raise UserError(f"--config.{name}={value!r} is not accepted: {field.accepted()} "
+                      f"({field.meaning}).")
+
+
 def check_eval_batch_size(config, num_eval_examples: int) -> None:
-  """A batch larger than the whole (device-rounded) eval split only pads with zeros."""
+  """A batch larger than the whole eval split only pads with zeros. Both are rounded up
+  to a multiple of the device count (as `mesh.rounded_to_devices` rounds the batch), so
+  any size up to the split's is accepted on every device count."""
   devices = jax.device_count()
   largest = -(-num_eval_examples // devices) * devices
   _require(config.eval_batch_size <= largest, "eval_batch_size", config.eval_batch_size,
@@ -125,14 +108,16 @@ def check_model_fits(model_config, image_shape, initialize) -> None:
   a shape failure into a UserError naming the model and the input shape."""
   try:
     initialize()
-  except (TypeError, ValueError, ZeroDivisionError) as e:  # flax/lax shape errors
+  # flax/lax shape errors; flax asserts some (a width that its attention heads cannot split)
+  except (TypeError, ValueError, ZeroDivisionError, AssertionError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     settings = ", ".join(f"model.{key}={value!r}" for key, value in model_config.items())
     raise UserError(
         f"The model ({settings}) cannot take images of shape {tuple(image_shape)} "
         f"(height, width, channels): initializing it fails with {type(e).__name__}: "
-        f"{first_line[:300]}. Use a model (or model settings) whose downsampling fits this "
-        "image size, or a dataset with larger images.") from e
+        f"{first_line[:300]}. Use model settings that fit together and fit this image size (a "
+        "downsampling the image allows, a width its attention heads divide), or a dataset "
+        "with larger images.") from e
 
 
 def _divisible_by_devices(size: int) -> str:
@@ -187,14 +172,10 @@ EXECUTION_ONLY = ("dataset.reader_threads",)
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
   """A workdir belongs to one experiment: refuse a different config unless allowed."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  found = workdir_config(workdir, repair=jax.process_index() == 0)
+  if found is None:
     return
-  try:
-    with open(path) as f:
-      stored = _flatten(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} cannot be read ({e}); use a fresh --workdir.") from e
+  stored = _flatten(found)
   given = _flatten(json.loads(config.to_json_best_effort()))
   changed = [f"  {key}: {stored.get(key, '<absent>')!r} in the workdir, {given.get(key, '<absent>')!r} now"
              for key in sorted(set(stored) | set(given))
@@ -203,3 +184,46 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
     raise UserError(f"The config differs from the one {workdir} was started with:\n"
                     + "\n".join(changed) + "\nUse another --workdir, or pass "
                     "--allow_config_change to continue this run with the new values.")
+
+
+def workdir_config(workdir: str, repair: bool) -> dict | None:
+  """The config `workdir` was started with (WORKDIR/config.json), or None if it has none.
+
+  A config.json that cannot be read (truncated, overwritten) is rebuilt from the config
+  stored in the newest readable checkpoint's `meta`, with a warning; with `repair` the
+  rebuilt config replaces it (the damaged file is kept beside it, as config.json.unreadable).
+  A UserError when no checkpoint holds one either.
+  """
+  from research import checkpoint  # the checkpoints are only read when config.json is damaged
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.lexists(path):
+    return None
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    if not isinstance(stored, dict):
+      raise ValueError("not a JSON object")
+    return stored
+  except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+    problem = f"{type(e).__name__}: {str(e)[:200]}"
+  checkpoints = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    found = checkpoints.stored_config()
+  finally:
+    checkpoints.close()
+  if found is None:
+    raise UserError(f"{path} cannot be read ({problem}), and no checkpoint in "
+                    f"{checkpoints.directory} holds the config to rebuild it from. Move it away "
+                    "to start this workdir afresh, or use another --workdir.")
+  step, stored = found
+  kept = ""
+  if repair:
+    os.replace(path, path + ".unreadable")
+    with open(path + ".tmp", "w") as f:
+      json.dump(stored, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    kept = f" and wrote it back (the damaged file is kept as {path}.unreadable)"
+  logging.warning("%s cannot be read (%s): using the config stored in checkpoint step %d%s.",
+                  path, problem, step, kept)
+  return stored

@@ -7,7 +7,8 @@ decides the order: `batch_indices(...)` returns, for any range of steps, which
 examples each step sees. It depends on (seed, step) alone, so a resumed run sees
 exactly the batches an uninterrupted one would. Datasets too large for memory
 are streamed instead (input_pipeline.py, config.dataset.input="stream"), in the
-same order and decoded by the same `read_examples`.
+same order and decoded by the same `read_examples`; `load` refuses, before
+decoding anything, a dataset that would not fit (memory_fit.py).
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ import re
 import numpy as np
 from absl import logging
 
-from research import prepare_data
+from research import memory_fit, prepare_data
 from research.errors import UserError
 
 
@@ -43,6 +44,10 @@ def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
   """Returns (info, train split, eval split), preparing the dataset if needed."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   info, image_size = dataset_info(builder, dataset_config)
+  # Before anything is decoded: the train split goes whole to every device, the eval
+  # split is divided among them.
+  memory_fit.check(builder, dataset_config, info.image_shape,
+                   replicated=[dataset_config.train_split], divided=[dataset_config.eval_split])
   train = read_split(builder, dataset_config.train_split, image_size)
   evaluation = read_split(builder, dataset_config.eval_split, image_size)
   return info, train, evaluation
@@ -52,6 +57,7 @@ def load_split(dataset_config, split: str) -> tuple[DatasetInfo, Split]:
   """Returns (info, one split), e.g. for evaluating a checkpoint on `split`."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   info, image_size = dataset_info(builder, dataset_config)
+  memory_fit.check(builder, dataset_config, info.image_shape, divided=[split])
   return info, read_split(builder, split, image_size)
 
 

@@ -2,6 +2,24 @@
 
 import os
 import sys
+import threading
+
+# How long a program that is ending may take to shut down (the interpreter waits for
+# library threads; Orbax's can wait forever after a failed write) before it is ended.
+SHUTDOWN_SECONDS = 5.0
+
+
+def end_within(status: int, seconds: float = SHUTDOWN_SECONDS) -> None:
+  """Makes sure the process ends, with `status`, at most `seconds` from now.
+
+  Python waits at exit for every non-daemon thread; a library thread blocked on a
+  signal that never comes (Orbax's, after a checkpoint folder vanished mid-write) would
+  hang the program after its error was reported. A daemon timer ends it instead. Only
+  for programs that are ending (entry points), never in a library or a test process.
+  """
+  timer = threading.Timer(seconds, lambda: os._exit(status))
+  timer.daemon = True
+  timer.start()
 
 
 class UserError(Exception):
@@ -21,6 +39,7 @@ class UserError(Exception):
     # Only the process's own stderr: an in-process caller (a test's capture) keeps its own.
     if sys.stderr is sys.__stderr__:
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stderr__.fileno())
+      end_within(self.exit_code)
     sys.exit(self.exit_code)
 
 

@@ -46,8 +46,9 @@ process count, while our checkpoints restore on any number of hosts; and it woul
 store only the number the TrainState holds already.
 
 Evaluation. `EvalStream` reads a split in order, in batches of
-`eval_batch_size`, the last one padded with zeros and masked: every example
-counts exactly once. Again each process reads only its rows.
+`eval_batch_size` (rounded up to a multiple of the device count), the last one
+padded with zeros and masked: every example counts exactly once. Again each
+process reads only its rows.
 """
 
 import dataclasses
@@ -214,13 +215,15 @@ class TrainStream:
 class EvalStream:
   """Calling it yields a split's padded batches in order, as global arrays
   (images [k, batch, H, W, C], labels [k, batch], mask [k, batch]), read ahead in
-  threads; the last batch is padded with zeros of mask 0."""
+  threads; the last batch is padded with zeros of mask 0. `batch_size` is rounded up
+  to a multiple of the device count (`mesh.rounded_to_devices`), so that every batch
+  splits evenly over the devices."""
 
   def __init__(self, split: StreamSplit, mesh, batch_size: int, threads: int = 0):
     self.split = split
     self.threads = threads
     self.mesh = mesh
-    self.batch_size = batch_size
+    self.batch_size = batch_size = mesh_lib.rounded_to_devices(batch_size, mesh)
     self.num_batches = -(-len(split) // batch_size)
     batch_bytes = batch_size * math.prod(split.image_shape)
     self.batches_per_call = min(self.num_batches, max(1, CALL_BYTES // batch_bytes))

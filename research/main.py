@@ -7,14 +7,14 @@ mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
 import errno
-import json
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 
 from research import command_line
-from research.errors import TrainingFailure, UserError
+from research.errors import TrainingFailure, UserError, end_within
 
 # --config (a config file, default configs/default.py) is defined by
 # command_line.parse, which turns every flag mistake into a UserError.
@@ -25,6 +25,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Continue a workdir whose stored config differs from this one.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.")
+_ALLOW_CPU = flags.DEFINE_bool(
+    "allow_cpu", False, "Train on the CPU although this machine has a GPU or TPU that JAX "
+    "does not use (its accelerator wheels not installed: see docs/accelerators.md).")
 # Multi-process runs (see research/distributed.py): all three, or none on one host,
 # SLURM or a Cloud TPU VM.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
@@ -47,22 +50,61 @@ class _QuietLibraries:
     return record.levelno >= std_logging.WARNING or ours
 
 
+class _ConsoleFormat(std_logging.Formatter):
+  """Console lines for people: a short time, then the message (warnings and errors say
+  so); absl's prefix (level, date, thread id, file:line) stays in the --log_dir files
+  and on the console with --verbose."""
+
+  def __init__(self):
+    super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+  def formatMessage(self, record) -> str:
+    line = super().formatMessage(record)
+    if record.levelno >= std_logging.WARNING:
+      stamp, message = line.split(" ", 1)
+      # Upper case: "error: " (lower case) starts the run's own last line, a UserError's.
+      line = f"{stamp} {record.levelname}: {message}"
+    return line
+
+
+def _set_up_logging(verbose: bool) -> None:
+  """absl's full lines go to the --log_dir files when that flag is given; the console
+  gets short lines from this package (and libraries' warnings), or, with --verbose,
+  absl's full lines from everything."""
+  absl_handler = logging.get_absl_handler()
+  to_files = bool(flags.FLAGS.log_dir) and not flags.FLAGS.logtostderr
+  if to_files:
+    absl_handler.use_absl_log_file()  # every INFO line, absl prefix and all
+  if verbose and not to_files:
+    return  # absl's own lines on stderr, as they always were
+  console = std_logging.StreamHandler(sys.stderr) if to_files else absl_handler.python_handler
+  console.setFormatter(logging.PythonFormatter() if verbose else _ConsoleFormat())
+  if not verbose:
+    console.addFilter(_QuietLibraries())
+  if to_files:
+    std_logging.getLogger().addHandler(console)
+
+
 def _stored_config(workdir: str, command_config):
-  """The config a workdir was trained with; only `eval.*` comes from the command line."""
+  """The config a workdir was trained with; only `eval.*` comes from the command line.
+  A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
   import ml_collections
 
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      stored = ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise UserError(f"--mode=eval needs {path} (written by training): {e}") from e
+  from research import config_checks, workdir_layout
+
+  workdir_layout.check(workdir, writing=False)
+  stored = config_checks.workdir_config(workdir, repair=False)
+  if stored is None:
+    raise UserError(f"--mode=eval needs {os.path.join(workdir, 'config.json')} (written by "
+                    "training): is --workdir the workdir of a training run?")
+  stored = ml_collections.ConfigDict(stored)
   stored.eval = command_config.eval
   return stored
 
 
 def _exit_with_message(error: UserError, verbose: bool):
   if verbose:
+    end_within(error.exit_code)
     raise error
   error.exit()
 
@@ -79,19 +121,22 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 def main(argv):
-  if not _VERBOSE.value:
-    logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  _set_up_logging(_VERBOSE.value)
   try:
     _run(argv)
   except UserError as e:
     _exit_with_message(e, _VERBOSE.value)
   except OSError as e:
     if e.errno not in _DISK_ERRORS:
+      end_within(1)
       raise
     _exit_with_message(TrainingFailure(
         f"Writing {e.filename or 'a file'} failed: {e.strerror}. Free some space (or fix the "
         "permissions) and rerun the same command: it resumes from the last checkpoint."),
         _VERBOSE.value)
+  except BaseException as e:  # a bug's traceback, preemption's exit status: still end promptly
+    end_within(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
+    raise
 
 
 def _run(argv) -> None:
@@ -107,10 +152,11 @@ def _run(argv) -> None:
                                " --xla_gpu_deterministic_ops=true").strip()
   import jax
 
-  from research import distributed, train
+  from research import backend, distributed, train
 
   how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)  # before anything touches a device
+  backend.check_accelerator_used(jax.default_backend(), _ALLOW_CPU.value)
   logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
                jax.process_count(), how, jax.devices())
   if _MODE.value == "eval":

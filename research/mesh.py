@@ -52,6 +52,13 @@ def state_shardings(abstract_state, mesh: Mesh, shard_params: bool):
                            opt_state=jax.tree.map(split, abstract_state.opt_state))
 
 
+def rounded_to_devices(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the devices on the data axis: an
+  evaluation batch of any size splits evenly once padded (the padding is masked)."""
+  devices = mesh.shape[DATA_AXIS]
+  return -(-batch_size // devices) * devices
+
+
 def put_replicated(array: np.ndarray, mesh: Mesh) -> jax.Array:
   """The same full array on every device (each process holds all of it)."""
   return jax.make_array_from_process_local_data(replicated(mesh), array, array.shape)

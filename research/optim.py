@@ -15,6 +15,11 @@ momentum buffer (the convention of the classic ResNet recipes, so their 5e-4
 and 1e-4 mean what the papers mean); for every other optimizer it is decoupled
 (AdamW-style: the update gains -learning_rate(t) * weight_decay * param).
 
+`adam` is optax's Adam (epsilon added to the bias-corrected sqrt(v)); `adam_keras`
+is Keras's form of the same method (epsilon added to the uncorrected sqrt(v), the
+bias correction folded into the step size), which the seed recipe uses to be the
+Keras tutorial exactly: see `scale_by_keras_adam`.
+
 Durations of schedules are in optimizer updates; `*_epochs` fields convert with
 the run's steps per epoch. With gradient accumulation one update spans k steps.
 """
@@ -26,6 +31,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from research.errors import UserError
@@ -44,6 +50,38 @@ class Entry:
   weight_decay: str
 
 
+def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
+                        eps: float = 1e-7) -> optax.GradientTransformation:
+  """Keras's Adam direction: m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps).
+
+  optax.scale_by_adam divides the bias-corrected moments, m_hat / (sqrt(v_hat) + eps),
+  and no choice of its eps or eps_root moves eps outside the correction: Keras adds
+  epsilon to sqrt(v) itself and puts both corrections into the step size
+  (keras/src/optimizers/adam.py, `alpha = lr * sqrt(1 - beta_2_power) / (1 -
+  beta_1_power)`). The moments are optax's own (optax.tree.update_moment*, in optax's
+  ScaleByAdamState, so the state has Adam's layout); only the last line differs.
+  """
+  adam_state = optax.scale_by_adam(b1, b2)  # its init: count, mu, nu at zero
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    # An integer power (repeated squaring): exp(t * log(b)) would cost 1 - b^t digits.
+    step_factor = jnp.sqrt(1 - jnp.float32(b2) ** count) / (1 - jnp.float32(b1) ** count)
+    direction = jax.tree.map(lambda m, v: step_factor * m / (jnp.sqrt(v) + eps), mu, nu)
+    return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(adam_state.init, update_fn)
+
+
+def adam_keras(learning_rate, b1: float = 0.9, b2: float = 0.999,
+               eps: float = 1e-7) -> optax.GradientTransformation:
+  """Keras's Adam (tf.keras / Keras 3 defaults), structured as optax.adam is."""
+  return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
+
+
 OPTIMIZERS = {
     "sgd": Entry(optax.sgd, (), "coupled"),
     "momentum": Entry(functools.partial(optax.sgd, momentum=0.9), ("momentum", "nesterov"),
@@ -55,6 +93,7 @@ OPTIMIZERS = {
     "rmsprop": Entry(optax.rmsprop, ("decay", "eps", "momentum", "centered"), "decoupled"),
     "adafactor": Entry(optax.adafactor, ("decay_rate", "momentum", "clipping_threshold",
                                          "multiply_by_parameter_scale"), "decoupled"),
+    "adam_keras": Entry(adam_keras, ("b1", "b2", "eps"), "decoupled"),
 }
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "piecewise", "one_cycle")

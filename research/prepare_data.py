@@ -9,7 +9,8 @@ Order of attempts for `ensure_prepared(name)`:
   3. the dataset's download host answers -> TFDS's normal download;
   4. otherwise a `UserError` that says how to get the data.
 
-Run as `python -m research.prepare_data --dataset=fashion_mnist` (`make data`).
+Run as `python -m research.prepare_data --dataset=fashion_mnist` (`make data`);
+`--source_dir=DIR` prepares from a folder of the original files instead (no network).
 """
 
 import dataclasses
@@ -88,15 +89,26 @@ def is_prepared(builder) -> bool:
   return (builder.data_path / "dataset_info.json").exists()
 
 
-def ensure_prepared(name: str, data_dir: str | None = None, allow_apt: bool = True):
-  """Returns a builder whose dataset is prepared (see module docstring)."""
+def ensure_prepared(name: str, data_dir: str | None = None, allow_apt: bool = True,
+                    source_dir: str | None = None):
+  """Returns a builder whose dataset is prepared (see module docstring). `source_dir`: a
+  folder holding the dataset's original files, instead of the Debian package's."""
   data_dir = data_dir or default_data_dir()
   builder = builder_for(name, data_dir)
   if is_prepared(builder):
     return builder
   _clear_unfinished(builder)
   logging.info("Dataset %s is not prepared in %s.", name, builder.data_dir)
+  hide_gpus_from_tensorflow()  # TFDS prepares with TensorFlow
   source = LOCAL_SOURCES.get(name)
+  if source_dir:
+    if source is None:
+      raise UserError(f"--source_dir is known for {', '.join(LOCAL_SOURCES)} only, not {name}.")
+    source = dataclasses.replace(source, directory=source_dir)
+    missing = [f for f in source.gzip_mtimes if not os.path.exists(os.path.join(source_dir, f))]
+    if missing:
+      raise UserError(f"{source_dir} lacks {', '.join(missing)}: give a folder holding the "
+                      f"original files {', '.join(source.gzip_mtimes)}.")
   if source and not _has_local_files(source) and allow_apt:
     _apt_install(source.debian_package)
   if source and _has_local_files(source):
@@ -107,6 +119,16 @@ def ensure_prepared(name: str, data_dir: str | None = None, allow_apt: bool = Tr
   else:
     raise UserError(_missing_data_message(name, builder, source))
   return builder
+
+
+def hide_gpus_from_tensorflow() -> None:
+  """TensorFlow (imported by TFDS only while preparing data) must leave the GPUs to JAX:
+  it would otherwise claim their memory. As the Flax examples do, before it starts."""
+  try:
+    import tensorflow as tf
+  except ImportError:
+    return
+  tf.config.set_visible_devices([], "GPU")
 
 
 def _has_local_files(source: LocalSource) -> bool:
@@ -226,12 +248,14 @@ def _missing_data_message(name, builder, source) -> str:
 _DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "TFDS dataset name.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir (default: $TFDS_DATA_DIR or "
                                 "~/tensorflow_datasets).")
+_SOURCE_DIR = flags.DEFINE_string("source_dir", None, "A folder of the dataset's original files "
+                                  "(Fashion-MNIST: the four .gz files), instead of Debian's.")
 
 
 def main(argv):
   del argv
   try:
-    builder = ensure_prepared(_DATASET.value, _DATA_DIR.value)
+    builder = ensure_prepared(_DATASET.value, _DATA_DIR.value, source_dir=_SOURCE_DIR.value)
   except UserError as e:
     e.exit()
   print(f"{builder.name} is prepared in {builder.data_path}")

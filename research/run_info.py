@@ -21,7 +21,7 @@ import jax
 from absl import logging
 
 from research import checkpoint
-from research.run_log import METRICS_FILE
+from research import run_log
 
 RUN_FILE = "run.json"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
@@ -48,19 +48,22 @@ def devices() -> dict:
           "local_count": jax.local_device_count(), "process_count": jax.process_count()}
 
 
+def numerics(config, where=None) -> dict:
+  """The matmul precision, the convolution form and the loop form (research/backend.py)."""
+  from research import backend, models
+
+  where = where or backend.current()
+  entry = models.MODELS.get(config.model.name)
+  conv_impl = (config.model.get("conv_impl", "auto")  # a knob left out is at its default
+               if entry and "conv_impl" in entry.knobs else None)  # models without convolutions
+  return {"matmul_precision": config.get("matmul_precision", "default"),
+          "conv_impl": where.conv_impl if conv_impl == "auto" else conv_impl,
+          "static_trip_counts": where.static_trip_counts}
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl ([] when there is none); bad lines are skipped."""
-  records = []
-  try:
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          continue  # a line cut short by a crash
-  except FileNotFoundError:
-    pass
-  return records
+  return run_log.read_records(os.path.join(workdir, run_log.METRICS_FILE))
 
 
 def summarize_metrics(records: list[dict]) -> dict:
@@ -95,7 +98,7 @@ class RunRecord:
   `step` is set by the loop as it goes, so the exit record says where it stopped.
   """
 
-  def __init__(self, workdir: str, config, start_step: int, dataset_info=None):
+  def __init__(self, workdir: str, config, start_step: int, dataset_info=None, where=None):
     self.workdir = workdir
     self.step = start_step
     self.enabled = jax.process_index() == 0
@@ -116,6 +119,8 @@ class RunRecord:
         "code": checkpoint.code_version(),
         "versions": versions(),
         "devices": devices(),
+        # The numerics the run had: they decide whether results carry over between machines.
+        "numerics": numerics(config, where),
         "start_time": previous.get("start_time", self._session["start_time"]),
         "end_time": None,
         "sessions": [*previous.get("sessions", []), self._session],

@@ -1,7 +1,10 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard and the console.
 
 Only process 0 writes. On resume, metrics.jsonl is cut back to the restored
-step first, so the file reads exactly as if the run had never stopped.
+step first, so the file reads exactly as if the run had never stopped; then the
+TensorBoard event files are made to hold exactly its points (TensorBoard has no
+delete: a killed run's points past the checkpoint would show twice, and points it
+had not flushed would be missing).
 """
 
 import json
@@ -9,8 +12,10 @@ import math
 import os
 import shutil
 import sys
+import time
 
 import jax
+import numpy as np
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
@@ -26,21 +31,30 @@ class RunLog:
     if not self.enabled:
       return
     self._truncate_after(resume_step)
+    tensorboard_dir = os.path.join(workdir, "tensorboard")
+    match_tensorboard_to(tensorboard_dir, _scalar_points(self.path))
     self._file = open(self.path, "a")
     from tensorboardX import SummaryWriter  # lazy: 0.3 s import
 
-    self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+    self._writer = SummaryWriter(tensorboard_dir)
 
   def _truncate_after(self, step: int) -> None:
-    """Drops lines newer than `step`: they will be written again, identically."""
+    """Drops records newer than `step` (they will be written again, identically) and
+    lines that are not records (a crash's cut line, damaged bytes), with a warning."""
     if not os.path.exists(self.path):
       return
-    with open(self.path) as f:
+    with open(self.path, "rb") as f:
       lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if _step_of(line) <= step]
+    records = [_record_of(line) for line in lines]
+    kept = [line for line, record in zip(lines, records)
+            if record is not None and record["step"] <= step]
+    damaged = sum(record is None for record in records)
+    if damaged:
+      logging.warning("%s: dropped %d damaged line(s); the records around them are kept.",
+                      self.path, damaged)
     if len(kept) != len(lines):
       tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
+      with open(tmp, "wb") as f:
         f.writelines(kept)
       os.replace(tmp, self.path)
 
@@ -52,9 +66,9 @@ class RunLog:
               **{k: _plain(v) for k, v in values.items()}, "elapsed": round(elapsed, 3)}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
-    for key, value in record.items():
-      if key not in ("step", "split", "epoch", "elapsed") and isinstance(value, (int, float)):
-        self._writer.add_scalar(f"{split}/{key}", value, step)
+    for tag, value in _scalars(record).items():
+      self._writer.add_scalar(tag, value, step)
+    self._writer.flush()  # TensorBoard shows each log step as it comes, even after a kill
 
   def close(self) -> None:
     if self._file:
@@ -63,11 +77,117 @@ class RunLog:
       self._writer.close()
 
 
-def _step_of(line: str) -> int:
+def _scalars(record: dict) -> dict:
+  """{TensorBoard tag: value} of one metrics.jsonl record."""
+  return {f"{record['split']}/{key}": value for key, value in record.items()
+          if key not in ("step", "split", "epoch", "elapsed")
+          and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _scalar_points(path: str) -> dict:
+  """{(tag, step): value} of every scalar in metrics.jsonl."""
+  points = {}
+  for record in read_records(path):
+    for tag, value in _scalars(record).items():
+      points[(tag, record["step"])] = value
+  return points
+
+
+def match_tensorboard_to(directory: str, points: dict) -> None:
+  """Makes the event files in `directory` hold exactly `points` ({(tag, step): value},
+  metrics.jsonl's), one point per tag and step, keeping the wall times already written.
+
+  Read with TensorBoard's own TensorFlow-free record reader, written with its record
+  writer. The result replaces the first (oldest) event file, so it is read before the
+  files this run writes next; the replacement is atomic (written aside, then renamed)
+  and happens before the other old files are removed: a crash in between leaves
+  duplicates that the next start removes the same way.
+  """
+  if not os.path.isdir(directory):
+    return
+  old_files = sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                     if "tfevents" in name)
+  if not old_files:
+    return
+  from tensorboard.compat.proto import event_pb2
+
+  written = {}  # (tag, step) -> (wall time, value) of the point last written for it
+  count = 0
+  for path in old_files:
+    for event in _read_events(path):
+      for value in event.summary.value:
+        count += 1
+        written[(value.tag, event.step)] = (event.wall_time, value.simple_value)
+  if count == len(written) and written.keys() == points.keys() and all(
+      written[key][1] == np.float32(value) for key, value in points.items()):
+    return  # already exactly metrics.jsonl's points
+  now = time.time()
+  events = []
+  for (tag, step), value in sorted(points.items(), key=lambda item: (item[0][1], item[0][0])):
+    # A point logged but never flushed by a killed process gets the time of this start.
+    wall_time = written.get((tag, step), (now,))[0]
+    event = event_pb2.Event(wall_time=wall_time, step=step)
+    event.summary.value.add(tag=tag, simple_value=value)
+    events.append(event)
+  _write_events(old_files[0], events, now)
+  for path in old_files[1:]:
+    os.remove(path)
+
+
+def _read_events(path: str):
+  """The Event protos of one file; a record cut short by a kill ends it."""
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.compat.tensorflow_stub import errors, pywrap_tensorflow
+
+  reader = pywrap_tensorflow.PyRecordReader_New(path)
   try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return -1  # keep malformed lines out of the way of the comparison: drop nothing else
+    while True:
+      try:
+        reader.GetNext()
+      except (errors.OutOfRangeError, errors.DataLossError):
+        return
+      yield event_pb2.Event.FromString(reader.record())
+  finally:
+    reader.file_handle.close()
+
+
+def _write_events(path: str, events: list, wall_time: float) -> None:
+  """Replaces the event file `path` by `events` (after the file-version record)."""
+  from tensorboard.compat.proto import event_pb2
+  from tensorboard.summary.writer.record_writer import RecordWriter
+
+  # No "tfevents" in the name: TensorBoard skips it while it is written.
+  temporary = os.path.join(os.path.dirname(path), ".rewritten.tmp")
+  with open(temporary, "wb") as f:
+    writer = RecordWriter(f)
+    writer.write(event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2")
+                 .SerializeToString())
+    for event in events:
+      writer.write(event.SerializeToString())
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl ([] when there is none). Lines that are not records
+  (a line cut short by a crash, damaged bytes) are skipped: one bad line never costs a run."""
+  try:
+    with open(path, "rb") as f:
+      return [record for record in map(_record_of, f) if record is not None]
+  except FileNotFoundError:
+    return []
+
+
+def _record_of(line: bytes) -> dict | None:
+  """A line's record: a JSON object with an integer step; None for anything else."""
+  try:
+    record = json.loads(line)
+  except ValueError:  # UnicodeDecodeError included
+    return None
+  if not isinstance(record, dict) or type(record.get("step")) is not int:
+    return None
+  return record
 
 
 def _plain(value):
@@ -186,5 +306,6 @@ def format_eta(seconds: float) -> str:
 
 
 def console(message: str, *args) -> None:
+  """A line for the user (process 0 only); main.py decides how it looks."""
   if jax.process_index() == 0:
     logging.info(message, *args)

@@ -44,16 +44,19 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
   With `microbatches` > 1 the batch's gradient is summed over that many equal
   slices, one after another: the same gradient up to float rounding, with
   activations small enough to stay in cache (XLA's CPU convolutions slow down per
-  image as the batch grows). BatchNorm then normalizes per micro-batch.
+  image as the batch grows). BatchNorm then normalizes per micro-batch. Each
+  micro-batch draws its own dropout masks (the step's dropout key folded with the
+  micro-batch's index), as one pass over the whole batch would; augmentation
+  already draws per example over the whole batch, before the split.
   """
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   inputs = (preprocess(images) if train_input is None
             else train_input(images, jax.random.fold_in(step_rng, 1)))
 
-  def loss_fn(params, model_state, inputs, labels):
+  def loss_fn(params, model_state, inputs, labels, dropout_key):
     variables = {"params": params, **model_state}
     logits, new_model_state = apply_fn(
-        variables, inputs, train=True, rngs={"dropout": step_rng},
+        variables, inputs, train=True, rngs={"dropout": dropout_key},
         mutable=list(model_state))
     loss = cross_entropy(logits, labels, label_smoothing).mean()
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
@@ -62,18 +65,23 @@ def train_step(state: TrainState, images, labels, *, apply_fn: Callable,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
     (loss, (correct, new_model_state)), grads = grad_fn(state.params, state.model_state, inputs,
-                                                        labels)
+                                                        labels, step_rng)
   else:
+    microbatch_keys = jax.random.fold_in(step_rng, 2)  # 1 is augmentation's
+
     def accumulate(carry, batch):
       loss_sum, correct_sum, grad_sum, model_state = carry
-      (loss, (correct, model_state)), grads = grad_fn(state.params, model_state, *batch)
+      inputs, labels, index = batch
+      (loss, (correct, model_state)), grads = grad_fn(
+          state.params, model_state, inputs, labels, jax.random.fold_in(microbatch_keys, index))
       return (loss_sum + loss, correct_sum + correct, jax.tree.map(jnp.add, grad_sum, grads),
               model_state), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss, correct, grads, new_model_state), _ = jax.lax.scan(
         accumulate, (jnp.float32(0), jnp.int32(0), zeros, state.model_state),
-        (split_microbatches(inputs, microbatches), split_microbatches(labels, microbatches)))
+        (split_microbatches(inputs, microbatches), split_microbatches(labels, microbatches),
+         jnp.arange(microbatches)))
     loss = loss / microbatches
     grads = jax.tree.map(lambda g: g / microbatches, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -113,9 +121,13 @@ def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable,
 
 def _train_loop(state, num_steps, rows: int, batch, step_kwargs):
   """Runs `train_step` on batch(i) for i < num_steps in one compiled loop -> (state,
-  per-step metrics [rows], zero from num_steps on). A traced `num_steps` makes one
-  program serve every chunk length up to `rows`: chunks cut short by log, eval or
-  checkpoint stops that do not line up would otherwise each compile a program."""
+  per-step metrics [rows], zero from num_steps on).
+
+  `num_steps` is either traced (the CPU form: one program serves every chunk length up
+  to `rows`, where chunks cut short by log, eval or checkpoint stops that do not line up
+  would otherwise each compile a program) or the Python int `rows` (the accelerator
+  form, research/backend.py: XLA knows the trip count, so GPUs run the loop without
+  copying its condition to the host every iteration)."""
   shapes = jax.eval_shape(lambda state: train_step(state, *batch(0), **step_kwargs)[1], state)
   metrics = jax.tree.map(lambda m: jnp.zeros((rows, *m.shape), m.dtype), shapes)
 
@@ -128,9 +140,10 @@ def _train_loop(state, num_steps, rows: int, batch, step_kwargs):
 
 
 def train_many(state, all_images, all_labels, batch_indices, num_steps=None, **step_kwargs):
-  """Runs the first `num_steps` (default: all) rows of batch_indices [rows, batch] as
-  train steps in one compiled loop, gathering each batch from the device-resident
-  dataset. Returns (state, per-step metrics [rows], zero from num_steps on)."""
+  """Runs the first `num_steps` (default: all, a static trip count) rows of batch_indices
+  [rows, batch] as train steps in one compiled loop, gathering each batch from the
+  device-resident dataset. Returns (state, per-step metrics [rows], zero from num_steps
+  on)."""
   rows = batch_indices.shape[0]
 
   def batch(i):

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import (augment, checkpoint, config_checks, data, distributed, input_pipeline,
-                      mesh as mesh_lib, models, optim, profiling, run_info, steps, workdir_lock)
+from research import (augment, backend as backend_lib, checkpoint, config_checks, data,
+                      distributed, input_pipeline, mesh as mesh_lib, models, optim, profiling,
+                      run_info, steps, workdir_lock)
 from research.errors import TrainingFailure, UserError
 from research.run_log import Progress, RunLog, console
 
@@ -79,12 +80,15 @@ def input_functions(config, info: data.DatasetInfo, train_split: data.Split | No
 def eval_batches(config, split, mesh):
   """A callable yielding the eval split's padded batches (images, labels, mask) as
   global arrays [num_batches, batch, ...]: all at once from memory, or in pieces
-  read from storage (config.dataset.input="stream")."""
+  read from storage (config.dataset.input="stream"). The batch is
+  `eval_batch_size` rounded up to a multiple of the device count, so any size
+  runs on any number of devices; the extra rows are masked padding."""
+  batch_size = mesh_lib.rounded_to_devices(config.eval_batch_size, mesh)
   if input_pipeline.streams(config.dataset):
-    return input_pipeline.EvalStream(split, mesh, config.eval_batch_size,
+    return input_pipeline.EvalStream(split, mesh, batch_size,
                                      threads=input_pipeline.requested_threads(config.dataset))
   arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
-            for a in data.padded_for_eval(split, config.eval_batch_size)]
+            for a in data.padded_for_eval(split, batch_size)]
   return lambda: [arrays]
 
 
@@ -133,21 +137,36 @@ def _first_rows(metrics, count: int) -> dict:
 
 
 def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size: int,
-                      rows: int) -> _Feed:
-  """The dataset on the devices; each compiled call gathers its batches by index. Every
-  call passes `rows` rows of indices (the unused ones zero) and how many to run, so
-  one compiled loop serves chunks of any length."""
+                      rows: int, where: backend_lib.Backend) -> _Feed:
+  """The dataset on the devices; each compiled call gathers its batches by index.
+
+  On CPU every call passes `rows` rows of indices (the unused ones zero) and how many
+  to run, so one compiled loop serves chunks of any length. On accelerators the loop's
+  trip count must be static (a traced one syncs with the host every step): a chunk
+  runs as calls of power-of-two lengths (`Backend.piece_lengths`), each compiled once,
+  dispatched back to back; metrics are fetched after the last."""
   images = mesh_lib.put_replicated(split.images, mesh)
   labels = mesh_lib.put_replicated(split.labels, mesh)
 
   def chunk(state, step, stop):
-    started = time.perf_counter()  # input time: host work before the compiled call
+    started = time.perf_counter()  # input time: host work before the compiled calls
     indices = data.batch_indices(seed, step, stop - step, batch_size, len(split))
-    indices = np.pad(indices, ((0, rows - len(indices)), (0, 0)))
-    batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
-    input_seconds = time.perf_counter() - started
-    state, metrics = train_many(state, images, labels, batch_indices, stop - step)
-    return state, _first_rows(metrics, stop - step), input_seconds
+    if not where.static_trip_counts:
+      indices = np.pad(indices, ((0, rows - len(indices)), (0, 0)))
+      batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
+      input_seconds = time.perf_counter() - started
+      state, metrics = train_many(state, images, labels, batch_indices, stop - step)
+      return state, _first_rows(metrics, stop - step), input_seconds
+    pieces, input_seconds, offset = [], time.perf_counter() - started, 0
+    for length in where.piece_lengths(stop - step):
+      started = time.perf_counter()
+      batch_indices = mesh_lib.global_batch(indices[offset:offset + length], mesh, batch_axis=1)
+      input_seconds += time.perf_counter() - started
+      state, piece_metrics = train_many(state, images, labels, batch_indices)  # static length
+      pieces.append(piece_metrics)
+      offset += length
+    metrics = jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
+    return state, metrics, input_seconds
 
   return _Feed(chunk)
 
@@ -203,7 +222,9 @@ class _PreemptionFlag:
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Trains while holding the workdir's lock: a second run on it is refused."""
   config_checks.validate(config)  # a mistyped value fails before the lock writes anything
-  with workdir_lock.WorkdirLock(workdir):
+  # The matmul precision applies to everything the run traces: init, train, eval.
+  with workdir_lock.WorkdirLock(workdir), backend_lib.numerics(
+      config.get("matmul_precision", "default")):
     return _train_and_evaluate(config, workdir, allow_config_change)
 
 
@@ -220,21 +241,29 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
 
   # ---- Mesh, model, optimizer, state ----------------------------------------
   mesh = mesh_lib.make_mesh()
+  where = backend_lib.current()  # CPU or accelerator forms of the compiled loop
   model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh, plan)
   _write_config(config, workdir)  # only now: every check above has passed
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                          best_metric=config.best_metric)
+  # Either way the state is read onto this run's mesh, whatever device count wrote it;
+  # the parameters' fingerprint (a collective: every process computes it) shows they
+  # arrived unchanged.
   restored = checkpointer.restore(abstract_state)
   if restored is not None:
     state, restored_meta = restored
-    console("Resumed from checkpoint step %d in %s.", int(state.step), checkpointer.directory)
+    params = checkpoint.fingerprint(state.params)
+    console("Resumed from checkpoint step %d in %s (params %s).", int(state.step),
+            checkpointer.directory, params)
   else:
     state = init_fn(config.seed)
     if config.init_from:
       state = checkpoint.initialize_from(state, config.init_from, info.num_classes,
                                          config.init_reinit_head)
+      params = checkpoint.fingerprint(state.params)
+      console("Initialized from %s (params %s).", config.init_from, params)
   start_step = int(jax.device_get(state.step))
   meta = {"config": config.to_dict(), **checkpoint.code_version()}
 
@@ -257,7 +286,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
     feed = _feed_from_stream(compile_steps(steps.train_on_batches), train_stream)
   else:
     feed = _feed_from_memory(compile_steps(steps.train_many), train_split, mesh, config.seed,
-                             config.batch_size, plan.max_chunk)
+                             config.batch_size, plan.max_chunk, where)
   evaluate = make_evaluator(model, eval_batches(config, eval_split, mesh), eval_input)
 
   run_log = RunLog(workdir, resume_step=start_step)
@@ -282,7 +311,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   window = []  # per-step train metrics since the last log line
   train_seconds = 0.0  # time inside training chunks only (no eval, no checkpoints)
   with (_PreemptionFlag() as preempted, contextlib.closing(feed),
-        run_info.RunRecord(workdir, config, start_step, info) as record, profiler):
+        run_info.RunRecord(workdir, config, start_step, info, where) as record, profiler):
     while step < plan.total_steps:
       stop = profiler.clip(step, plan.next_stop(step))  # a profiled window starts/ends between calls
       profiler.before_chunk(step)
@@ -373,15 +402,8 @@ def _write_config(config, workdir: str) -> None:
 
 
 def _last_eval(workdir: str) -> dict:
-  path = os.path.join(workdir, "metrics.jsonl")
-  last = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get("split") == "test":
-          last = record
-  return last
+  tests = [record for record in run_info.read_metrics(workdir) if record.get("split") == "test"]
+  return tests[-1] if tests else {}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
@@ -389,6 +411,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 
   Appends the result to WORKDIR/eval.jsonl (metrics.jsonl stays the training record).
   """
+  # Workdirs written before matmul_precision existed ran at the default.
+  with backend_lib.numerics(config.get("matmul_precision", "default")):
+    return _evaluate_checkpoint(config, workdir)
+
+
+def _evaluate_checkpoint(config, workdir: str) -> dict:
   checkpointer = checkpoint.Checkpointer(workdir, best_metric=config.best_metric, read_only=True)
   step = checkpointer.resolve_step(config.eval.checkpoint_step)
   load_split = (input_pipeline.open_split if input_pipeline.streams(config.dataset)

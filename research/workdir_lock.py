@@ -20,7 +20,7 @@ import time
 import jax
 from absl import logging
 
-from research import distributed
+from research import distributed, workdir_layout
 from research.errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -55,11 +55,16 @@ class WorkdirLock:
     self.release()
 
   def _acquire(self) -> None:
+    workdir_layout.check(self.workdir)  # each path the right kind, before anything is written
     self._created_workdir = not os.path.isdir(self.workdir)
     try:
       os.makedirs(self.workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
+      in_the_way = _file_on_the_way(self.workdir)
+      if in_the_way:
+        raise UserError(f"--workdir={self.workdir} cannot be created: {in_the_way} is a file, "
+                        "not a folder. Choose another --workdir.") from e
       raise UserError(f"--workdir={self.workdir} cannot be written: {e.strerror or e} "
                       f"({e.filename or self.workdir}). Choose a writable folder, or fix its "
                       "permissions or free space.") from e
@@ -111,6 +116,16 @@ class WorkdirLock:
         os.rmdir(self.workdir)  # only succeeds when nothing was written
       except OSError:
         pass
+
+
+def _file_on_the_way(path: str) -> str | None:
+  """The nearest existing ancestor of `path` (or `path` itself) when it is not a folder."""
+  while path and not os.path.lexists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return None
+    path = parent
+  return path if path and not os.path.isdir(path) else None
 
 
 def _inode(path: str) -> int | None:

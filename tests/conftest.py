@@ -1,4 +1,10 @@
-"""Shared fixtures: the real Fashion-MNIST (prepared offline by TFDS) and helpers."""
+"""Shared fixtures: the real Fashion-MNIST (prepared offline by TFDS) and helpers.
+
+The suite runs on any JAX backend. Tests of CPU-only forms (YNNPACK fusions, "auto"
+meaning im2col, ...) carry `@pytest.mark.cpu_only` and are skipped elsewhere, with the
+reason; tests that force several host devices run their subprocesses on the CPU
+platform, the only one those flags apply to.
+"""
 
 import json
 import os
@@ -9,6 +15,32 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# On a GPU, JAX takes 75% of its memory at start: the test process and the runs it
+# starts would not fit side by side.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips `cpu_only` tests when JAX's backend is not the CPU (research/backend.py)."""
+  marked = [item for item in items if item.get_closest_marker("cpu_only")]
+  if not marked:
+    return
+  from research import backend
+
+  platform = backend.current().platform
+  if platform == "cpu":
+    return
+  for item in marked:
+    item.add_marker(pytest.mark.skip(
+        reason=f"cpu_only: checks a CPU-specific form; JAX runs on {platform} here"))
+
+
+def _cpu_if_forced_devices(env: dict) -> dict:
+  """--xla_force_host_platform_device_count makes CPU devices only: such a run must be
+  on the CPU platform on a GPU/TPU machine too."""
+  if "xla_force_host_platform_device_count" in (env or {}).get("XLA_FLAGS", ""):
+    return {"JAX_PLATFORMS": "cpu", **env}
+  return env
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +59,7 @@ def run_main(workdir, *flags, timeout=600, env=None):
   """Runs `python -m research.main` as a user would; returns the CompletedProcess."""
   command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags]
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})})
+                        env={**os.environ, **(_cpu_if_forced_devices(env) or {})})
 
 
 # Fields of metrics.jsonl that measure time: they differ between otherwise identical runs.

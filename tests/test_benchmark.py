@@ -2,10 +2,12 @@
 `make bench`; here: that they are measured at all, and counted the right way)."""
 
 from absl import flags
+import pytest
 
 from research import benchmark
 
 
+@pytest.mark.cpu_only
 def test_throughput_counts_the_models_flops_not_the_fast_forms(fashion_mnist):
   del fashion_mnist  # prepared data
   flags.FLAGS(["test"])  # benchmark flags at their defaults
@@ -46,3 +48,44 @@ def test_side_by_side_table_gives_every_peer_to_ours_ratio_and_its_median():
   # Medians of the per-round ratios: (2.0, 1.5, 2.2), (2.4, 2.0, 2.0), (2.5, 2.25, 2.2), (3, 3, 2).
   assert "| **median** | **5.00** | **4.00** | **10.00** | **12.00** | **2.00x** | **2.00x** | " \
          "**2.25x** | **3.00x** |" in table
+
+
+def test_accelerator_peaks_name_the_recipes_arithmetic():
+  peak = benchmark.device_peak_gflops
+  assert peak("NVIDIA H100 80GB HBM3", "bfloat16") == (989_400.0, "H100 bf16 peak")
+  assert peak("NVIDIA H100 80GB HBM3", "float32") == (494_700.0, "H100 TF32 peak")
+  assert peak("NVIDIA H100 PCIe", "float32")[0] == 378_000.0
+  assert peak("NVIDIA H200", "bfloat16")[0] == peak("NVIDIA H100 80GB HBM3", "bfloat16")[0]
+  assert peak("NVIDIA A100-SXM4-80GB", "float32")[0] == 156_000.0
+  assert peak("NVIDIA L4", "bfloat16")[0] == 121_000.0
+  # A TPU runs float32 matmuls as bfloat16 passes: its float32 recipes use the bf16 peak.
+  assert peak("TPU v5 lite", "float32") == (197_000.0, "TPU v5 lite bf16 peak")
+  assert peak("TPU v4", "bfloat16")[0] == 275_000.0 and peak("TPU v6 lite", "bfloat16")[0] == 918e3
+  assert peak("TPU v5", "bfloat16")[0] == 459_000.0
+  assert peak("Tesla T4", "float32")[0] is None
+  row = {"batch_size": 256, "microbatch_size": 0, "images_per_sec": 400_000.0,
+         "flops_per_image": 15e6, "executed_flops_per_image": 15e6, "gflops_per_sec": 6000.0}
+  results = {"machine": {"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3",
+                         "devices": ["cuda:0"], "cpu_count": 16, "matmul_peak_gflops": None},
+             "recipes": {"seed_bf16": {"throughput": [row], "peak": (989_400.0, "H100 bf16 peak"),
+                                       "training": {"first_epoch_seconds": 2.0,
+                                                    "median_epoch_seconds": 0.4,
+                                                    "test_accuracy": 0.91, "peak_rss_mb": 900}}}}
+  table = benchmark.markdown(results)
+  assert "1 x NVIDIA H100 80GB HBM3 (gpu)" in table and "| 400000 | 6000.0 | 0.61% |" in table
+  assert "Peaks used: H100 bf16 peak" in table
+
+
+def test_bench_parent_leaves_every_device_to_its_children(tmp_path):
+  # The parent measures nothing itself: with no recipe it only asks a child for the
+  # machine, and never imports JAX (which would open the GPU or TPU).
+  import subprocess
+  import sys
+
+  script = ("import sys\nfrom absl import flags\nfrom research import benchmark\n"
+            f"flags.FLAGS(['bench', '--recipes=', '--out={tmp_path}'])\nbenchmark.main([])\n"
+            "assert 'jax' not in sys.modules, 'the parent imported jax'\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=benchmark.REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "measured fp32 matmul peak" in (tmp_path / "bench.md").read_text()

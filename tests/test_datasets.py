@@ -139,6 +139,7 @@ class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
   """JPEG images of varying sizes, like imagenette / imagenet2012."""
 
   VERSION = tfds.core.Version("1.0.0")
+  TRAIN_EXAMPLES, EVAL_EXAMPLES, MAX_SIDE = 24, 6, 60
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -146,12 +147,13 @@ class TinyJpegImages(tfds.core.GeneratorBasedBuilder):
         "label": tfds.features.ClassLabel(names=["tench", "springer", "cassette"])}))
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(24, 0), "validation": self._generate_examples(6, 1)}
+    return {"train": self._generate_examples(self.TRAIN_EXAMPLES, 0),
+            "validation": self._generate_examples(self.EVAL_EXAMPLES, 1)}
 
   def _generate_examples(self, count, seed):
     rng = np.random.default_rng(seed)
     for index in range(count):
-      height, width = rng.integers(20, 60, 2)
+      height, width = rng.integers(20, self.MAX_SIDE, 2)
       pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
       encoded = io.BytesIO()
       Image.fromarray(pixels).save(encoded, format="JPEG")

@@ -201,6 +201,74 @@ def test_eight_device_checkpoint_resumes_on_one_device(one_device, eight_devices
   assert [r["step"] for r in _records(workdir, "test")] == [20, 40, 60]
 
 
+# ---- Restore and init_from across device counts -------------------------------
+# A checkpoint holds global arrays; restore reads them onto the current run's mesh.
+# Each move below resumes a copy of a finished source run (same config: it restores,
+# logs the parameters' fingerprint and stops) and starts a fresh one-step run from
+# it with init_from; both must show the source's final fingerprint.
+
+FOUR_DEVICE_SOURCE = ["--config=configs/default.py:smoke", "--config.num_train_steps=4",
+                      "--config.log_every_steps=2", "--config.eval_every_steps=4",
+                      "--config.dataset.eval_split=test[:1000]", "--config.eval_batch_size=250"]
+FINE_TUNE = ["--config=configs/default.py:smoke", "--config.num_train_steps=1",
+             "--config.log_every_steps=1", "--config.dataset.eval_split=test[:200]",
+             "--config.eval_batch_size=100"]
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("four_devices") / "run")
+  result = run_main(workdir, *FOUR_DEVICE_SOURCE, env=_env(4))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _run_on(devices: int, processes: int = 1):
+  """Runs research.main on `devices` CPU devices per process, in `processes` processes."""
+  if processes == 1:
+    return lambda workdir, *flags: run_main(workdir, *flags, env=_env(devices))
+  return lambda workdir, *flags: _multiprocess(processes, workdir, *flags,
+                                               devices_per_process=devices)
+
+
+def _check_move(source, source_flags, tmp_path, run, devices: int, *fine_tune_flags):
+  """The source's final parameters arrive unchanged on the target layout, by resume
+  and by init_from."""
+  fingerprint = _records(source, "test")[-1]["params_fingerprint"]
+  step = _records(source, "test")[-1]["step"]
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(source, resumed)
+  result = run(resumed, *source_flags)
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert f"Resumed from checkpoint step {step} in" in result.stderr
+  assert f"(params {fingerprint})" in result.stderr
+  assert f"already finished at step {step}" in result.stderr
+  assert f"{devices} device(s)" not in result.stderr  # nothing trained
+  fine_tuned = str(tmp_path / "fine_tuned")
+  result = run(fine_tuned, *FINE_TUNE, *fine_tune_flags, f"--config.init_from={source}")
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert f"Initialized from {source} (params {fingerprint})" in result.stderr
+  assert f"{devices} device(s)" in result.stderr
+  assert _records(fine_tuned, "test")[-1]["num_examples"] == 200
+
+
+def test_four_device_checkpoint_restores_and_initializes_on_one_device(four_devices, tmp_path):
+  _check_move(four_devices, FOUR_DEVICE_SOURCE, tmp_path, _run_on(1), 1)
+
+
+def test_one_device_checkpoint_restores_and_initializes_on_eight_devices(one_device, tmp_path):
+  _check_move(one_device, [*COMMON, "--config.num_train_steps=60", "--config.eval_batch_size=1000"],
+              tmp_path, _run_on(8), 8)
+
+
+@pytest.mark.slow
+def test_eight_device_checkpoint_restores_and_initializes_on_two_processes(eight_devices,
+                                                                          tmp_path):
+  """2 processes x 2 devices; init_from into parameters split over both processes."""
+  _check_move(eight_devices, [*COMMON, f"--config.num_train_steps={STEPS}"], tmp_path,
+              _run_on(2, processes=2), 4, "--config.shard_params=True")
+
+
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
   workdir = tmp_path / "run"
   result = run_main(str(workdir), *COMMON, "--config.batch_size=36", env=_env(8))
@@ -220,8 +288,9 @@ def _fake_slurm(tmp_path) -> dict:
       #!/usr/bin/env bash
       while [[ "$1" == --* ]]; do shift; done
       pids=()
-      for ((i = 0; i < SLURM_NTASKS; i++)); do
-        SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=127.0.0.1 "$@" &
+      for ((i = 0; i < SLURM_NTASKS; i++)); do  # tasks fill "nodes" of SLURM_NTASKS_PER_NODE
+        SLURM_PROCID=$i SLURM_LOCALID=$((i % ${SLURM_NTASKS_PER_NODE:-SLURM_NTASKS})) \
+          SLURM_STEP_NODELIST=127.0.0.1 "$@" &
         pids+=("$!")
       done
       status=0
@@ -405,3 +474,184 @@ def test_multiprocess_launcher_forwards_sigterm_to_every_process(tmp_path):
   assert process.returncode == 128 + signal.SIGTERM
   assert "asking all 2 processes to checkpoint" in stderr
   assert all((tmp_path / f"terminated{i}").exists() for i in range(2))
+
+
+# ---- Which devices and environment each process is given ----------------------
+
+
+def _recording_python(tmp_path) -> str:
+  """Stands in for Python under the launchers: runs `-c` snippets (the port finder)
+  with the real Python; as any other command (research.main, pip) it records its
+  arguments and device environment in process<rank>.json (rank: --process_id, else
+  SLURM_PROCID) and exits 0."""
+  script = tmp_path / "python"
+  script.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, os, sys
+      if sys.argv[1] == "-c":
+        os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])
+      rank = next((a.split("=")[1] for a in sys.argv if a.startswith("--process_id=")),
+                  os.environ.get("SLURM_PROCID", "0"))
+      names = ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS", "SLURM_LOCALID")
+      with open(os.path.join({str(tmp_path)!r}, f"process{{rank}}.json"), "w") as f:
+        json.dump({{"argv": sys.argv[1:], **{{n: os.environ.get(n) for n in names}}}}, f)
+      """))
+  script.chmod(0o755)
+  return str(script)
+
+
+def _nvidia_smi(tmp_path, count: int) -> str:
+  """A bin folder whose `nvidia-smi -L` lists `count` GPUs, for PATH."""
+  bin_dir = tmp_path / "gpu_bin"
+  bin_dir.mkdir(exist_ok=True)
+  lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})\\n" for i in range(count))
+  (bin_dir / "nvidia-smi").write_text(f"#!/usr/bin/env bash\nprintf '{lines}'\n")
+  (bin_dir / "nvidia-smi").chmod(0o755)
+  return str(bin_dir)
+
+
+def _processes(tmp_path, count: int) -> list[dict]:
+  records = [json.load(open(tmp_path / f"process{i}.json")) for i in range(count)]
+  for path in tmp_path.glob("process*.json"):
+    path.unlink()
+  return records
+
+
+def _devices(records) -> list[tuple]:
+  return [(r["CUDA_VISIBLE_DEVICES"], r["JAX_LOCAL_DEVICE_IDS"]) for r in records]
+
+
+def test_multiprocess_launcher_gives_each_process_its_own_gpus(tmp_path):
+  base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+  env = {**base, "PYTHON": _recording_python(tmp_path),
+         "PATH": f"{_nvidia_smi(tmp_path, 4)}{os.pathsep}{os.environ['PATH']}"}
+  run = lambda count, **extra: subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "multiprocess.sh"), str(count), "--workdir=x"],
+      cwd=REPO, capture_output=True, text=True, timeout=60, env={**env, **extra})
+
+  result = run(2)  # nvidia-smi lists 4 GPUs: two each
+  assert result.returncode == 0, result.stderr
+  records = _processes(tmp_path, 2)
+  assert _devices(records) == [("0,1", "0,1"), ("2,3", "0,1")]
+  assert records[1]["argv"][:3] == ["-m", "research.main", "--workdir=x"]
+  assert records[1]["argv"][-2:] == ["--num_processes=2", "--process_id=1"]
+  assert "process 1 gets GPU(s) 2,3" in result.stderr
+  result = run(4, CUDA_VISIBLE_DEVICES="4,5,6,7")  # a share given to the script: within it
+  assert result.returncode == 0, result.stderr
+  assert _devices(_processes(tmp_path, 4)) == [(g, "0") for g in ("4", "5", "6", "7")]
+  result = run(2, GPUS="1,3")
+  assert _devices(_processes(tmp_path, 2)) == [("1", "0"), ("3", "0")]
+  result = run(3)
+  assert result.returncode == 2
+  assert "3 processes cannot share 4 GPUs (0 1 2 3) evenly" in result.stderr
+  assert not list(tmp_path.glob("process*.json"))  # nothing started
+  # No GPU (no nvidia-smi): the CPU, every process with the environment it was given.
+  result = run(2, PATH=os.environ["PATH"])
+  assert result.returncode == 0, result.stderr
+  assert _devices(_processes(tmp_path, 2)) == [(None, None), (None, None)]
+
+
+def test_slurm_launcher_gives_each_task_its_gpus_in_both_modes(tmp_path):
+  """Stand-in srun and nvidia-smi; SLURM's CUDA_VISIBLE_DEVICES where it sets one."""
+  slurm = {**_fake_slurm(tmp_path), "PYTHON": _recording_python(tmp_path)}
+  slurm["PATH"] = f"{_nvidia_smi(tmp_path, 4)}{os.pathsep}{slurm['PATH']}"
+  base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+
+  def submit(tasks: int, per_node: int, **extra):
+    return subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "--config=configs/default.py",
+         "--workdir=runs/x y"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**base, **slurm, "SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(per_node),
+             **extra})
+
+  # A process per GPU: 4 tasks on a node of 4 GPUs (nvidia-smi), one GPU each.
+  result = submit(4, 4)
+  assert result.returncode == 0, result.stderr
+  records = _processes(tmp_path, 4)
+  assert _devices(records) == [(str(i), "0") for i in range(4)]
+  assert [r["SLURM_LOCALID"] for r in records] == ["0", "1", "2", "3"]
+  assert records[0]["argv"] == ["-m", "research.main", "--config=configs/default.py",
+                                "--workdir=runs/x y"]
+  assert "task 3 on" in result.stderr and "gets GPU(s) 3" in result.stderr
+  # A process per node: 2 nodes of one task, each owning the 4 GPUs SLURM gave the job.
+  result = submit(2, 1, CUDA_VISIBLE_DEVICES="4,5,6,7")
+  assert result.returncode == 0, result.stderr
+  assert _devices(_processes(tmp_path, 2)) == [("4,5,6,7", "0,1,2,3")] * 2
+  # Two tasks per node share them; a task SLURM bound to one GPU keeps it.
+  result = submit(2, 2, CUDA_VISIBLE_DEVICES="4,5,6,7")
+  assert _devices(_processes(tmp_path, 2)) == [("4,5", "0,1"), ("6,7", "0,1")]
+  result = submit(2, 2, CUDA_VISIBLE_DEVICES="6")
+  assert _devices(_processes(tmp_path, 2)) == [("6", "0")] * 2
+  result = submit(3, 3)
+  assert result.returncode == 2
+  assert "3 tasks per node cannot share the 4 GPUs" in result.stderr
+
+
+def test_tpu_vm_launcher_sets_up_python_on_its_image_and_runs_on_every_worker(tmp_path):
+  """A stand-in gcloud runs each `ssh --worker=all` command in a folder per worker
+  (two workers) with bash, on a PATH like the image's: no python3.11 and no make
+  until `sudo apt-get install` installs them (stand-ins for sudo and apt, Python and
+  make; the Python records how it is run)."""
+  root, stubs = tmp_path / "workers", tmp_path / "image_bin"
+  root.mkdir()
+  stubs.mkdir()
+  image_path = f"{stubs}{os.pathsep}{_path_without(tmp_path, 'python3.11', 'make')}"
+  (stubs / "sudo").write_text(textwrap.dedent(f"""\
+      #!/usr/bin/env bash
+      echo "$*" >> "$PWD/sudo.log"
+      [[ "$*" == *"apt-get install"* ]] || exit 0
+      for package in "$@"; do
+        case "$package" in
+          make) printf '#!/usr/bin/env bash\\necho "make $*" >> make.log\\n%s\\n' \\
+                  'mkdir -p .venv/bin && cp {tmp_path}/python .venv/bin/python' > "$IMAGE_BIN/make";;
+          python3.11) printf '#!/usr/bin/env bash\\nexec %s "$@"\\n' {sys.executable} \\
+                        > "$IMAGE_BIN/python3.11";;
+        esac
+        chmod +x "$IMAGE_BIN"/* 2>/dev/null
+      done
+      """))
+  (stubs / "sudo").chmod(0o755)
+  recorder = _recording_python(tmp_path)
+  (tmp_path / "python").write_text(open(recorder).read().replace(
+      'f"process{rank}.json"', 'os.path.basename(os.path.dirname(os.getcwd())) + "-" + '
+      'sys.argv[2].split(".")[0] + ".json"'))  # <worker>-<module>.json
+  (tmp_path / "python").chmod(0o755)
+  bin_dir = tmp_path / "gcloud_bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls"
+  (bin_dir / "gcloud").write_text(textwrap.dedent(f"""\
+      #!/usr/bin/env bash
+      args="$*"
+      echo "${{args//$'\\n'/ }}" >> {calls}
+      case "$4" in
+        describe) exit 1;;  # no such TPU yet
+        scp) [[ "$5" == *code.tar.gz ]] || exit 1  # copying runs/ back: none written
+             for worker in 0 1; do mkdir -p {root}/$worker && cp "$5" {root}/$worker/; done;;
+        ssh) for argument in "$@"; do [[ "$argument" == --command=* ]] && command="${{argument#--command=}}"; done
+             for worker in 0 1; do
+               mkdir -p {root}/$worker/bin  # what apt-get installs on this worker
+               (cd {root}/$worker && IMAGE_BIN={root}/$worker/bin \\
+                PATH={root}/$worker/bin:{image_path} bash -c "$command") || exit $?
+             done;;
+      esac
+      """))
+  (bin_dir / "gcloud").chmod(0o755)
+  result = _run_script("tpu_vm.sh", "--config=configs/default.py", "--workdir=/mnt/shared/r 1",
+                       env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                            "TPU_NAME": "slice", "ZONE": "zone-a", "ACCELERATOR_TYPE": "v4-32"},
+                       timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = calls.read_text().splitlines()
+  assert [line.split()[3] for line in lines] == ["describe", "create", "scp", "ssh", "ssh", "scp",
+                                                 "delete"]
+  assert "--version=tpu-ubuntu2204-base" in lines[1]
+  for worker in ("0", "1"):
+    sudo = (root / worker / "sudo.log").read_text()
+    assert "add-apt-repository -y ppa:deadsnakes/ppa" in sudo
+    assert "apt-get install -y -q python3.11 python3.11-venv" in sudo
+    assert ((root / worker / "research" / "make.log").read_text()
+            == "make data PYTHON=python3.11 ACCEL=tpu\n")
+    assert (root / worker / "research" / "research" / "main.py").exists()  # the code arrived
+    run = json.load(open(tmp_path / f"{worker}-research.json"))
+    assert run["argv"] == ["-m", "research.main", "--config=configs/default.py",
+                           "--workdir=/mnt/shared/r 1"]

@@ -378,3 +378,170 @@ def test_sigkill_during_a_save_leaves_each_step_complete_or_absent(tmp_path):
     assert int(state.step) == step and meta == {"step": step}
     assert np.all(np.asarray(state.params["w"]) == step)
   ckpt.close()
+
+
+# ---- Workdir paths of the wrong kind: one line, exit 2, nothing written or lost --------------
+
+TINY_RUN = ["--config.num_train_steps=2", "--config.log_every_steps=1",
+            "--config.eval_every_steps=2", "--config.dataset.eval_split=test[:100]",
+            "--config.eval_batch_size=100"]
+
+
+@pytest.fixture(scope="module")
+def finished_workdir(tmp_path_factory):
+  """A finished 2-step run (config.json, run.json, metrics.jsonl, tensorboard/, checkpoints/)."""
+  from research import command_line, train
+
+  workdir = str(tmp_path_factory.mktemp("finished") / "run")
+  train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"), workdir)
+  return workdir
+
+
+def _wrong_kind(workdir, name):
+  """Puts the wrong kind of thing at WORKDIR/name; what was there is kept beside it."""
+  from research import workdir_layout
+
+  path = os.path.join(workdir, name)
+  if os.path.lexists(path):
+    os.rename(path, path + ".kept")
+  if workdir_layout.ENTRIES[name][0] == workdir_layout.FOLDER:
+    with open(path, "w") as f:
+      f.write("not a folder\n")
+    return "is a file, but a run keeps a folder there"
+  os.makedirs(os.path.join(path, "inside"))
+  return "is a folder, but a run keeps a file there"
+
+
+@pytest.mark.parametrize("name", sorted(__import__("research.workdir_layout").workdir_layout.ENTRIES))
+def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finished_workdir,
+                                                                         tmp_path, name):
+  from research import command_line, main, train
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_workdir, workdir, symlinks=True)
+  fragment = _wrong_kind(workdir, name)
+  before = tree_digest(workdir)
+  config = command_line.parse_config(TINY_RUN, "configs/default.py:smoke")
+  with pytest.raises(UserError) as training:
+    train.train_and_evaluate(config, workdir)
+  with pytest.raises(UserError) as evaluation:
+    main._stored_config(workdir, config)
+  for error in (training, evaluation):
+    assert f"{os.path.join(workdir, name)} {fragment}" in str(error.value)
+    assert "nothing was changed" in str(error.value)
+  assert tree_digest(workdir) == before
+  assert sorted(os.listdir(workdir)) == sorted(set(os.listdir(finished_workdir)) | {name}
+                                               | ({f"{name}.kept"} if os.path.lexists(
+                                                   os.path.join(finished_workdir, name)) else set()))
+
+
+def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
+  from research import command_line, train
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_workdir, workdir)
+  os.symlink(str(tmp_path / "gone"), os.path.join(workdir, "tensorboard.new"))
+  os.rename(os.path.join(workdir, "tensorboard"), os.path.join(workdir, "tensorboard.kept"))
+  os.rename(os.path.join(workdir, "tensorboard.new"), os.path.join(workdir, "tensorboard"))
+  with pytest.raises(UserError, match="tensorboard is a broken link"):
+    train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"),
+                             workdir)
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda w: (shutil.rmtree(os.path.join(w, "checkpoints")),
+                open(os.path.join(w, "checkpoints"), "w").close()),
+     "checkpoints is a file, but a run keeps a folder there (the run's checkpoints)"),
+    (lambda w: os.mkdir(os.path.join(w, "metrics.jsonl.new")) or os.replace(
+        os.path.join(w, "metrics.jsonl"), os.path.join(w, "metrics.jsonl.kept")) or os.rename(
+        os.path.join(w, "metrics.jsonl.new"), os.path.join(w, "metrics.jsonl")),
+     "metrics.jsonl is a folder, but a run keeps a file there"),
+])
+def test_wrong_kind_from_the_command_line_is_one_line_and_exit_2(finished_workdir, tmp_path,
+                                                                 setup, fragment):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_workdir, workdir)
+  setup(workdir)
+  before = tree_digest(workdir)
+  result = run_main(workdir, SMOKE, *TINY_RUN, timeout=120)
+  message = _error(result)
+  assert message.strip().count("\n") == 0 and fragment in message, message
+  assert tree_digest(workdir) == before
+
+
+def test_a_workdir_that_is_a_file_says_so(tmp_path):
+  existing = tmp_path / "notes.txt"
+  existing.write_text("my notes\n")
+  message = _error(run_main(str(existing), SMOKE, timeout=120))
+  assert f"--workdir={existing} is a file, not a folder" in message
+  below = _error(run_main(str(existing / "run"), SMOKE, timeout=120))
+  assert f"cannot be created: {existing} is a file, not a folder" in below
+  assert existing.read_text() == "my notes\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="simulates a user without access by dropping root's DAC override")
+@pytest.mark.parametrize("target, mode, fragment", [
+    ("checkpoints", 0o000, "checkpoints cannot be read: Permission denied"),
+    ("", 0o555, "cannot be written: Permission denied"),
+])
+def test_a_folder_without_permission_is_one_line(finished_workdir, tmp_path, target, mode,
+                                                 fragment):
+  # Tests run as root, whom permission bits do not stop; without CAP_DAC_OVERRIDE and
+  # CAP_DAC_READ_SEARCH (dropped by setpriv for the program only) they stop root too.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_workdir, workdir)
+  before = tree_digest(workdir)
+  os.chmod(os.path.join(workdir, target), mode)
+  try:
+    command = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+               "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+               "research.main", f"--workdir={workdir}", SMOKE, *TINY_RUN]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+  finally:
+    os.chmod(os.path.join(workdir, target), 0o755)
+  message = _error(result)
+  assert message.strip().count("\n") == 0 and fragment in message, message
+  assert tree_digest(workdir) == before
+
+
+# ---- An error while reporting an error still ends the program, with one line -------------
+
+VANISHING_FOLDER = """
+import os, shutil, sys
+import jax.numpy as jnp
+from research import checkpoint, steps
+from research.errors import UserError
+
+ckpt = checkpoint.Checkpointer(sys.argv[1])
+state = steps.TrainState(step=jnp.int32(1), params={"w": jnp.ones((4,))}, model_state={},
+                         opt_state={}, rng=jnp.zeros((2,), jnp.uint32))
+ckpt.save(state, {})
+ckpt.wait()
+shutil.rmtree(ckpt.directory)  # the checkpoints folder replaced by a file mid-run
+open(ckpt.directory, "w").close()
+try:
+  ckpt.save(state.replace(step=jnp.int32(2)), {})
+  ckpt.wait()
+except UserError as e:  # as research.main ends
+  e.exit()
+"""
+
+
+def test_a_failed_write_whose_handler_meets_another_failure_ends_promptly(tmp_path):
+  # Before: the handler raised NotADirectoryError listing the folder, and Orbax's threads,
+  # still waiting for the write, kept the process alive until it was killed.
+  started = time.time()
+  result = subprocess.run([sys.executable, "-c", VANISHING_FOLDER, str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "PYTHONPATH": REPO})
+  assert time.time() - started < 60
+  assert result.returncode == 1, result.stderr[-3000:]
+  # Orbax logs its background thread's traceback (research.main shows it only with
+  # --verbose); no frame of ours fails, and our message is the one last line.
+  frames = [line for line in result.stderr.splitlines() if line.startswith('  File "')]
+  assert not any("/research/" in frame for frame in frames), result.stderr[-3000:]
+  message = result.stderr[result.stderr.rindex("error: "):]
+  assert message.strip().count("\n") == 0, message
+  assert "Writing checkpoint step 2 to" in message and "Not a directory" in message
+  assert "check that it is a folder you can write" in message

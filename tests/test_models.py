@@ -238,6 +238,7 @@ def test_custom_gradients_are_differentiable_again(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cpu_only
 def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   # XLA:CPU runs a bfloat16 dot fast (YNNPACK, AMX) only in one operand layout; any other
   # silently becomes a float32 Eigen dot, several times slower. Guard the compiled form.
@@ -262,6 +263,7 @@ def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   assert not [line for _, line in dots if "lhs_contracting_dims={0}" in line], dots
 
 
+@pytest.mark.cpu_only
 def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):
   from research.models import layers
 

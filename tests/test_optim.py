@@ -30,7 +30,7 @@ def _mlp():
 
 
 LEARNING_RATES = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3, "lamb": 2e-2,
-                  "lion": 1e-3, "rmsprop": 1e-3, "adafactor": 1e-2}
+                  "lion": 1e-3, "rmsprop": 1e-3, "adafactor": 1e-2, "adam_keras": 1e-3}
 
 
 def test_every_optimizer_is_covered_here():
@@ -54,9 +54,8 @@ def test_every_optimizer_trains_on_real_batches(fashion_mnist, name):
   assert losses[-8:].mean() < 0.8 * losses[:8].mean(), losses
 
 
-def test_seed_config_builds_plain_adam():
-  config = default.get_config()
-  tx = _build(config)
+def test_adam_stays_optax_adam():
+  tx = _build(_optimizer_config("adam"))
   params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))}}
   grads = jax.tree.map(lambda p: p * 0.3, params)
   ours, _ = tx.update(grads, tx.init(params), params)
@@ -64,6 +63,48 @@ def test_seed_config_builds_plain_adam():
   expected, _ = reference.update(grads, reference.init(params), params)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
+
+
+def _keras_adam_in_numpy(gradients, learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+  """keras/src/optimizers/adam.py `update_step`, written out with its dtypes: the
+  powers of beta in float32 (`ops.cast(self.beta_1, variable.dtype)`), the moment
+  factors from the Python floats, float32 variables. Returns the updates it applies."""
+  m = np.zeros_like(gradients[0])
+  v = np.zeros_like(gradients[0])
+  updates = []
+  for t, g in enumerate(gradients, start=1):
+    local_step = np.float32(t)
+    beta_1_power = np.float32(beta_1) ** local_step
+    beta_2_power = np.float32(beta_2) ** local_step
+    alpha = np.float32(learning_rate) * np.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+    m = m + (g - m) * (1 - beta_1)
+    v = v + (np.square(g) - v) * (1 - beta_2)
+    updates.append(-(m * alpha) / (np.sqrt(v) + epsilon))
+  return updates
+
+
+def test_seed_config_builds_keras_adam_which_matches_the_keras_formula():
+  config = default.get_config()
+  assert config.optimizer.name == "adam_keras"
+  assert optim.defaults("adam_keras") == {"b1": 0.9, "b2": 0.999, "eps": 1e-7}  # Keras's
+  tx = _build(config)
+  rng = np.random.default_rng(0)
+  # Gradients over many scales, tiny ones included: there eps's place matters most.
+  gradients = [(rng.standard_normal((4, 5)) * 10.0 ** rng.integers(-9, 1, (4, 5))
+                ).astype(np.float32) for _ in range(6)]
+  params = {"kernel": jnp.zeros((4, 5))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  expected = _keras_adam_in_numpy(gradients, 1e-3)
+  for step, g in enumerate(gradients):
+    updates, state = update({"kernel": jnp.asarray(g)}, state, params)
+    np.testing.assert_allclose(updates["kernel"], expected[step], rtol=5e-7, atol=0,
+                               err_msg=f"step {step + 1}")
+  # optax's Adam is another formula: far apart where the gradients are tiny.
+  reference = optax.adam(1e-3, eps=1e-7)
+  optax_updates, _ = reference.update({"kernel": jnp.asarray(gradients[0])},
+                                      reference.init(params), params)
+  assert not np.allclose(optax_updates["kernel"], expected[0], rtol=1e-3)
 
 
 def _schedule(name, **fields):

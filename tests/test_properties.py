@@ -11,6 +11,7 @@ uses; a few examples run the real program.
 import dataclasses
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, run_main, tree_digest
-from research import command_line, config_checks, data, prepare_data, predict
+from research import command_line, config_checks, config_schema, data, prepare_data, predict
 from research.errors import UserError
 
 SMOKE = "--config=configs/default.py:smoke"
@@ -80,6 +81,118 @@ def test_random_overrides_parse_and_validate_or_say_why(overrides):
     config_checks.validate(config)
   except UserError as e:
     assert _clear(str(e), overrides), (overrides, str(e))
+
+
+# ---- Every field of every config, from the one table (research/config_schema.py) -----------
+
+def _arguments(config_file: str) -> list[str]:
+  """The arguments a config file accepts, read from its own refusal of an unknown one
+  ("accepted: 'smoke', 'model=NAME'"), so a new argument is covered without editing this."""
+  from research import models, optim
+
+  found, problem = command_line._load_config(f"{config_file}:no-such-argument")
+  assert found is None and "accepted" in problem, problem
+  arguments = re.findall(r"'([^']+)'", problem.split("accepted", 1)[1])
+  expanded = []
+  for argument in arguments:
+    if argument == "model=NAME":
+      expanded += [f"model={name}" for name in models.MODELS]
+    elif argument == "optimizer=NAME":
+      expanded += [f"optimizer={name}" for name in optim.OPTIMIZERS]
+    else:
+      expanded.append(argument)
+  return expanded
+
+
+CONFIG_FILES = sorted(f"configs/{name}" for name in os.listdir(os.path.join(REPO, "configs"))
+                      if name.endswith(".py") and not name.startswith("_"))
+CONFIG_SPECS = [spec for config_file in CONFIG_FILES
+                for spec in [config_file, *(f"{config_file}:{a}" for a in _arguments(config_file))]]
+FIELDS_OF = {spec: sorted(config_schema.flatten(command_line.parse_config([], spec)))
+             for spec in CONFIG_SPECS}
+
+
+def test_every_config_and_argument_has_table_entries_and_validates():
+  assert len(CONFIG_SPECS) > len(CONFIG_FILES) + 20  # the arguments were found
+  for spec, fields in FIELDS_OF.items():
+    missing = [field for field in fields if field not in config_schema.FIELDS]
+    assert not missing, (spec, missing)
+    config_checks.validate(command_line.parse_config([], spec))
+
+
+def test_table_defaults_are_the_defaults_and_every_registry_knob_has_an_entry():
+  from research import models, optim
+
+  defaults = command_line.parse_config([], "configs/default.py")
+  for field, value in config_schema.flatten(defaults).items():
+    assert config_schema.FIELDS[field].default == value, field
+  for name in models.MODELS:
+    for knob, value in models.defaults(name).items():
+      field = config_schema.FIELDS[f"model.{knob}"]
+      assert field.default == config_schema.REGISTRY_DEFAULT and not field.problem(value), knob
+  for name in optim.OPTIMIZERS:
+    for knob, value in optim.defaults(name).items():
+      assert not config_schema.FIELDS[f"optimizer.{knob}"].problem(value), (name, knob)
+
+
+def test_a_field_without_a_table_entry_is_refused():
+  import ml_collections
+
+  config = command_line.parse_config([]).to_dict()
+  config["augment"]["mixup"] = 0.2  # a config file that grew a field the table lacks
+  with pytest.raises(UserError, match="augment.mixup .* has no entry in research/config_schema.py"):
+    config_checks.validate(ml_collections.ConfigDict(config))
+
+
+# Values a user can type, and values a config file can hold.
+EXTREME_TYPED = ["nan", "inf", "-inf", "1e400", str(2**70), str(-2**70), "-1", "0", "-0.0", "1.5",
+                 "abc", "", "true", "false", "None", "()", "(1, -2)", "(nan,)", "(1e400, 2)",
+                 "[1]", "latest", "7", "2147483648"]
+EXTREME_HELD = [float("nan"), float("inf"), -float("inf"), 2**70, -2**70, -1, 0, 1.5, -0.0,
+                "abc", "", True, False, None, (), (1, -2), (float("nan"),), [3], {"a": 1}, 1e308,
+                2**31]
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+  *groups, leaf = dotted.split(".")
+  for group in groups:
+    tree = tree[group]
+  tree[leaf] = value
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_every_field_of_every_config_with_extreme_values_is_accepted_or_named(data):
+  import ml_collections
+
+  spec = data.draw(st.sampled_from(CONFIG_SPECS))
+  field = data.draw(st.sampled_from(FIELDS_OF[spec]))
+  typed = data.draw(st.sampled_from(EXTREME_TYPED))
+  try:  # as typed on the command line
+    config_checks.validate(command_line.parse_config([f"--config.{field}={typed}"], spec))
+  except UserError as e:
+    assert _clear(str(e), [(field, typed)]), (spec, field, typed, str(e))
+  held = data.draw(st.sampled_from(EXTREME_HELD))
+  config = command_line.parse_config([], spec).to_dict()
+  _set(config, field, held)
+  try:  # as a config file may hold it, past the parser's type checks
+    config_checks.validate(ml_collections.ConfigDict(config))
+  except UserError as e:
+    assert _clear(str(e), [(field, held)]), (spec, field, held, str(e))
+
+
+@pytest.mark.parametrize("override, accepted", [
+    ("--config.dataset.image_size=-5", "an integer from 0 to 8192"),
+    ("--config.optimizer.b2=nan", "a finite number in [0, 1)"),
+])
+def test_out_of_range_values_end_the_program_with_one_line(tmp_path, override, accepted):
+  spec = "--config=configs/default.py:smoke,optimizer=adam"
+  workdir = str(tmp_path / "run")
+  result = run_main(workdir, spec, override, timeout=120)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  message = result.stderr[result.stderr.index("error: "):].strip()
+  assert "\n" not in message and override[2:] in message and accepted in message, message
+  assert not os.path.exists(workdir)
 
 
 # ---- The real program on a good, finished workdir ------------------------------------------

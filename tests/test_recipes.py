@@ -13,7 +13,8 @@ from conftest import records, run_main
 RECIPES = [("default", None), ("default", "smoke"), ("default", "model=resnet20,optimizer=lamb"),
            ("fashion_mnist_resnet", None), ("fashion_mnist_resnet", "smoke"),
            ("fashion_mnist_speedrun", None), ("fashion_mnist_speedrun", "long"),
-           ("cifar10_resnet", None), ("cifar10_resnet", "smoke"), ("cifar10_vit", None),
+           ("cifar10_resnet", None), ("cifar10_resnet", "smoke"), ("cifar10_resnet", "56"),
+           ("cifar10_vit", None), ("cifar10_vit", "smoke"),
            ("imagenet_resnet50", None), ("imagenet_resnet50", "imagenette")]
 
 

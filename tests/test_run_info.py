@@ -36,7 +36,7 @@ def test_run_json_running_then_finished_with_final_and_best_metrics(tmp_path):
     record.step = 20
   info = run_info.read(workdir)
   assert info["status"] == "finished" and info["end_time"] >= info["start_time"]
-  assert info["config"]["optimizer"]["name"] == "adam" and info["seed"] == 0
+  assert info["config"]["optimizer"]["name"] == "adam_keras" and info["seed"] == 0
   assert set(info["code"]) == {"package_version", "git_commit", "git_dirty"}
   assert {"jax", "flax", "optax", "orbax-checkpoint",
           "tensorflow-datasets"} <= set(info["versions"])
@@ -96,3 +96,20 @@ def test_real_run_writes_run_json_and_profile(trained_workdir):
             for name in names]
   assert any(t.endswith(".xplane.pb") for t in traces)  # TensorBoard's profile plugin
   assert any(t.endswith("perfetto_trace.json.gz") for t in traces)  # ui.perfetto.dev
+
+
+def test_damaged_metrics_lines_are_dropped_and_the_records_kept(tmp_path):
+  """Random bytes in metrics.jsonl (a flaky disk) cost those lines only: readers skip them,
+  and a resumed RunLog keeps every good record up to its step."""
+  from research import run_log
+
+  good = [{"step": step, "epoch": 0.1, "split": "train", "loss": 1.0 / step} for step in (1, 2, 3)]
+  with open(tmp_path / "metrics.jsonl", "wb") as f:
+    f.write((json.dumps(good[0]) + "\n").encode())
+    f.write(os.urandom(300).replace(b"\n", b"x") + b"\n")
+    f.write(b'"not a record"\n{"step": "2"}\n')
+    f.writelines((json.dumps(record) + "\n").encode() for record in good[1:])
+  assert run_info.read_metrics(str(tmp_path)) == good
+  run_log.RunLog(str(tmp_path), resume_step=2).close()
+  assert run_info.read_metrics(str(tmp_path)) == good[:2]
+  assert len((tmp_path / "metrics.jsonl").read_bytes().splitlines()) == 2

@@ -1,11 +1,14 @@
 import functools
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from research import data, steps, train
+from research import data, models, steps, train
 from research.models.cnn import CNN
 
 
@@ -86,3 +89,59 @@ def test_microbatched_step_matches_one_whole_batch(fashion_mnist):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(whole_metrics["loss"], split_metrics["loss"], rtol=1e-5)
   assert float(whole_metrics["accuracy"]) == float(split_metrics["accuracy"])
+
+
+class _DropoutProbe(nn.Module):
+  """Logits = Dense(dropout(ones)) with a zero kernel: the kernel's gradient row j is
+  (softmax(0) - onehot) / (1 - rate) times the number of examples whose mask kept j."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dropout(0.5, deterministic=not train)(jnp.ones((x.shape[0], 64)))
+    return nn.Dense(10, use_bias=False, kernel_init=nn.initializers.zeros)(x)
+
+
+def test_each_micro_batch_draws_its_own_dropout_masks():
+  model, tx = _DropoutProbe(), optax.sgd(1.0)
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  labels = np.zeros((4,), np.int32)
+  step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx,
+                                   microbatches=4))
+  state, _ = step(_state(model, tx), images, labels)
+  # Summed over the 4 micro-batches of one example each, divided by 4 (their mean):
+  # column 1 (a wrong class) of the gradient is 0.1 * 2 * (masks keeping row j) / 4, and
+  # SGD with step 1 moved the zero kernel by minus that.
+  kept = np.round(-np.asarray(state.params["Dense_0"]["kernel"])[:, 1] / (0.1 * 2 / 4))
+  assert set(np.unique(kept)) <= {0, 1, 2, 3, 4}
+  # One shared mask would keep each row in all four slices or in none.
+  assert np.any((kept > 0) & (kept < 4)), kept
+
+
+def test_a_step_without_micro_batches_is_unchanged_by_per_micro_batch_keys(fashion_mnist):
+  """The whole batch still draws its dropout masks from the step key itself, as it did
+  before micro-batches got keys of their own: the same parameters up to the
+  float rounding of two compiled programs (another mask moves them far more)."""
+  _, train_split, _ = fashion_mnist
+  model = models.build(ml_collections.ConfigDict(
+      {"name": "mlp", "hidden_features": (32,), "dropout_rate": 0.5}), 10)
+  tx = optax.sgd(0.1)
+  row = data.batch_indices(0, 0, 1, 32, len(train_split))[0]
+  images, labels = train_split.images[row], train_split.labels[row]
+  state = _state(model, tx)
+  new_state, _ = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))(
+      state, images, labels)
+
+  def before_the_change(state):  # train_step's gradient as written before, key and all
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss(params):
+      logits = model.apply({"params": params}, steps.preprocess(images), train=True,
+                           rngs={"dropout": step_rng})
+      return steps.cross_entropy(logits, labels).mean()
+
+    updates, _ = tx.update(jax.grad(loss)(state.params), state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates)
+
+  expected = jax.jit(before_the_change)(state)
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from research import backend
 
 IMPLS = ("auto", "im2col", "xla")
 
@@ -44,7 +45,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return backend.current().conv_impl
   return impl
 
 
@@ -87,8 +88,16 @@ class Conv(nn.Module):
     else:
       y = _im2col_conv(x, kernel, (sh, sw), pads, self.dtype)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = _add_bias(y, bias, y.dtype)
     return y
+
+
+def _add_bias(y, bias, dtype):
+  """y + bias in float32, returned in `dtype`: a bfloat16 add would round the (small)
+  bias against the (large) activation, and its gradient, a sum over every position of
+  the batch, would be accumulated in bfloat16."""
+  return (y.astype(jnp.float32) + bias).astype(dtype)
 
 
 def _bfloat16_bits(x):
@@ -221,20 +230,31 @@ def matmul(x, w, dtype=jnp.float32):
   return patch_matmul(x, w, dtype=dtype)
 
 
-def dense(features: int, dtype=jnp.float32, impl: str = "auto", **kwargs) -> nn.Dense:
-  """`nn.Dense` whose compute dtype means what `Conv`'s does for the same `impl`:
+class Dense(nn.Module):
+  """`nn.Dense`'s parameters (kernel [in, features], bias), names and default
+  initializers, with the compute dtype meaning what `Conv`'s does for the same `impl`:
   "xla", activations and matmul in `dtype`; "im2col" (CPU), only the matmul operands
-  (`matmul(..., dtype)`). Same parameters either way."""
-  if resolve_impl(impl) == "xla":
-    return nn.Dense(features, dtype=dtype, **kwargs)
+  (`matmul(..., dtype)`), float32 out. The bias is added in float32 either way."""
 
-  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    del precision, preferred_element_type  # float32 accumulation regardless
-    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
-      raise ValueError(f"dense: unsupported dimension numbers {dimension_numbers}")
-    return matmul(lhs, rhs, dtype)
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  impl: str = "auto"
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
-  return nn.Dense(features, dot_general=dot_general, **kwargs)
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    if resolve_impl(self.impl) == "xla":
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      return _add_bias(y, bias, self.dtype)
+    return matmul(x, kernel, self.dtype) + bias
+
+
+def dense(features: int, dtype=jnp.float32, impl: str = "auto", **kwargs) -> Dense:
+  """A `Dense` layer (same parameters as `nn.Dense`; see `Dense` for `dtype`)."""
+  return Dense(features, dtype=dtype, impl=impl, **kwargs)
 
 
 def _im2col_conv(x, kernel, strides, pads, dtype=jnp.float32):

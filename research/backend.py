@@ -1,0 +1,125 @@
+"""Where a run executes, decided once: the forms the code takes on CPU and on accelerators.
+
+`current()` reads JAX's backend and returns a `Backend`, which the training loop and
+the models consult instead of asking JAX (or the config) again:
+  * `conv_impl`: what `conv_impl="auto"` means (models/layers.py): im2col on CPU,
+    XLA's own convolutions on GPU/TPU;
+  * `static_trip_counts`: how a chunk of training steps is compiled. On CPU one loop
+    takes its step count as an argument, so one program serves every chunk length. On
+    GPU/TPU a loop whose count is traced makes XLA copy the loop condition to the host
+    after every iteration (a device-to-host sync per step); there a chunk of n steps
+    runs as calls of static power-of-two lengths (n's binary digits), each length
+    compiled once and the calls dispatched without waiting (`piece_lengths`).
+Both loop forms run the same steps and give bit-identical results (tests/test_steps.py).
+
+Also here: the config's matmul precision (`numerics`), applied in one place around
+everything a run traces, and the check that an accelerator present on the machine is
+the one JAX uses (`check_accelerator_used`).
+"""
+
+import contextlib
+import dataclasses
+import glob
+import os
+import shutil
+
+from research.errors import UserError
+
+# Config `matmul_precision` -> jax.default_matmul_precision. "default" is the backend's
+# default: TF32 for float32 matmuls and convolutions on NVIDIA GPUs (Ampere and later),
+# one bfloat16 pass on TPU, full float32 on CPU; "high" is 3 bfloat16 passes (TPU) / TF32
+# (GPU); "highest" is full float32 everywhere (slower on accelerators).
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+# For tests only: the folder standing in for "/" when looking for accelerator devices.
+DEVICE_ROOT_ENV = "RESEARCH_DEVICE_ROOT"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  platform: str  # jax.default_backend(): "cpu", "gpu" (CUDA/ROCm) or "tpu"
+  static_trip_counts: bool  # see the module docstring
+
+  @property
+  def conv_impl(self) -> str:
+    """What conv_impl="auto" resolves to: XLA's CPU convolutions are slow (layers.py)."""
+    return "im2col" if self.platform == "cpu" else "xla"
+
+  def piece_lengths(self, count: int) -> list[int]:
+    """Lengths of the compiled calls that run a chunk of `count` steps: [count] with a
+    traced trip count; else count's binary digits, largest first (7 -> [4, 2, 1]), so
+    that a run compiles at most log2(longest chunk) + 1 lengths."""
+    if not self.static_trip_counts:
+      return [count]
+    return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
+
+
+def current(platform: str | None = None) -> Backend:
+  """The Backend of JAX's default backend (or of `platform`, e.g. to test the GPU form on
+  the CPU: `current("gpu")`)."""
+  import jax
+
+  platform = platform or jax.default_backend()
+  return Backend(platform=platform, static_trip_counts=platform != "cpu")
+
+
+def numerics(matmul_precision: str):
+  """The context every run traces its programs in: the config's matmul precision for
+  every dot and convolution (including the custom layers' own dot_generals)."""
+  import jax
+
+  if matmul_precision not in MATMUL_PRECISIONS:
+    raise UserError(f"--config.matmul_precision={matmul_precision!r} is not accepted: use one "
+                    f"of {', '.join(MATMUL_PRECISIONS)}.")
+  if matmul_precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(matmul_precision)
+
+
+# ---- Is an accelerator present that JAX does not use? ------------------------------
+
+ACCELERATORS = {  # kind -> (Makefile ACCEL, pip extra)
+    "NVIDIA GPU": ("cuda12", "cuda12"),
+    "TPU": ("tpu", "tpu"),
+}
+
+
+def present_accelerator() -> tuple[str, str] | None:
+  """(kind, evidence) of an NVIDIA GPU or a TPU on this machine, else None. Looks at
+  device files under the root folder (RESEARCH_DEVICE_ROOT, for tests; else "/")."""
+  root = os.environ.get(DEVICE_ROOT_ENV) or "/"
+  at = lambda *parts: os.path.join(root, *parts)
+  gpus = sorted(glob.glob(at("dev", "nvidia[0-9]*")))
+  if gpus:
+    return "NVIDIA GPU", gpus[0]
+  driver = at("proc", "driver", "nvidia", "gpus")
+  if os.path.isdir(driver) and os.listdir(driver):
+    return "NVIDIA GPU", driver
+  if root == "/" and shutil.which("nvidia-smi"):
+    return "NVIDIA GPU", shutil.which("nvidia-smi")
+  tpus = sorted(glob.glob(at("dev", "accel[0-9]*")))
+  if tpus:
+    return "TPU", tpus[0]
+  tpu_env = [name for name in ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_NAME")
+             if os.environ.get(name)]
+  if tpu_env and os.path.isdir(at("dev", "vfio")):
+    return "TPU", f"{at('dev', 'vfio')} with ${tpu_env[0]}"
+  return None
+
+
+def check_accelerator_used(platform: str, allow_cpu: bool) -> None:
+  """Stops a run that would train on the CPU of a machine with a GPU or TPU (JAX's
+  accelerator wheels not installed), naming the command that fixes it. Allowed on
+  purpose with --allow_cpu, or by JAX_PLATFORMS=cpu."""
+  if platform != "cpu" or allow_cpu or os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
+    return
+  found = present_accelerator()
+  if found is None:
+    return
+  kind, evidence = found
+  accel, extra = ACCELERATORS[kind]
+  raise UserError(
+      f"This machine has a {kind} ({evidence}) but JAX runs on the CPU: its {kind} wheels are "
+      f"not installed. Run `make train ACCEL={accel}` (or `.venv/bin/pip install -c "
+      f"requirements.lock -c requirements-{accel}.lock 'jax[{extra}]'`; cuda13 for CUDA 13 "
+      "drivers), or pass --allow_cpu to train on the CPU on purpose.")
