@@ -21,8 +21,10 @@ from research.study_trial import Slot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/default.py:smoke"
-TINY = ["--config.num_train_steps=30", "--config.eval_every_steps=10",
-        "--config.log_every_steps=10", "--config.eval_batch_size=1000"]
+# Long enough that the worker (polling every second) sees the first evaluation of a hopeless
+# trial while its trainer still runs, on an idle machine too.
+TINY = ["--config.num_train_steps=300", "--config.eval_every_steps=100",
+        "--config.log_every_steps=50", "--config.eval_batch_size=1000"]
 
 
 def _sweep_command(root, *flags):
@@ -70,7 +72,7 @@ def test_embedded_study_end_to_end(embedded_study):
   assert json.loads(evaluations[0])["num_examples"] == 10000
   # The pruned trial stopped early, through its trainer's checkpoint-and-exit.
   info = json.load(open(root / "trials" / "trial-0001" / "run.json"))
-  assert info["status"] == "preempted" and info["sessions"][-1]["end_step"] < 30
+  assert info["status"] == "preempted" and info["sessions"][-1]["end_step"] < 300
   assert glob.glob(str(root / "trials" / "trial-0001" / "checkpoints" / "*"))
   table = (root / "results.md").read_text()
   assert "best first by accuracy on train[90%:] (trials train on train[:90%])" in table

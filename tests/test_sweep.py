@@ -69,7 +69,8 @@ def test_malformed_spaces_say_what_is_accepted(text, message):
                                        "'width'"),
     ("batch_size=choice(32,0)", "the value 0 is refused: --config.batch_size=0 is not accepted"),
     ("optimizer.learning_rate=uniform(-1,1e-2)", "the value -1.0 is refused"),
-    ("model.name=choice(cnn,resnet2)", "model.name='resnet2' is unknown. Known models"),
+    ("model.name=choice(cnn,resnet2)", "the value resnet2 is refused: --config.model.name="
+                                       "'resnet2' is not accepted: one of 'cnn', 'mlp'"),
     ("augment.flip=choice(true,maybe)", "the value maybe is refused"),
 ])
 def test_values_the_config_refuses_are_found_before_any_trial(text, message):
