@@ -17,7 +17,7 @@ CONFIG ?= configs/default.py
 # module-wide fixtures (a trained workdir, say) are built once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: train test test-fast data bench bench-compare check-accelerator clean
+.PHONY: train test test-fast data postgres bench bench-compare check-accelerator clean
 
 # What the machine must provide, checked before anything is created: Python 3.11+ and
 # its venv module with ensurepip (Debian and Ubuntu ship that part separately).
@@ -58,14 +58,28 @@ $(STAMP): pyproject.toml requirements.lock $(ACCEL_LOCK)
 data: $(STAMP)
 	$(BIN)/python -m research.prepare_data --dataset=fashion_mnist
 
+# PostgreSQL for the study tests, which start their own server on 127.0.0.1: Debian's
+# package, installed where it is missing and this user may (root with apt-get). Elsewhere
+# those tests skip and say why; nothing here fails the build.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Debian's postgresql package (for the study tests)"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1; }; } || \
+	  echo "note: apt-get could not install postgresql; the PostgreSQL study tests will skip."; \
+	else echo "note: PostgreSQL is not installed and only root can apt-get install postgresql;" \
+	  "the PostgreSQL study tests will skip."; fi
+
 train: data
 	$(BIN)/python -m research.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-test: data
+test: data postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Skips the slow end-to-end tests (CI runs them).
-test-fast: data
+test-fast: data postgres
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
 # Benchmarks. `make bench`: our speed and its fraction of the machine's peak.

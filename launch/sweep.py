@@ -1,26 +1,26 @@
-"""Hyperparameter sweeps: every combination of some config values, one workdir each.
+"""Hyperparameter studies on Optuna: grids, random and TPE search, pruning, many workers.
+
+  python -m launch.sweep --config=configs/default.py --workdir=runs/study1 \\
+      --space='optimizer.learning_rate=loguniform(1e-4,3e-2);batch_size=choice(32,64,128)' \\
+      --search=tpe --trials=20 --pruner=median -- --config.num_epochs=3
 
   python -m launch.sweep --config=configs/default.py --workdir=runs/sweep1 \\
-      --sweep='optimizer.name=adam,sgd;optimizer.learning_rate=1e-3,3e-4' \\
-      -- --config.num_epochs=2
+      --sweep='optimizer.name=adam,sgd;optimizer.learning_rate=1e-3,3e-4'   # a grid
 
-`--sweep` (or `--sweep_file`, one `key=v1,v2,...` axis per line) names config
-fields and their values; the sweep is their Cartesian product. Each member
-trains into WORKDIR/<key=value,...> with `python -m research.main`; flags after
-`--` go to every member. Locally the members run one after another; with
-`--launcher=slurm` each is submitted as `sbatch launch/slurm.sbatch ARGS`.
+The space (`--space`/`--sweep`, or a file: `--space_file`/`--sweep_file`, one entry
+per line) is described in research/search_space.py; it is checked against the
+config before anything is written. Each trial trains with `python -m research.main`
+into WORKDIR/trials/trial-NNNN on `--train_split` and reports every evaluation on
+`--select_split` to the study, whose pruner may stop it; flags after `--` go to every
+trial. At the end the chosen trial alone is evaluated on `--test_split`, and
+WORKDIR gets results.csv/.md, plots and TensorBoard HParams (research/study_results.py).
 
-Running the same command again resumes the sweep: finished members (run.json
-says so) are skipped, an interrupted one resumes from its last checkpoint.
-SIGINT/SIGTERM are passed on to the running member, which checkpoints and
-exits; the sweep then stops. At the end (and when stopped) WORKDIR/results.csv
-and results.md list every member, best first by `--metric`, beside
-results_curves.png, their overlaid learning curves.
+Running the same command again resumes the study. `--workers=K` runs K trials at
+once here; `--storage=postgresql://...` (or a journal file on shared storage) lets
+workers on other machines join, and `--launcher=slurm --array=K` submits K of them
+as a SLURM array job (launch/study_array.sbatch). Long form: docs/studies.md.
 """
 
-import dataclasses
-import itertools
-import json
 import os
 import re
 import shlex
@@ -28,75 +28,103 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
-from absl import app, flags
-
-from research import report, run_info
-from research.errors import UserError
+from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLURM_SCRIPT = os.path.join(REPO, "launch", "slurm.sbatch")
-STATE_FILE = "sweep.json"
+ARRAY_SCRIPT = os.path.join(REPO, "launch", "study_array.sbatch")
+SEARCHES = ("grid", "random", "tpe")
+PRUNERS = ("median", "hyperband", "asha", "none")
 
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass(frozen=True)
-class Member:
-  name: str
-  overrides: tuple[tuple[str, str], ...]  # (config key, value as typed)
+def _space_text() -> tuple[str, str]:
+  """(text, where it came from) of exactly one of --space, --sweep, --space_file, --sweep_file."""
+  from research.errors import UserError
 
-  def flags(self) -> list[str]:
-    return [f"--config.{key}={value}" for key, value in self.overrides]
-
-
-def parse_axes(text: str, source: str = "--sweep") -> list[tuple[str, list[str]]]:
-  """'a.b=1,2;c=x,y' (or one axis per line, # comments) -> [(key, values)]."""
-  axes = []
-  for part in re.split(r"[;\n]", text):
-    part = part.split("#", 1)[0].strip()
-    if not part:
-      continue
-    key, equals, values = part.partition("=")
-    key = key.strip().removeprefix("--config.").removeprefix("config.")
-    values = [value.strip() for value in values.split(",")]
-    if not equals or not re.fullmatch(r"[A-Za-z_][\w.]*", key) or not all(values):
-      raise UserError(f"{source}: {part!r} is not an axis. Accepted: KEY=VALUE1,VALUE2,... with "
-                      "a config field as KEY, e.g. optimizer.learning_rate=1e-3,3e-4; axes are "
-                      "separated by ';' (or by lines in --sweep_file).")
-    if key in (axis[0] for axis in axes):
-      raise UserError(f"{source}: {key} is given twice; list all its values in one axis.")
-    axes.append((key, values))
-  if not axes:
-    raise UserError(f"{source} names no axis; e.g. --sweep='optimizer.name=adam,sgd'.")
-  return axes
+  given = [(name, FLAGS[name].value) for name in ("space", "sweep", "space_file", "sweep_file")
+           if FLAGS[name].value]
+  if len(given) != 1:
+    raise UserError("Give exactly one search space: --space='FIELD=SPEC;...' (or --sweep=, the "
+                    "same), or --space_file=FILE (or --sweep_file=); e.g. "
+                    "--space='optimizer.learning_rate=loguniform(1e-4,3e-2)'.")
+  name, value = given[0]
+  if not name.endswith("_file"):
+    return value, f"--{name}"
+  try:
+    with open(value) as f:
+      return f.read(), value
+  except OSError as e:
+    raise UserError(f"--{name}={value!r} cannot be read: {e.strerror}.") from e
 
 
-def members(axes: list[tuple[str, list[str]]]) -> list[Member]:
-  """The Cartesian product, in order; names like 'optimizer.name=adam,seed=1'."""
-  keys = [key for key, _ in axes]
-  found = []
-  for values in itertools.product(*(values for _, values in axes)):
-    overrides = tuple(zip(keys, values))
-    name = ",".join(f"{key}={re.sub(r'[^A-Za-z0-9._+-]', '_', value)}" for key, value in overrides)
-    found.append(Member(name, overrides))
-  names = [member.name for member in found]
-  if len(set(names)) != len(names):
-    raise UserError("Two sweep members would share a workdir name: give values that differ in "
-                    "letters, digits or . _ + -.")
-  return found
+def make_plan(extra: list[str]):
+  """Checks the whole command line, writing nothing; returns the study's Plan."""
+  from research import command_line, search_space, study
+  from research.errors import UserError
+
+  if not FLAGS.config or not FLAGS.workdir:
+    raise UserError("--config and --workdir are required, e.g. --config=configs/default.py "
+                    "--workdir=runs/study1.")
+  text, source = _space_text()
+  params = search_space.parse(text, source)
+  finite = all(param.grid_values() is not None for param in params)
+  search = FLAGS.search or ("grid" if finite and not FLAGS.trials else "tpe")
+  if search == "grid":
+    count = len(search_space.grid_points(params))
+    if FLAGS.trials and FLAGS.trials != count:
+      raise UserError(f"--trials={FLAGS.trials} does not fit --search=grid: the grid has "
+                      f"{count} points, and each is one trial. Leave --trials out.")
+    trials = count
+  else:
+    if FLAGS.trials <= 0:
+      raise UserError(f"--search={search} needs --trials=N (a positive number of trials).")
+    trials = FLAGS.trials
+  for flag in extra:
+    if not re.match(r"^--config\.[\w.]+=", flag):
+      raise UserError(f"{flag!r} after '--' is not accepted: only --config.FIELD=VALUE flags "
+                      "go to every trial (the study sets --config and --workdir).")
+  if FLAGS.select_split == FLAGS.train_split:
+    raise UserError(f"--select_split={FLAGS.select_split!r} is the training split itself: "
+                    "hold out another part, e.g. --train_split='train[:90%]' "
+                    "--select_split='train[90%:]'.")
+  fixed = (*study.split_flags(FLAGS.train_split, FLAGS.select_split), *extra)
+  search_space.check(params, FLAGS.config, list(fixed))
+  _check_splits(command_line.parse_config(list(fixed), FLAGS.config).dataset)
+  if FLAGS.heartbeat <= 0:
+    raise UserError(f"--heartbeat={FLAGS.heartbeat} is not accepted: a positive number of "
+                    "seconds.")
+  root = os.path.abspath(FLAGS.workdir)
+  return study.Plan(
+      root=root, config_file=FLAGS.config, params=tuple(params), search=search, trials=trials,
+      sampler_seed=FLAGS.sampler_seed, pruner=FLAGS.pruner, storage=FLAGS.storage,
+      study_name=FLAGS.study_name or os.path.basename(root), fixed=tuple(fixed),
+      train_split=FLAGS.train_split, select_split=FLAGS.select_split,
+      test_split=FLAGS.test_split, objective=FLAGS.objective,
+      heartbeat_seconds=FLAGS.heartbeat, timeout_seconds=FLAGS.timeout)
 
 
-def is_finished(workdir: str) -> bool:
-  return (run_info.read(workdir) or {}).get("status") == "finished"
+def _check_splits(dataset_config) -> None:
+  """Each split names part of the dataset (opened, not read): a typo fails now, not after
+  the last trial."""
+  from research import input_pipeline
+  from research.errors import UserError
+
+  for flag in ("train_split", "select_split", "test_split"):
+    try:
+      input_pipeline.open_split(dataset_config, FLAGS[flag].value)
+    except UserError as e:
+      raise UserError(f"--{flag}={FLAGS[flag].value!r}: {e}") from None
 
 
-class _Forwarder:
-  """Passes SIGINT/SIGTERM to the running member (in its own session, so a
-  terminal's Ctrl-C reaches it once, through us) and remembers the sweep must stop."""
+class _StopOnSignal:
+  """SIGINT/SIGTERM: every worker asks its trainer to checkpoint and exit; the study resumes
+  on the next run of the same command."""
 
   def __init__(self):
-    self.child = None
+    self.stop = threading.Event()
     self.signal = None
 
   def __enter__(self):
@@ -106,186 +134,131 @@ class _Forwarder:
 
   def _handle(self, signum, frame):
     self.signal = signum
-    if self.child is not None and self.child.poll() is None:
-      self.child.send_signal(signum)
+    self.stop.set()
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
-def run_local(config: str, root: str, todo: list[Member], extra: list[str]) -> int:
-  """Trains the members one after another; returns the sweep's exit status."""
-  with _Forwarder() as forwarder:
-    for index, member in enumerate(todo, 1):
-      workdir = os.path.join(root, member.name)
-      if is_finished(workdir):
-        print(f"[{index}/{len(todo)}] {member.name}: finished earlier, skipped", flush=True)
-        continue
-      if forwarder.signal is not None:  # arrived between two members
-        return 128 + forwarder.signal
-      print(f"[{index}/{len(todo)}] {member.name}: training in {workdir}", flush=True)
-      command = [sys.executable, "-m", "research.main", f"--config={config}",
-                 f"--workdir={workdir}", *member.flags(), *extra]
-      forwarder.child = subprocess.Popen(command, start_new_session=True)
-      status = forwarder.child.wait()
-      forwarder.child = None
-      if forwarder.signal is not None:
-        name = signal.Signals(forwarder.signal).name
-        print(f"Sweep stopped by {name} during {member.name}; run the same command to resume.",
-              flush=True)
-        return 128 + forwarder.signal
-      if status == 2:  # a user error applies to every member: stop at the first
-        print(f"{member.name} refused its config (exit status 2, message above); sweep stopped.",
-              flush=True)
-        return 2
-      if status != 0:
-        print(f"{member.name} failed (exit status {status}); going on with the next member.",
-              flush=True)
-  return 0
+def run(argv) -> int:
+  logging.set_verbosity(logging.WARNING)  # TFDS's notes while the splits are checked
+  base_env = dict(os.environ)  # the trainers' environment: they pick their own devices
+  # This process never computes: JAX stays off the accelerators that the trainers use.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from research import study, study_results, study_trial
+  from research.errors import UserError
 
-
-def run_slurm(config: str, root: str, todo: list[Member], extra: list[str], sbatch_args: str,
-              state: dict) -> int:
-  """Submits every unfinished member not already queued; the table is written now and
-  again by any later run of the same command."""
-  jobs = state.setdefault("jobs", {})
-  for member in todo:
-    workdir = os.path.join(root, member.name)
-    if is_finished(workdir):
-      print(f"{member.name}: finished earlier, skipped", flush=True)
-      continue
-    if member.name in jobs and _job_queued(jobs[member.name]):
-      print(f"{member.name}: job {jobs[member.name]} is still queued or running", flush=True)
-      continue
-    os.makedirs(workdir, exist_ok=True)
-    command = ["sbatch", f"--job-name={os.path.basename(root)}:{member.name}",
-               f"--output={os.path.join(workdir, 'slurm-%j.out')}", *shlex.split(sbatch_args),
-               SLURM_SCRIPT, f"--config={config}", f"--workdir={workdir}", *member.flags(), *extra]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-      raise UserError(f"sbatch refused {member.name} (exit status {result.returncode}): "
-                      f"{result.stderr.strip() or result.stdout.strip()}")
-    job = re.search(r"\d+", result.stdout)
-    jobs[member.name] = job.group(0) if job else result.stdout.strip()
-    print(f"{member.name}: submitted as job {jobs[member.name]}", flush=True)
-  return 0
-
-
-def check_slurm() -> None:
-  if shutil.which("sbatch") is None:
-    raise UserError("--launcher=slurm needs SLURM's `sbatch`, which is not on PATH here. Run "
-                    "the sweep on the cluster's login node, or use --launcher=local.")
-  if not os.path.exists(SLURM_SCRIPT):
-    raise UserError(f"{SLURM_SCRIPT} is missing: the slurm launcher submits through it.")
-
-
-def _job_queued(job_id: str) -> bool:
-  if shutil.which("squeue") is None:
-    return False
-  result = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%T"],
-                          capture_output=True, text=True)
-  return result.returncode == 0 and bool(result.stdout.strip())
-
-
-def write_results(root: str, todo: list[Member], metric: str) -> list[dict]:
-  """results.csv / results.md (best first by `metric`) and the overlaid curves."""
-  workdirs = [os.path.join(root, member.name) for member in todo]
-  rows = report.sort_rows([_result_row(member, workdir) for member, workdir in
-                           zip(todo, workdirs)], metric)
-  report.write_table(rows, os.path.join(root, "results.csv"), os.path.join(root, "results.md"),
-                     f"Sweep {root}, best first by {metric}")
-  curves = {member.name: report.with_wall_time(run_info.read_metrics(workdir))
-            for member, workdir in zip(todo, workdirs)}
-  curves = {name: records for name, records in curves.items() if records}
-  if curves:
-    report.plot_learning_curves(curves, os.path.join(root, "results_curves.png"))
-  return rows
-
-
-def _result_row(member: Member, workdir: str) -> dict:
-  row = report.summary_row(workdir)
-  row.pop("workdir")
-  return {"member": member.name, **dict(member.overrides), **row}
-
-
-def _write_state(root: str, state: dict) -> None:
-  path = os.path.join(root, STATE_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(state, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
-def sweep(argv) -> int:
-  if not FLAGS.config or not FLAGS.workdir:
-    raise UserError("--config and --workdir are required, e.g. --config=configs/default.py "
-                    "--workdir=runs/sweep1.")
-  if bool(FLAGS.sweep) == bool(FLAGS.sweep_file):
-    raise UserError("Give exactly one of --sweep='key=v1,v2;...' and --sweep_file=FILE.")
-  if FLAGS.sweep_file:
-    try:
-      with open(FLAGS.sweep_file) as f:
-        axes = parse_axes(f.read(), FLAGS.sweep_file)
-    except OSError as e:
-      raise UserError(f"--sweep_file={FLAGS.sweep_file!r} cannot be read: {e}") from e
-  else:
-    axes = parse_axes(FLAGS.sweep)
-  report.sort_rows([], FLAGS.metric)  # checks the metric's name before any training
-  todo = members(axes)
-  extra = argv[1:]
-  root = FLAGS.workdir
+  plan = make_plan(argv[1:])
+  slots = study_trial.device_slots(FLAGS.workers)
+  if FLAGS.launcher == "slurm":
+    if shutil.which("sbatch") is None:
+      raise UserError("--launcher=slurm needs SLURM's `sbatch`, which is not on PATH here. "
+                      "Submit from the cluster's login node, or use --launcher=local.")
+    if FLAGS.array < 1:
+      raise UserError(f"--array={FLAGS.array} is not accepted: the number of workers (array "
+                      "tasks) to submit, e.g. --array=8.")
   if FLAGS.dry_run:
-    for member in todo:
-      print(shlex.join(["python", "-m", "research.main", f"--config={FLAGS.config}",
-                        f"--workdir={os.path.join(root, member.name)}", *member.flags(), *extra]))
+    print(f"Study {plan.study_name} in {plan.root}: {plan.search} search, {plan.trials} trials, "
+          f"pruner {plan.pruner}, storage {plan.storage or os.path.join(plan.root, 'study.journal')}"
+          f", {len(slots)} worker(s): {'; '.join(s.description for s in slots)}.")
+    for param in plan.params:
+      print(f"  {param.describe()}")
+    print("Each trial: " + shlex.join(["python", "-m", "research.main", f"--config={plan.config_file}",
+                                       "--workdir=" + plan.trial_workdir(0), *plan.fixed]) + " ...")
     return 0
+  os.makedirs(plan.root, exist_ok=True)
+  opened = study.Study(plan)
   if FLAGS.launcher == "slurm":
-    check_slurm()
-  os.makedirs(root, exist_ok=True)
-  state = {"config": FLAGS.config, "axes": dict(axes), "extra_args": extra,
-           "members": [member.name for member in todo],
-           "jobs": ((_read_state(root) or {}).get("jobs") or {})}
-  _write_state(root, state)
-  print(f"Sweep of {len(todo)} members into {root} ({FLAGS.launcher}).", flush=True)
-  if FLAGS.launcher == "slurm":
-    status = run_slurm(FLAGS.config, root, todo, extra, FLAGS.sbatch_args, state)
-    _write_state(root, state)
-  else:
-    status = run_local(FLAGS.config, root, todo, extra)
-  rows = write_results(root, todo, FLAGS.metric)
-  finished = sum(row["status"] == "finished" for row in rows)
-  print(f"{finished} of {len(rows)} members finished. Results: "
-        f"{os.path.join(root, 'results.md')} (and .csv)", flush=True)
-  return status
+    return _submit_array(plan, argv)
+  print(f"Study {plan.study_name} in {plan.root}: {plan.search} search, {plan.trials} trials "
+        f"({opened.count(*_waiting())} waiting), {len(slots)} worker(s) here.", flush=True)
+  with _StopOnSignal() as stopper:
+    try:
+      study.run_workers(opened, slots, stopper.stop, base_env)
+    finally:
+      if stopper.signal is None:
+        import optuna
+
+        if opened.count(optuna.trial.TrialState.RUNNING) == 0:
+          opened.evaluate_best_on_test({**base_env, **slots[0].env})
+      table = study_results.write(opened)
+  print(study_results.summary_text(opened, table), flush=True)
+  print(f"Results: {os.path.join(plan.root, 'results.md')} (and .csv, plots, hparams/)",
+        flush=True)
+  if stopper.signal is not None:
+    print(f"Study stopped by {signal.Signals(stopper.signal).name}; run the same command to "
+          "resume.", flush=True)
+    return 128 + stopper.signal
+  return 0
 
 
-def _read_state(root: str) -> dict | None:
-  try:
-    with open(os.path.join(root, STATE_FILE)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+def _waiting():
+  import optuna
+
+  return (optuna.trial.TrialState.WAITING,)
+
+
+def _submit_array(plan, argv) -> int:
+  """`sbatch --array=0-(K-1) launch/study_array.sbatch ARGS`: each task is one worker on the
+  study just set up (its storage must be one every node reaches)."""
+  from research.errors import UserError
+
+  own = ("--launcher", "--array", "--sbatch_args", "--workers", "--dry_run")
+  args = [arg for arg in sys.argv[1:] if arg == "--" or not arg.startswith(own)]
+  command = ["sbatch", f"--array=0-{FLAGS.array - 1}", f"--job-name=study:{plan.study_name}",
+             f"--output={os.path.join(plan.root, 'slurm-%A_%a.out')}",
+             *shlex.split(FLAGS.sbatch_args), ARRAY_SCRIPT, *args]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode != 0:
+    raise UserError(f"sbatch refused the array job (exit status {result.returncode}): "
+                    f"{result.stderr.strip() or result.stdout.strip()}")
+  print(f"Submitted {FLAGS.array} workers: {result.stdout.strip()}. Run the same command with "
+        "--launcher=local to join as a worker or to write the results.", flush=True)
+  return 0
 
 
 def _define_flags() -> None:
   """Flags of the command line only, so that importing this module defines none."""
   flags.DEFINE_string("config", None, "Config file (as for research.main), e.g. "
-                      "configs/default.py or configs/default.py:smoke.")
-  flags.DEFINE_string("workdir", None, "Root folder: one workdir per member inside.")
-  flags.DEFINE_string("sweep", "", "Axes: 'key=v1,v2;key2=v3,v4'.")
-  flags.DEFINE_string("sweep_file", "", "A file with one 'key=v1,v2' axis per line.")
+                      "configs/default.py or configs/default.py:model=cnn.")
+  flags.DEFINE_string("workdir", None, "The study's folder: storage, trials/, results.")
+  flags.DEFINE_string("space", "", "Search space: 'FIELD=SPEC;FIELD=SPEC' (research/search_space.py).")
+  flags.DEFINE_string("sweep", "", "The same as --space (a grid: 'key=v1,v2;key2=v3,v4').")
+  flags.DEFINE_string("space_file", "", "A file with one FIELD=SPEC entry per line.")
+  flags.DEFINE_string("sweep_file", "", "The same as --space_file.")
+  flags.DEFINE_enum("search", "", ["", *SEARCHES], "grid | random | tpe (default: grid when no --trials and "
+                    "every entry has finite values, else tpe).")
+  flags.DEFINE_integer("trials", 0, "Trials in the study (random, tpe); a grid has one per point.")
+  flags.DEFINE_integer("sampler_seed", 0, "Seed of the sampler: the same study again.")
+  flags.DEFINE_enum("pruner", "median", list(PRUNERS),
+                    "Stops hopeless trials at an evaluation: median, hyperband, asha or none.")
+  flags.DEFINE_enum("objective", "accuracy", ["accuracy", "loss"],
+                    "What the study optimizes, on --select_split.")
+  flags.DEFINE_string("train_split", "train[:90%]", "The split trials train on.")
+  flags.DEFINE_string("select_split", "train[90%:]",
+                      "The split trials are evaluated, pruned and chosen on.")
+  flags.DEFINE_string("test_split", "test", "The split only the chosen trial is evaluated on.")
+  flags.DEFINE_string("storage", "", "Optuna storage: an RDB URL (postgresql://USER@HOST/DB) "
+                      "or a journal file; default WORKDIR/study.journal.")
+  flags.DEFINE_string("study_name", "", "The study's name in the storage (default: the "
+                      "folder's name).")
+  flags.DEFINE_integer("workers", 1, "Trials at once on this machine, each on its own devices.")
+  flags.DEFINE_float("timeout", 0, "Seconds after which no new trial starts (0 = none).")
+  flags.DEFINE_float("heartbeat", 30, "Seconds between a running trial's heartbeats; a trial "
+                     "silent for three is taken as dead and retried.")
   flags.DEFINE_enum("launcher", "local", ["local", "slurm"],
-                    "local: one member after another here; slurm: sbatch each.")
-  flags.DEFINE_string("metric", "final_test_accuracy",
-                      f"Sort the results by: {', '.join(report.METRICS)}.")
-  flags.DEFINE_string("sbatch_args", "",
-                      "Extra sbatch options, e.g. '--nodes=2 --time=2:00:00'.")
-  flags.DEFINE_bool("dry_run", False, "List the members and their commands only.")
+                    "local: workers here; slurm: submit --array workers with sbatch.")
+  flags.DEFINE_integer("array", 0, "--launcher=slurm: how many array tasks (workers).")
+  flags.DEFINE_string("sbatch_args", "", "Extra sbatch options, e.g. '--time=2:00:00'.")
+  flags.DEFINE_bool("dry_run", False, "Check everything and print the plan; run nothing.")
 
 
 def main(argv):
+  from research.errors import UserError
+
   try:
-    sys.exit(sweep(argv))
+    sys.exit(run(argv))
   except UserError as e:
     e.exit()
 

@@ -1,136 +1,187 @@
-"""launch.sweep: axes, member workdirs, interruption and resume, results table, slurm."""
+"""launch.sweep's command line: search spaces, refusals before anything is written, SLURM."""
 
-import csv
 import json
 import os
-import signal
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from launch import sweep
+from research import search_space
 from research.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/default.py:smoke"
+TINY = ["--config.num_train_steps=12", "--config.eval_every_steps=6",
+        "--config.log_every_steps=6", "--config.eval_batch_size=1000"]
 
 
-def test_axes_and_members():
-  axes = sweep.parse_axes("optimizer.name=adam,sgd;optimizer.learning_rate=1e-3,3e-4")
-  assert axes == [("optimizer.name", ["adam", "sgd"]),
-                  ("optimizer.learning_rate", ["1e-3", "3e-4"])]
-  members = sweep.members(axes)
-  assert [m.name for m in members] == [
-      "optimizer.name=adam,optimizer.learning_rate=1e-3",
-      "optimizer.name=adam,optimizer.learning_rate=3e-4",
-      "optimizer.name=sgd,optimizer.learning_rate=1e-3",
-      "optimizer.name=sgd,optimizer.learning_rate=3e-4"]
-  assert members[1].flags() == ["--config.optimizer.name=adam",
-                                "--config.optimizer.learning_rate=3e-4"]
-  # A sweep file: one axis per line, comments and --config. prefixes allowed.
-  assert sweep.parse_axes("# lr\n--config.seed = 0, 1\n\nbatch_size=64 # big\n") == [
-      ("seed", ["0", "1"]), ("batch_size", ["64"])]
-  assert sweep.members([("model.conv_features", ["(8, 16)"])])[0].name == \
-      "model.conv_features=_8__16_"
+def test_space_entries_of_every_kind():
+  params = search_space.parse(
+      "optimizer.learning_rate=loguniform(1e-4,3e-2); batch_size=choice(32,64,128)\n"
+      "model.conv_features=choice((16, 32),(32, 64))  # widths\n"
+      "--config.num_epochs=int(2,10,step=4)\n"
+      "optimizer.name=adam,sgd\naugment.flip=choice(true,false);label_smoothing=uniform(0,0.2)")
+  kinds = {p.key: p for p in params}
+  assert kinds["optimizer.learning_rate"] == search_space.Param(
+      "optimizer.learning_rate", "loguniform", low=1e-4, high=3e-2)
+  assert kinds["batch_size"].values == ("32", "64", "128")
+  assert kinds["model.conv_features"].values == ("(16, 32)", "(32, 64)")  # tuples stay whole
+  assert kinds["num_epochs"].grid_values() == (2, 6, 10)
+  assert kinds["optimizer.name"].kind == "grid" and kinds["optimizer.name"].values == (
+      "adam", "sgd")
+  assert kinds["label_smoothing"].describe() == "label_smoothing=uniform(0,0.2)"
+  assert search_space.probe_values(kinds["num_epochs"]) == ["2", "10"]
+  # Today's sweep syntax is a grid, in order.
+  grid = search_space.grid_points(search_space.parse("optimizer.name=adam,sgd;seed=0,1"))
+  assert grid == [{"optimizer.name": "adam", "seed": "0"}, {"optimizer.name": "adam", "seed": "1"},
+                  {"optimizer.name": "sgd", "seed": "0"}, {"optimizer.name": "sgd", "seed": "1"}]
+  with pytest.raises(UserError, match="needs finite values.*loguniform"):
+    search_space.grid_points(params)
 
 
-@pytest.mark.parametrize("text", ["", "optimizer.name", "=1,2", "seed=1,,2", "seed=1;seed=2",
-                                  "bad key=1"])
-def test_bad_axes_say_what_is_accepted(text):
-  with pytest.raises(UserError, match="KEY=VALUE1|twice|no axis"):
-    sweep.parse_axes(text)
+@pytest.mark.parametrize("text, message", [
+    ("", "names no field"),
+    ("optimizer.learning_rate", "is not a search-space entry"),
+    ("=1,2", "is not a search-space entry"),
+    ("seed=1,,2", "empty value"),
+    ("seed=1;seed=2", "given twice"),
+    ("lr=logunifrom(1,2)", "is not a kind of search space; kinds: loguniform"),
+    ("optimizer.learning_rate=loguniform(0,1)", "needs LOW > 0"),
+    ("optimizer.learning_rate=uniform(1,1)", "LOW must be below HIGH"),
+    ("num_epochs=int(1,x)", "must be integers"),
+    ("num_epochs=int(1,9,step=0)", "step must be a positive integer"),
+    ("num_epochs=int(1)", "takes LOW,HIGH"),
+    ("seed=choice(1,2", "unbalanced parentheses"),
+])
+def test_malformed_spaces_say_what_is_accepted(text, message):
+  with pytest.raises(UserError, match=message) as error:
+    search_space.parse(text)
+  assert "\n" not in str(error.value)
 
 
-def _sweep(root, *flags, env=None, **popen):
-  command = [sys.executable, "-m", "launch.sweep", "--config=configs/default.py:smoke",
-             f"--workdir={root}", *flags]
-  return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env={**os.environ, **(env or {})}, **popen)
+@pytest.mark.parametrize("text, message", [
+    ("optimizer.learning_rat=loguniform(1e-4,1e-2)",
+     "optimizer.learning_rat is not a field of configs/default.py:smoke: config.optimizer has no "
+     "field 'learning_rat'. Did you mean --config.optimizer.learning_rate"),
+    ("model.width=int(16,64,step=16)", "model.width is not a field.*config.model has no field "
+                                       "'width'"),
+    ("batch_size=choice(32,0)", "the value 0 is refused: --config.batch_size=0 is not accepted"),
+    ("optimizer.learning_rate=uniform(-1,1e-2)", "the value -1.0 is refused"),
+    ("model.name=choice(cnn,resnet2)", "the value resnet2 is refused: --config.model.name="
+                                       "'resnet2' is not accepted: one of 'cnn', 'mlp'"),
+    ("augment.flip=choice(true,maybe)", "the value maybe is refused"),
+])
+def test_values_the_config_refuses_are_found_before_any_trial(text, message):
+  with pytest.raises(UserError, match=message) as error:
+    search_space.check(search_space.parse(text), SMOKE, [])
+  assert "\n" not in str(error.value)
 
 
-def test_slurm_launcher_refuses_without_sbatch(tmp_path):
-  process = _sweep(tmp_path / "sweep", "--sweep=seed=0,1", "--launcher=slurm",
-                   env={"PATH": str(tmp_path)})
-  output, _ = process.communicate(timeout=120)
-  assert process.returncode == 2
-  assert "needs SLURM's `sbatch`, which is not on PATH" in output
-  assert not (tmp_path / "sweep").exists()
+def _sweep(root, *flags, env=None):
+  command = [sys.executable, "-m", "launch.sweep", f"--config={SMOKE}", f"--workdir={root}",
+             *flags]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, **(env or {})})
 
 
-@pytest.mark.skipif(not os.path.exists(sweep.SLURM_SCRIPT), reason="needs launch/slurm.sbatch")
-def test_slurm_launcher_submits_each_member_through_the_batch_script(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--space=optimizer.learning_rate=loguniform(1e-4,3e-2);batch_size=choice(32,0)",
+      "--trials=3"], r"Search space batch_size=choice\(32,0\): the value 0 is refused: --config.batch_size=0"),
+    (["--space=seed=int(0,3", "--trials=2"], "'seed=int\\(0,3' has unbalanced parentheses"),
+    (["--sweep=seed=0,1", "--search=grid", "--trials=3"], "the grid has 2 points"),
+    (["--space=optimizer.learning_rate=loguniform(1e-4,3e-2)"], "needs --trials=N"),
+    (["--sweep=seed=0,1", "--", "--workdir=x"], "only --config.FIELD=VALUE flags"),
+    (["--sweep=seed=0,1", "--test_split=tset"], "--test_split='tset': Split 'tset' of fashion_mnist"),
+])
+def test_a_bad_study_is_refused_in_one_line_and_writes_nothing(tmp_path, flags, message):
+  result = _sweep(tmp_path / "study", *flags)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert re.search(message, result.stderr.strip().splitlines()[-1])
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "study").exists()
+
+
+def test_dry_run_lists_the_plan(tmp_path):
+  result = _sweep(tmp_path / "study", "--space=optimizer.learning_rate=loguniform(1e-4,3e-2)",
+                  "--trials=5", "--workers=2", "--dry_run")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "tpe search, 5 trials, pruner median" in result.stdout
+  assert "2 worker(s): CPU cores" in result.stdout
+  assert "--config.dataset.eval_split=train[90%:]" in result.stdout
+  assert not (tmp_path / "study").exists()
+
+
+def test_slurm_refuses_without_sbatch(tmp_path):
+  result = _sweep(tmp_path / "study", "--sweep=seed=0,1", "--launcher=slurm", "--array=2",
+                  env={"PATH": os.path.dirname(sys.executable)})
+  assert result.returncode == 2
+  assert "needs SLURM's `sbatch`, which is not on PATH" in result.stderr
+  assert not (tmp_path / "study").exists()
+
+
+def test_array_script_refuses_outside_a_job():
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "study_array.sbatch")],
+                          cwd=REPO, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")})
+  assert result.returncode == 2
+  assert "submit it through the study's command" in result.stderr
+
+
+def test_slurm_array_tasks_are_workers_of_one_study(tmp_path):
+  """The command sets the study up and submits an array job; each array task (run here as
+  SLURM would, with the variables sbatch sets) is a worker that finishes it."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   log = tmp_path / "sbatch.log"
-  fake = bin_dir / "sbatch"  # records its arguments the way sbatch would receive them
-  fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\necho Submitted batch job 4242\n")
-  fake.chmod(0o755)
-  process = _sweep(tmp_path / "sweep", "--sweep=seed=0,1", "--launcher=slurm",
-                   "--sbatch_args=--nodes=2", "--", "--config.num_train_steps=60",
-                   env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
-  output, _ = process.communicate(timeout=120)
-  assert process.returncode == 0, output
-  calls = log.read_text().splitlines()
-  assert len(calls) == 2
-  args = calls[1].split()
-  assert "--nodes=2" in args and args.index("--nodes=2") < args.index(sweep.SLURM_SCRIPT)
-  assert args[args.index(sweep.SLURM_SCRIPT) + 1:] == [
-      "--config=configs/default.py:smoke", f"--workdir={tmp_path / 'sweep' / 'seed=1'}",
-      "--config.seed=1", "--config.num_train_steps=60"]
-  state = json.load(open(tmp_path / "sweep" / "sweep.json"))
-  assert state["jobs"] == {"seed=0": "4242", "seed=1": "4242"}
-  assert (tmp_path / "sweep" / "results.md").exists()
+  (bin_dir / "sbatch").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {log}\n"
+                                  "echo Submitted batch job 4242\n")
+  (bin_dir / "sbatch").chmod(0o755)
+  root = tmp_path / "study"
+  flags = ["--sweep=seed=0", "--pruner=none", "--", *TINY]
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  submitted = _sweep(root, "--launcher=slurm", "--array=2", "--sbatch_args=--time=0:10:00",
+                     *flags, env=env)
+  assert submitted.returncode == 0, submitted.stderr[-3000:]
+  args = log.read_text().splitlines()
+  script = args.index(os.path.join(REPO, "launch", "study_array.sbatch"))
+  assert args[:script] == ["--array=0-1", "--job-name=study:study",
+                           f"--output={root}/slurm-%A_%a.out", "--time=0:10:00"]
+  assert args[script + 1:] == [f"--config={SMOKE}", f"--workdir={root}", *flags]
+  assert (root / "study.journal").exists() and not (root / "trials").exists()
+
+  task = subprocess.run(
+      ["bash", args[script], *args[script + 1:]], cwd=tmp_path, capture_output=True, text=True,
+      timeout=600, env={**os.environ, "SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242",
+                        "SLURM_ARRAY_TASK_ID": "1", "SLURM_SUBMIT_DIR": REPO,
+                        "PYTHON": sys.executable})
+  assert task.returncode == 0, task.stderr[-3000:] + task.stdout[-3000:]
+  assert "job 4242 task 1" in task.stderr
+  assert "trial 0 (slot 0, all" in task.stdout
+  rows = (root / "results.csv").read_text().splitlines()
+  assert len(rows) == 2 and ",complete," in rows[1]
+  info = json.loads((root / "trials" / "trial-0000" / "run.json").read_text())
+  assert info["status"] == "finished"
 
 
-def _wait_for_a_line(path, process, timeout=180):
-  """Until `path` holds a complete line. (metrics.jsonl is created before the training loop
-  installs its preemption handler; its first line is written inside the loop.)"""
-  deadline = time.monotonic() + timeout
-  while not (os.path.exists(path) and "\n" in open(path).read()):
-    assert process.poll() is None, process.stdout.read()
-    assert time.monotonic() < deadline, f"{path} never appeared"
-    time.sleep(0.2)
+def test_workers_get_devices_of_their_own(monkeypatch):
+  from research import study_trial
 
-
-@pytest.mark.slow
-def test_interrupted_sweep_resumes_without_redoing_finished_members(tmp_path):
-  root = tmp_path / "sweep"
-  flags = ["--sweep=optimizer.learning_rate=1e-3,5e-4", "--",
-           "--config.num_train_steps=400", "--config.log_every_steps=20",
-           "--config.eval_every_steps=200"]
-  first_member = root / "optimizer.learning_rate=1e-3"
-  second_member = root / "optimizer.learning_rate=5e-4"
-
-  process = _sweep(root, *flags)
-  # Stop the sweep with a real SIGTERM once the second member has logged a step.
-  _wait_for_a_line(second_member / "metrics.jsonl", process)
-  process.send_signal(signal.SIGTERM)
-  output, _ = process.communicate(timeout=180)
-  assert process.returncode == 128 + signal.SIGTERM, output
-  assert "Sweep stopped by SIGTERM during optimizer.learning_rate=5e-4" in output
-  finished = json.load(open(first_member / "run.json"))
-  assert finished["status"] == "finished"
-  stopped = json.load(open(second_member / "run.json"))
-  assert stopped["status"] == "preempted" and stopped["sessions"][0]["end_step"] < 400
-  first_metrics = (first_member / "metrics.jsonl").read_text()
-
-  process = _sweep(root, *flags)
-  output, _ = process.communicate(timeout=300)
-  assert process.returncode == 0, output
-  assert "[1/2] optimizer.learning_rate=1e-3: finished earlier, skipped" in output
-  assert f"Resumed from checkpoint step {stopped['sessions'][0]['end_step']}" in output
-  assert json.load(open(first_member / "run.json")) == finished  # not touched again
-  assert (first_member / "metrics.jsonl").read_text() == first_metrics
-  resumed = json.load(open(second_member / "run.json"))
-  assert resumed["status"] == "finished"
-  assert [s["status"] for s in resumed["sessions"]] == ["preempted", "finished"]
-
-  rows = list(csv.DictReader(open(root / "results.csv")))
-  assert [row["status"] for row in rows] == ["finished", "finished"]
-  accuracies = [float(row["final_test_accuracy"]) for row in rows]
-  assert accuracies == sorted(accuracies, reverse=True)
-  assert {row["optimizer.learning_rate"] for row in rows} == {"1e-3", "5e-4"}
-  table = (root / "results.md").read_text()
-  assert table.count("| finished |") == 2
-  assert os.path.getsize(root / "results_curves.png") > 10_000
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a 4-GPU node: whole GPUs each
+  slots = study_trial.device_slots(2)
+  assert [slot.env["CUDA_VISIBLE_DEVICES"] for slot in slots] == ["0,1", "2,3"]
+  assert [slot.cpus for slot in slots] == [(), ()]
+  assert [s.env["CUDA_VISIBLE_DEVICES"] for s in study_trial.device_slots(4)] == [
+      "0", "1", "2", "3"]
+  with pytest.raises(UserError, match="--workers=5 needs a GPU each, but this machine shows 4"):
+    study_trial.device_slots(5)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: a share of the cores each
+  cores = sorted(os.sched_getaffinity(0))
+  slots = study_trial.device_slots(len(cores))
+  assert [slot.cpus for slot in slots] == [(core,) for core in cores]
+  assert all(slot.env["OMP_NUM_THREADS"] == "1" for slot in slots)
+  assert study_trial.device_slots(1)[0].cpus == ()  # one worker: the whole machine
+  with pytest.raises(UserError, match="needs a CPU core each"):
+    study_trial.device_slots(len(cores) + 1)

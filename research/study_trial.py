@@ -1,0 +1,199 @@
+"""One trial of a study: `python -m research.main` in the trial's workdir, watched.
+
+A worker (research/study.py) runs each trial as a child process on the devices
+of its slot. While the child trains, `run` reads each new evaluation from the
+child's metrics.jsonl and hands it to `report` (the study's pruner answers); when
+told to stop it sends SIGTERM, and the trainer checkpoints and exits at the next
+step boundary (train._PreemptionFlag): a pruned or interrupted trial keeps its
+workdir and last checkpoint, and running it again resumes there.
+
+The child dies with its worker: it is started through this module's `__main__`,
+which asks the kernel for SIGTERM when the worker goes (prctl PR_SET_PDEATHSIG),
+pins the slot's CPU cores, and then becomes `research.main` (exec). A worker
+killed with SIGKILL therefore leaves a checkpointed workdir, not an orphan still
+holding the workdir's lock.
+"""
+
+import ctypes
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from research.errors import UserError
+
+LOG_FILE = "trial.log"  # the child's stdout and stderr, every session appended
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """The devices of one of a machine's K workers, decided once from --workers."""
+  index: int
+  env: dict  # set in the trainer's environment (CUDA_VISIBLE_DEVICES, thread counts)
+  cpus: tuple[int, ...]  # CPU cores the trainer may run on; () = no restriction
+  description: str
+
+
+def visible_gpus() -> list[str]:
+  """NVIDIA GPUs this process may use, without starting JAX (which would claim their memory)."""
+  listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if listed is not None:
+    return [gpu for gpu in (g.strip() for g in listed.split(",")) if gpu and gpu != "-1"]
+  if shutil.which("nvidia-smi") is None:
+    return []
+  try:
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  count = sum(line.startswith("GPU ") for line in result.stdout.splitlines())
+  return [str(index) for index in range(count)]
+
+
+def device_slots(workers: int) -> list[Slot]:
+  """One slot per worker: whole GPUs each on a GPU machine, else a share of the CPU cores."""
+  if workers < 1:
+    raise UserError(f"--workers={workers} is not accepted: a positive number of trials to run "
+                    "at once on this machine.")
+  gpus = visible_gpus()
+  if gpus:
+    if workers > len(gpus):
+      raise UserError(f"--workers={workers} needs a GPU each, but this machine shows "
+                      f"{len(gpus)} ({','.join(gpus)}): use --workers={len(gpus)} or fewer.")
+    per_worker = len(gpus) // workers
+    slots = []
+    for index in range(workers):
+      mine = gpus[index * per_worker:(index + 1) * per_worker]
+      slots.append(Slot(index, {"CUDA_VISIBLE_DEVICES": ",".join(mine)}, (),
+                        f"GPU {','.join(mine)}"))
+    return slots
+  cores = sorted(os.sched_getaffinity(0))
+  if workers == 1:
+    return [Slot(0, {}, (), f"all {len(cores)} CPU cores")]
+  if workers > len(cores):
+    raise UserError(f"--workers={workers} needs a CPU core each, but this process may use "
+                    f"{len(cores)}: use --workers={len(cores)} or fewer.")
+  slots = []
+  for index in range(workers):
+    mine = tuple(cores[index * len(cores) // workers:(index + 1) * len(cores) // workers])
+    threads = str(len(mine))
+    # XLA's CPU client sizes its thread pool from the machine, not the affinity mask.
+    env = {"OMP_NUM_THREADS": threads, "TF_NUM_INTRAOP_THREADS": threads,
+           "TF_NUM_INTEROP_THREADS": "1"}
+    slots.append(Slot(index, env, mine, f"CPU cores {','.join(map(str, mine))}"))
+  return slots
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  state: str  # "complete", "pruned", "failed" or "interrupted"
+  evaluations: list[dict]  # the eval-split records of metrics.jsonl, in order
+  reason: str = ""  # why a trial failed: the trainer's last message
+
+
+def evaluations(workdir: str) -> list[dict]:
+  """The evaluation records (metrics.jsonl calls the eval split "test") written so far."""
+  found = []
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        if not line.endswith("\n"):
+          break  # being written
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if record.get("split") == "test":
+          found.append(record)
+  except OSError:
+    pass
+  return found
+
+
+def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dict], bool],
+        heartbeat: Callable[[], None], stop_requested: Callable[[], bool],
+        poll_seconds: float = 1.0, base_env: dict | None = None) -> Outcome:
+  """Runs `command` (research.main ... --workdir=workdir) on `slot` until it exits.
+
+  `report(k, record)` gets the k-th evaluation (k = 1, 2, ...: trials are compared
+  at the same evaluation) once, and returns True when the trial should be pruned.
+  `heartbeat()` is called every poll; once `stop_requested()` the child is asked to
+  checkpoint and exit, and the outcome is "interrupted".
+  """
+  os.makedirs(workdir, exist_ok=True)
+  log_path = os.path.join(workdir, LOG_FILE)
+  env = {**(base_env if base_env is not None else os.environ), **slot.env}
+  wrapper = [sys.executable, "-m", "research.study_trial", f"--parent={os.getpid()}",
+             f"--cpus={','.join(map(str, slot.cpus))}", "--", *command]
+  with open(log_path, "ab") as log:
+    log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+    log.flush()
+    session_start = log.tell()
+    child = subprocess.Popen(wrapper, stdout=log, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)  # a terminal's Ctrl-C reaches it via us
+  reported, pruned, interrupted = 0, False, False
+  try:
+    while True:
+      finished = child.poll() is not None
+      records = evaluations(workdir)
+      for ordinal in range(reported + 1, len(records) + 1):
+        reported = ordinal
+        if report(ordinal, records[ordinal - 1]) and not finished and not pruned:
+          pruned = True
+          child.send_signal(signal.SIGTERM)
+      if finished:
+        break
+      heartbeat()
+      if stop_requested() and not interrupted and not pruned:
+        interrupted = True
+        child.send_signal(signal.SIGTERM)
+      time.sleep(poll_seconds)
+  except BaseException:
+    child.send_signal(signal.SIGTERM)  # never leave a trainer behind
+    raise
+  status = child.returncode
+  records = evaluations(workdir)
+  if status == 0:
+    return Outcome("complete", records)
+  if status == 128 + signal.SIGTERM and pruned:
+    return Outcome("pruned", records)
+  if status == 128 + signal.SIGTERM and interrupted:
+    return Outcome("interrupted", records, "stopped by a signal to its worker")
+  return Outcome("failed", records, _failure_reason(log_path, session_start, status))
+
+
+def _failure_reason(log_path: str, session_start: int, status: int) -> str:
+  """The trainer's own last words: its 'Training stopped: ...' line, else its last line."""
+  with open(log_path, "rb") as f:
+    f.seek(session_start)
+    lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()
+             if line.strip()]
+  stopped = [line for line in lines if "Training stopped" in line]
+  last = (stopped or lines or [""])[-1]
+  last = last.split("] ", 1)[-1] if last[:1] in "IWEF" and "] " in last else last
+  return f"exit status {status}: {last.removeprefix('error: ')[:500]}"
+
+
+def _become_trainer(argv: list[str]) -> None:
+  """`python -m research.study_trial --parent=PID --cpus=0,1 -- COMMAND...`: the
+  kernel sends SIGTERM when the worker dies, the cores are pinned, then COMMAND runs."""
+  separator = argv.index("--")
+  options = dict(arg[2:].split("=", 1) for arg in argv[1:separator])
+  command = argv[separator + 1:]
+  if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(options["parent"]):  # the worker died before prctl took effect
+      sys.exit(128 + signal.SIGTERM)
+  if options.get("cpus"):
+    os.sched_setaffinity(0, {int(core) for core in options["cpus"].split(",")})
+  os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+  _become_trainer(sys.argv)
