@@ -191,6 +191,8 @@ def test_memory_mode_refuses_a_dataset_larger_than_memory_before_decoding(
   or host memory: refused with the sizes and the stream alternative, before any
   split is decoded (no decoded cache beside the data) and before the workdir is used."""
   workdir = tmp_path / "run"
+  decoded = lambda: {path for path, _, _ in os.walk(generated_data["cifar10"]) if ".decoded" in path}
+  decoded_before = decoded()  # other tests of this module may have decoded it already
   result = run_main(str(workdir), "--config=configs/cifar10_resnet.py:smoke",
                     f"--config.dataset.data_dir={generated_data['cifar10']}",
                     env={**_devices_env(2), variable: str(4 * 10**6)})
@@ -199,7 +201,7 @@ def test_memory_mode_refuses_a_dataset_larger_than_memory_before_decoding(
   assert message.startswith(f"error: cifar10 at 32x32x3 does not fit in {where}")
   assert "--config.dataset.input=stream" in message and "4.0 MB" in message
   assert "Traceback" not in result.stderr and not workdir.exists()
-  assert not [path for path, _, _ in os.walk(generated_data["cifar10"]) if ".decoded" in path]
+  assert decoded() == decoded_before
 
 
 def test_memory_check_sizes_splits_from_the_metadata_and_device_statistics(monkeypatch):
