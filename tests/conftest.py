@@ -20,19 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-# The files that take longest (minutes each, measured with --durations), in that order.
-# `make test` hands whole files to its two workers in collection order: the longest first,
-# so that the two finish together instead of one waiting for the other's last long file.
-LONGEST_FILES = ("test_distributed.py", "test_accelerator_forms.py", "test_zoo.py",
-                 "test_device_counts.py", "test_study.py", "test_resume.py", "test_datasets.py",
-                 "test_check_accelerator.py")
-
-
 def pytest_collection_modifyitems(config, items):
-  """Longest files first (see LONGEST_FILES); skips `cpu_only` tests when JAX's backend
-  is not the CPU (research/backend.py)."""
-  rank = {name: index for index, name in enumerate(LONGEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within kept
+  """Skips `cpu_only` tests when JAX's backend is not the CPU (research/backend.py)."""
   marked = [item for item in items if item.get_closest_marker("cpu_only")]
   if not marked:
     return
