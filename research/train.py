@@ -136,6 +136,11 @@ def _first_rows(metrics, count: int) -> dict:
   return {name: values[:count] for name, values in jax.device_get(metrics).items()}
 
 
+def _joined(pieces: list) -> dict:
+  """Per-step metrics of consecutive compiled calls, fetched once, after the last call."""
+  return jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
+
+
 def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size: int,
                       rows: int, where: backend_lib.Backend) -> _Feed:
   """The dataset on the devices; each compiled call gathers its batches by index.
@@ -165,7 +170,7 @@ def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size
       state, piece_metrics = train_many(state, images, labels, batch_indices)  # static length
       pieces.append(piece_metrics)
       offset += length
-    metrics = jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
+    metrics = _joined(pieces)
     return state, metrics, input_seconds
 
   return _Feed(chunk)
@@ -181,7 +186,7 @@ def _feed_from_stream(train_on_batches, stream: input_pipeline.TrainStream) -> _
       state, piece_metrics = train_on_batches(state, images, labels)
       pieces.append(piece_metrics)  # fetched after the last piece: no wait in between
       input_seconds += seconds
-    metrics = jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
+    metrics = _joined(pieces)
     return state, metrics, input_seconds
 
   return _Feed(chunk, stream.checkpoint_meta, stream.close)
