@@ -62,7 +62,7 @@ def _space_text() -> tuple[str, str]:
 
 def make_plan(extra: list[str]):
   """Checks the whole command line, writing nothing; returns the study's Plan."""
-  from research import command_line, search_space, study
+  from research import command_line, search_space, study, study_storage
   from research.errors import UserError
 
   if not FLAGS.config or not FLAGS.workdir:
@@ -93,6 +93,10 @@ def make_plan(extra: list[str]):
   fixed = (*study.split_flags(FLAGS.train_split, FLAGS.select_split), *extra)
   search_space.check(params, FLAGS.config, list(fixed))
   _check_splits(command_line.parse_config(list(fixed), FLAGS.config).dataset)
+  if study_storage.is_url(FLAGS.storage):
+    study_storage.database_url(FLAGS.storage)  # its kind and driver; connecting comes later
+  elif FLAGS.storage:
+    study_storage.check_journal_folder(FLAGS.storage)
   if FLAGS.heartbeat <= 0:
     raise UserError(f"--heartbeat={FLAGS.heartbeat} is not accepted: a positive number of "
                     "seconds.")
@@ -146,7 +150,7 @@ def run(argv) -> int:
   base_env = dict(os.environ)  # the trainers' environment: they pick their own devices
   # This process never computes: JAX stays off the accelerators that the trainers use.
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from research import study, study_results, study_trial
+  from research import study, study_results, study_storage, study_trial
   from research.errors import UserError
 
   plan = make_plan(argv[1:])
@@ -167,8 +171,10 @@ def run(argv) -> int:
     print("Each trial: " + shlex.join(["python", "-m", "research.main", f"--config={plan.config_file}",
                                        "--workdir=" + plan.trial_workdir(0), *plan.fixed]) + " ...")
     return 0
+  # A database is reached (or refused, in one line) before the study folder is made.
+  storage = study.make_storage(plan) if study_storage.is_url(plan.storage) else None
   os.makedirs(plan.root, exist_ok=True)
-  opened = study.Study(plan)
+  opened = study.Study(plan, storage)
   if FLAGS.launcher == "slurm":
     return _submit_array(plan, argv)
   print(f"Study {plan.study_name} in {plan.root}: {plan.search} search, {plan.trials} trials "
