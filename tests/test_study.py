@@ -2,6 +2,7 @@
 concurrent workers, a worker killed mid-trial, pruning, failures and resume."""
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -71,6 +72,12 @@ def test_embedded_study_end_to_end(embedded_study):
   assert len(evaluations) == 1 and json.loads(evaluations[0])["split"] == "test"
   assert json.loads(evaluations[0])["num_examples"] == 10000
   # The pruned trial stopped early, through its trainer's checkpoint-and-exit.
+  assert "trial 1 (slot 1" in result.stdout and ": pruned at evaluation 1," in result.stdout
+  import optuna
+
+  pruned_trial = optuna.load_study(study_name="embedded", storage=optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(root / "study.journal")))).trials[1]
+  assert pruned_trial.user_attrs["pruned_at_evaluation"] == 1
   info = json.load(open(root / "trials" / "trial-0001" / "run.json"))
   assert info["status"] == "preempted" and info["sessions"][-1]["end_step"] < 300
   assert glob.glob(str(root / "trials" / "trial-0001" / "checkpoints" / "*"))
@@ -163,6 +170,41 @@ def test_a_trial_whose_heartbeat_stops_is_retried_in_its_own_workdir(tmp_path):
   assert retry.system_attrs["failed_trial"] == trial.number
 
 
+# ---- A trial's state is what happened to it -------------------------------------------------
+
+@pytest.mark.slow
+def test_a_verdict_at_the_last_evaluation_leaves_a_finished_trial_complete(tmp_path):
+  """A pruner that decides at the last evaluation, and a stop request at that moment: the
+  trainer has finished training, so neither stops it; the trial is complete, not failed."""
+  import optuna
+
+  stop = threading.Event()
+
+  class LastEvaluationPruner(optuna.pruners.BasePruner):
+    def prune(self, study_, trial):
+      if trial.last_step == 3:
+        stop.set()  # the worker is told to stop too, after training ended
+        return True
+      return False
+
+  plan = dataclasses.replace(
+      _plan(tmp_path, search="grid", trials=1),
+      params=tuple(search_space.parse("seed=0")), search="grid",
+      fixed=(*study.split_flags("train[:90%]", "train[90%:]"), "--config.num_train_steps=60",
+             "--config.eval_every_steps=20", "--config.log_every_steps=20",
+             "--config.eval_batch_size=1000"), poll_seconds=0.2)
+  opened = study.Study(plan)
+  opened.optuna.pruner = LastEvaluationPruner()
+  slot = Slot(0, {}, (), "all cores")
+  assert opened.run_trial(opened.claim(), slot, stop, dict(os.environ)) == "complete"
+  trial, = study.Study(plan).optuna.trials
+  assert trial.state.name == "COMPLETE" and "failure" not in trial.user_attrs
+  assert sorted(trial.intermediate_values) == [1, 2, 3]
+  assert trial.value == trial.intermediate_values[3]
+  info = json.load(open(tmp_path / "trials" / "trial-0000" / "run.json"))
+  assert info["status"] == "finished" and info["sessions"][-1]["end_step"] == 60
+
+
 # ---- PostgreSQL: a real server on 127.0.0.1 ---------------------------------------------------
 
 def _postgres_bin() -> str | None:
@@ -208,7 +250,7 @@ def postgres_url():
             "-c max_connections=200")
   try:
     run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "study", "studies")
-    yield f"postgresql+psycopg2://study@127.0.0.1:{port}/studies"
+    yield f"postgresql://study@127.0.0.1:{port}/studies"  # the form docs/studies.md shows
   finally:
     run(f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
     shutil.rmtree(folder, ignore_errors=True)
@@ -219,6 +261,18 @@ def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, postgres
   claimed = _claim_all_concurrently(plan, workers=4)
   assert sorted(number for number, _, _ in claimed) == list(range(8))
   assert len(study.Study(plan).optuna.trials) == 8
+
+
+def test_a_refused_login_is_one_line_naming_the_server_and_its_reason(tmp_path, postgres_url):
+  refused = postgres_url.replace("//study@", "//nobody@")
+  result = _sweep(tmp_path / "study", f"--storage={refused}", "--sweep=seed=0")
+  assert result.returncode == 2, result.stderr[-2000:]
+  line, = result.stderr.strip().splitlines()
+  port = postgres_url.split(":")[-1].split("/")[0]
+  assert line.startswith(f"error: --storage={refused}: cannot open the study database at "
+                         f"127.0.0.1:{port}: "), line
+  assert 'role "nobody" does not exist' in line, line
+  assert not (tmp_path / "study").exists()
 
 
 def _wait_for(condition, process, timeout=300):
