@@ -103,6 +103,9 @@ def _default_port(url) -> int | str:
 
 
 def check_journal_folder(path: str) -> None:
+  if os.path.isdir(path):
+    raise UserError(f"--storage={path} is a folder: give a journal file's path (e.g. "
+                    f"{os.path.join(path, 'study.journal')}) or a database URL.")
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise UserError(f"--storage={path}: the folder {folder} does not exist. Create it (on "

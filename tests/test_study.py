@@ -108,6 +108,26 @@ def test_rerunning_a_finished_study_runs_and_tests_nothing_again(embedded_study)
   assert "was started with other settings (space:" in other.stderr
 
 
+def test_a_finished_study_with_a_damaged_journal_tail_keeps_its_results(embedded_study,
+                                                                          tmp_path):
+  """Garbage after the last record (a crash or a full disk): every later command warns,
+  names the file and the offset, and uses the rest: nothing runs again, nothing is lost."""
+  source, _ = embedded_study
+  root = tmp_path / "embedded"
+  shutil.copytree(source, root)
+  journal = root / "study.journal"
+  size = journal.stat().st_size
+  with open(journal, "ab") as f:
+    f.write(b"\x00\xff\xfe torn record" + os.urandom(64).replace(b"\n", b"-"))
+  before = (root / "results.csv").read_text()
+  result = _sweep(root, *EMBEDDED)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{journal}: the record at byte {size} (" in result.stderr
+  assert "-> " not in result.stdout and "Traceback" not in result.stderr
+  assert (root / "results.csv").read_text() == before
+  assert json.loads((root / "study.journal.damaged").read_text())["offset"] == size
+
+
 # ---- Claims, samplers and heartbeats, without training --------------------------------------
 
 def _plan(root, storage="", search="tpe", trials=6, heartbeat=30.0, name="s"):

@@ -46,6 +46,8 @@ def _plan_or_refuse(argv: list[str], monkeypatch, capsys) -> str:
   defined = flags.FlagValues()
   sweep._define_flags(defined)
   monkeypatch.setattr(sweep, "FLAGS", defined)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # run() sets it; restored after the test
+  monkeypatch.setattr(sweep.logging, "set_verbosity", lambda level: None)  # the test's own
   try:
     sweep.run(sweep.parse_command_line(["launch.sweep", *argv]))
     capsys.readouterr()
