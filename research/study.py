@@ -249,7 +249,9 @@ class Study:
     if trial_id is None:
       return None
     number = self.storage.get_trial(trial_id).number
-    own = optuna.load_study(study_name=self.plan.study_name, storage=self.storage,
+    # The study's own (on a database, cached) storage: the one that knows the claim.
+    own = optuna.load_study(study_name=self.plan.study_name,
+                            storage=self.optuna._storage,  # noqa: SLF001 -- optuna 4.9, pinned
                             sampler=make_sampler(self.plan,
                                                  trial_seed(self.plan.sampler_seed, number)),
                             pruner=self.optuna.pruner)

@@ -276,8 +276,9 @@ def postgres_url():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, postgres_url):
-  plan = _plan(tmp_path, storage=postgres_url, trials=8, name="claims")
+@pytest.mark.parametrize("search", ["tpe", "random"])
+def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, postgres_url, search):
+  plan = _plan(tmp_path, storage=postgres_url, search=search, trials=8, name=f"claims-{search}")
   claimed = _claim_all_concurrently(plan, workers=4)
   assert sorted(number for number, _, _ in claimed) == list(range(8))
   assert len(study.Study(plan).optuna.trials) == 8
