@@ -270,26 +270,35 @@ def postgres_url():
             "-c max_connections=200")
   try:
     run(f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "study", "studies")
-    yield f"postgresql://study@127.0.0.1:{port}/studies"  # the form docs/studies.md shows
+    yield f"postgresql+psycopg2://study@127.0.0.1:{port}/studies"
   finally:
     run(f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture
+def bare_postgres_url(postgres_url):
+  """The server's URL in the form docs/studies.md shows: postgresql://, no driver named."""
+  return postgres_url.replace("postgresql+psycopg2://", "postgresql://")
+
+
 @pytest.mark.parametrize("search", ["tpe", "random"])
-def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, postgres_url, search):
-  plan = _plan(tmp_path, storage=postgres_url, search=search, trials=8, name=f"claims-{search}")
+def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, bare_postgres_url,
+                                                              search):
+  plan = _plan(tmp_path, storage=bare_postgres_url, search=search, trials=8,
+               name=f"claims-{search}")
   claimed = _claim_all_concurrently(plan, workers=4)
   assert sorted(number for number, _, _ in claimed) == list(range(8))
   assert len(study.Study(plan).optuna.trials) == 8
 
 
-def test_a_refused_login_is_one_line_naming_the_server_and_its_reason(tmp_path, postgres_url):
-  refused = postgres_url.replace("//study@", "//nobody@")
+def test_a_refused_login_is_one_line_naming_the_server_and_its_reason(tmp_path,
+                                                                     bare_postgres_url):
+  refused = bare_postgres_url.replace("//study@", "//nobody@")
   result = _sweep(tmp_path / "study", f"--storage={refused}", "--sweep=seed=0")
   assert result.returncode == 2, result.stderr[-2000:]
   line, = result.stderr.strip().splitlines()
-  port = postgres_url.split(":")[-1].split("/")[0]
+  port = bare_postgres_url.split(":")[-1].split("/")[0]
   assert line.startswith(f"error: --storage={refused}: cannot open the study database at "
                          f"127.0.0.1:{port}: "), line
   assert 'role "nobody" does not exist' in line, line

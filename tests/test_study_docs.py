@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from test_study import postgres_url  # noqa: F401 -- the fixture: a real PostgreSQL server
+from test_study import bare_postgres_url, postgres_url  # noqa: F401 -- a real PostgreSQL server
 
 DOTS = ["--config=configs/default.py", "--workdir=runs/dots", "--sweep=seed=0,1"]
 TRAINER = ["--config.num_train_steps=10", "--config.eval_every_steps=10",
@@ -90,8 +90,9 @@ def test_the_docs_show_every_kind_of_study_command():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", documented())
-def test_a_documented_study_command_runs(command, tmp_path, postgres_url, sbatch_dir):  # noqa: F811
-  argv, env = _smoke(command, tmp_path, postgres_url, sbatch_dir,
+def test_a_documented_study_command_runs(command, tmp_path, bare_postgres_url,  # noqa: F811
+                                         sbatch_dir):
+  argv, env = _smoke(command, tmp_path, bare_postgres_url, sbatch_dir,
                      train=command == documented()[0])
   result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   output = result.stdout + result.stderr
