@@ -21,6 +21,7 @@ workers on other machines join, and `--launcher=slurm --array=K` submits K of th
 as a SLURM array job (launch/study_array.sbatch). Long form: docs/studies.md.
 """
 
+import math
 import os
 import re
 import shlex
@@ -62,12 +63,16 @@ def _space_text() -> tuple[str, str]:
 
 def make_plan(extra: list[str]):
   """Checks the whole command line, writing nothing; returns the study's Plan."""
-  from research import command_line, search_space, study
+  from research import command_line, search_space, study, study_storage
   from research.errors import UserError
 
   if not FLAGS.config or not FLAGS.workdir:
     raise UserError("--config and --workdir are required, e.g. --config=configs/default.py "
                     "--workdir=runs/study1.")
+  _check_numbers()
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise UserError(f"--workdir={FLAGS.workdir!r} is a file: give the study's folder (new or "
+                    "existing).")
   text, source = _space_text()
   params = search_space.parse(text, source)
   finite = all(param.grid_values() is not None for param in params)
@@ -93,9 +98,10 @@ def make_plan(extra: list[str]):
   fixed = (*study.split_flags(FLAGS.train_split, FLAGS.select_split), *extra)
   search_space.check(params, FLAGS.config, list(fixed))
   _check_splits(command_line.parse_config(list(fixed), FLAGS.config).dataset)
-  if FLAGS.heartbeat <= 0:
-    raise UserError(f"--heartbeat={FLAGS.heartbeat} is not accepted: a positive number of "
-                    "seconds.")
+  if study_storage.is_url(FLAGS.storage):
+    study_storage.database_url(FLAGS.storage)  # its kind and driver; connecting comes later
+  elif FLAGS.storage:
+    study_storage.check_journal_folder(FLAGS.storage)
   root = os.path.abspath(FLAGS.workdir)
   return study.Plan(
       root=root, config_file=FLAGS.config, params=tuple(params), search=search, trials=trials,
@@ -104,6 +110,54 @@ def make_plan(extra: list[str]):
       train_split=FLAGS.train_split, select_split=FLAGS.select_split,
       test_split=FLAGS.test_split, objective=FLAGS.objective,
       heartbeat_seconds=FLAGS.heartbeat, timeout_seconds=FLAGS.timeout)
+
+
+MAX_TRIALS = 100_000  # all are enqueued when the study is set up
+MAX_SEED = 2**32 - 1  # NumPy's seeds
+
+
+def _check_numbers() -> None:
+  """The numeric flags, before anything slower: each within what it can mean."""
+  from research.errors import UserError
+
+  checks = [
+      ("trials", 0 <= FLAGS.trials <= MAX_TRIALS, f"from 1 to {MAX_TRIALS} (0: a grid's own "
+       "count)"),
+      ("sampler_seed", 0 <= FLAGS.sampler_seed <= MAX_SEED, f"an integer from 0 to {MAX_SEED}"),
+      ("heartbeat", math.isfinite(FLAGS.heartbeat) and 0 < FLAGS.heartbeat <= 86400,
+       "a positive number of seconds, at most a day"),
+      ("timeout", not math.isnan(FLAGS.timeout) and FLAGS.timeout >= 0,
+       "seconds, 0 for none"),
+      ("workers", 1 <= FLAGS.workers <= 4096, "a positive number of trials at once here"),
+      ("array", 0 <= FLAGS.array <= 100_000, "the number of SLURM array tasks, e.g. 8"),
+  ]
+  for name, fine, accepted in checks:
+    if not fine:
+      raise UserError(f"--{name}={FLAGS[name].value} is not accepted: {accepted}.")
+  try:
+    shlex.split(FLAGS.sbatch_args)
+  except ValueError as e:
+    raise UserError(f"--sbatch_args={FLAGS.sbatch_args!r} cannot be split into options ({e}): "
+                    "quote as in a shell, e.g. --sbatch_args='--time=2:00:00'.") from None
+
+
+def parse_command_line(argv: list[str], flag_values=None) -> list[str]:
+  """absl's parse of `argv`, its mistakes (an unknown flag, a wrong type, a value outside an
+  enum) in one line: a UserError."""
+  from research.errors import UserError
+
+  flag_values = FLAGS if flag_values is None else flag_values
+  try:
+    return flag_values(argv)
+  except flags.Error as e:
+    if isinstance(e, flags.UnrecognizedFlagError):
+      ours = next(defined for defined in flag_values.flags_by_module_dict().values()
+                  if any(flag.name == "space" for flag in defined))  # this module's
+      known = ", ".join(f"--{flag.name}" for flag in ours)
+      message = f"--{e.flagname} is not a flag of launch.sweep. Flags: {known}."
+    else:
+      message = " ".join(str(e).split()).removeprefix("flag ")
+    raise UserError(f"{message} (`python -m launch.sweep --help` describes every flag.)") from None
 
 
 def _check_splits(dataset_config) -> None:
@@ -115,8 +169,8 @@ def _check_splits(dataset_config) -> None:
   for flag in ("train_split", "select_split", "test_split"):
     try:
       input_pipeline.open_split(dataset_config, FLAGS[flag].value)
-    except UserError as e:
-      raise UserError(f"--{flag}={FLAGS[flag].value!r}: {e}") from None
+    except UserError as e:  # TFDS's own reason can span lines
+      raise UserError(f"--{flag}={FLAGS[flag].value!r}: {' '.join(str(e).split())}") from None
 
 
 class _StopOnSignal:
@@ -146,7 +200,7 @@ def run(argv) -> int:
   base_env = dict(os.environ)  # the trainers' environment: they pick their own devices
   # This process never computes: JAX stays off the accelerators that the trainers use.
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from research import study, study_results, study_trial
+  from research import study, study_results, study_storage, study_trial
   from research.errors import UserError
 
   plan = make_plan(argv[1:])
@@ -167,8 +221,10 @@ def run(argv) -> int:
     print("Each trial: " + shlex.join(["python", "-m", "research.main", f"--config={plan.config_file}",
                                        "--workdir=" + plan.trial_workdir(0), *plan.fixed]) + " ...")
     return 0
+  # A database is reached (or refused, in one line) before the study folder is made.
+  storage = study.make_storage(plan) if study_storage.is_url(plan.storage) else None
   os.makedirs(plan.root, exist_ok=True)
-  opened = study.Study(plan)
+  opened = study.Study(plan, storage)
   if FLAGS.launcher == "slurm":
     return _submit_array(plan, argv)
   print(f"Study {plan.study_name} in {plan.root}: {plan.search} search, {plan.trials} trials "
@@ -218,40 +274,48 @@ def _submit_array(plan, argv) -> int:
   return 0
 
 
-def _define_flags() -> None:
-  """Flags of the command line only, so that importing this module defines none."""
+def _define_flags(flag_values=None) -> None:
+  """Flags of the command line only, so that importing this module defines none (a test
+  gives flag_values of its own)."""
+  own = {"flag_values": FLAGS if flag_values is None else flag_values}
   flags.DEFINE_string("config", None, "Config file (as for research.main), e.g. "
-                      "configs/default.py or configs/default.py:model=cnn.")
-  flags.DEFINE_string("workdir", None, "The study's folder: storage, trials/, results.")
-  flags.DEFINE_string("space", "", "Search space: 'FIELD=SPEC;FIELD=SPEC' (research/search_space.py).")
-  flags.DEFINE_string("sweep", "", "The same as --space (a grid: 'key=v1,v2;key2=v3,v4').")
-  flags.DEFINE_string("space_file", "", "A file with one FIELD=SPEC entry per line.")
-  flags.DEFINE_string("sweep_file", "", "The same as --space_file.")
-  flags.DEFINE_enum("search", "", ["", *SEARCHES], "grid | random | tpe (default: grid when no --trials and "
-                    "every entry has finite values, else tpe).")
-  flags.DEFINE_integer("trials", 0, "Trials in the study (random, tpe); a grid has one per point.")
-  flags.DEFINE_integer("sampler_seed", 0, "Seed of the sampler: the same study again.")
+                      "configs/default.py or configs/default.py:model=cnn.", **own)
+  flags.DEFINE_string("workdir", None, "The study's folder: storage, trials/, results.", **own)
+  flags.DEFINE_string("space", "", "Search space: 'FIELD=SPEC;FIELD=SPEC' "
+                      "(research/search_space.py).", **own)
+  flags.DEFINE_string("sweep", "", "The same as --space (a grid: 'key=v1,v2;key2=v3,v4').",
+                      **own)
+  flags.DEFINE_string("space_file", "", "A file with one FIELD=SPEC entry per line.", **own)
+  flags.DEFINE_string("sweep_file", "", "The same as --space_file.", **own)
+  flags.DEFINE_enum("search", "", ["", *SEARCHES], "grid | random | tpe (default: grid when no "
+                    "--trials and every entry has finite values, else tpe).", **own)
+  flags.DEFINE_integer("trials", 0, "Trials in the study (random, tpe); a grid has one per "
+                       "point.", **own)
+  flags.DEFINE_integer("sampler_seed", 0, "Seed of the sampler: the same study again.", **own)
   flags.DEFINE_enum("pruner", "median", list(PRUNERS),
-                    "Stops hopeless trials at an evaluation: median, hyperband, asha or none.")
+                    "Stops hopeless trials at an evaluation: median, hyperband, asha or none.",
+                    **own)
   flags.DEFINE_enum("objective", "accuracy", ["accuracy", "loss"],
-                    "What the study optimizes, on --select_split.")
-  flags.DEFINE_string("train_split", "train[:90%]", "The split trials train on.")
+                    "What the study optimizes, on --select_split.", **own)
+  flags.DEFINE_string("train_split", "train[:90%]", "The split trials train on.", **own)
   flags.DEFINE_string("select_split", "train[90%:]",
-                      "The split trials are evaluated, pruned and chosen on.")
-  flags.DEFINE_string("test_split", "test", "The split only the chosen trial is evaluated on.")
-  flags.DEFINE_string("storage", "", "Optuna storage: an RDB URL (postgresql://USER@HOST/DB) "
-                      "or a journal file; default WORKDIR/study.journal.")
+                      "The split trials are evaluated, pruned and chosen on.", **own)
+  flags.DEFINE_string("test_split", "test", "The split only the chosen trial is evaluated on.",
+                      **own)
+  flags.DEFINE_string("storage", "", "Optuna storage: a database URL (postgresql://USER@HOST/DB) "
+                      "or a journal file; default WORKDIR/study.journal.", **own)
   flags.DEFINE_string("study_name", "", "The study's name in the storage (default: the "
-                      "folder's name).")
-  flags.DEFINE_integer("workers", 1, "Trials at once on this machine, each on its own devices.")
-  flags.DEFINE_float("timeout", 0, "Seconds after which no new trial starts (0 = none).")
+                      "folder's name).", **own)
+  flags.DEFINE_integer("workers", 1, "Trials at once on this machine, each on its own devices.",
+                       **own)
+  flags.DEFINE_float("timeout", 0, "Seconds after which no new trial starts (0 = none).", **own)
   flags.DEFINE_float("heartbeat", 30, "Seconds between a running trial's heartbeats; a trial "
-                     "silent for three is taken as dead and retried.")
+                     "silent for three is taken as dead and retried.", **own)
   flags.DEFINE_enum("launcher", "local", ["local", "slurm"],
-                    "local: workers here; slurm: submit --array workers with sbatch.")
-  flags.DEFINE_integer("array", 0, "--launcher=slurm: how many array tasks (workers).")
-  flags.DEFINE_string("sbatch_args", "", "Extra sbatch options, e.g. '--time=2:00:00'.")
-  flags.DEFINE_bool("dry_run", False, "Check everything and print the plan; run nothing.")
+                    "local: workers here; slurm: submit --array workers with sbatch.", **own)
+  flags.DEFINE_integer("array", 0, "--launcher=slurm: how many array tasks (workers).", **own)
+  flags.DEFINE_string("sbatch_args", "", "Extra sbatch options, e.g. '--time=2:00:00'.", **own)
+  flags.DEFINE_bool("dry_run", False, "Check everything and print the plan; run nothing.", **own)
 
 
 def main(argv):
@@ -263,6 +327,15 @@ def main(argv):
     e.exit()
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  from research.errors import UserError
+
+  try:
+    return parse_command_line(argv)
+  except UserError as e:
+    e.exit()
+
+
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

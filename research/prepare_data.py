@@ -6,8 +6,11 @@ Order of attempts for `ensure_prepared(name)`:
      `dataset-fashion-mnist` for fashion_mnist; installed with apt-get when
      missing and we are root) -> TFDS prepares from it via `manual_dir`, checking
      TFDS's registered checksums;
-  3. the dataset's download host answers -> TFDS's normal download;
-  4. otherwise a `UserError` that says how to get the data.
+  3. the dataset's download hosts (or proxy) answer -> TFDS's normal download;
+  4. otherwise a `UserError` that says how to get the data: one line naming the
+     dataset, why it cannot be fetched (no network, a manual download needed, a
+     checksum mismatch) and three ways forward; what a failed download wrote in the
+     TFDS data folder is removed.
 
 Run as `python -m research.prepare_data --dataset=fashion_mnist` (`make data`);
 `--source_dir=DIR` prepares from a folder of the original files instead (no network).
@@ -114,8 +117,7 @@ def ensure_prepared(name: str, data_dir: str | None = None, allow_apt: bool = Tr
   if source and _has_local_files(source):
     _prepare_from_local_files(builder, source, data_dir)
   elif _download_allowed(source):
-    logging.info("Downloading %s with TFDS.", name)
-    builder.download_and_prepare()
+    _download(builder, name, data_dir)
   else:
     raise UserError(_missing_data_message(name, builder, source))
   return builder
@@ -158,6 +160,111 @@ def _download_allowed(source: LocalSource | None) -> bool:
     return True
   except OSError:
     return False
+
+
+def _download(builder, name: str, data_dir: str) -> None:
+  """TFDS's download and preparation, or one line saying why the dataset cannot be fetched
+  (no network, a manual download needed, a checksum mismatch) and the ways forward; what
+  the attempt wrote in the data folder is removed."""
+  from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+  manual_dir = os.path.join(data_dir, "downloads", "manual")
+  instructions = " ".join((builder.MANUAL_DOWNLOAD_INSTRUCTIONS or "").split())
+  if instructions and not (os.path.isdir(manual_dir) and os.listdir(manual_dir)):
+    raise UserError(_fetch_failure(name, builder, data_dir, manual_dir,
+                                   f"a manual download is needed ({instructions[:300]})"))
+  unreachable = _unreachable(builder, manual_dir)  # TFDS would retry for minutes
+  if unreachable:
+    raise UserError(_fetch_failure(name, builder, data_dir, manual_dir,
+                                   f"no network ({unreachable})"))
+  logging.info("Downloading %s with TFDS.", name)
+  before = _written_by_tfds(data_dir, name)
+  try:
+    builder.download_and_prepare()
+  except BaseException as e:
+    _remove_new(data_dir, name, before)
+    if isinstance(e, NonMatchingChecksumError):
+      why = f"a checksum mismatch ({_first_line(e)})"
+    elif isinstance(e, AssertionError) and "Manual directory" in str(e):
+      why = f"a manual download is needed ({_first_line(e)} {' '.join(str(e).split()[-40:])})"
+    elif _is_network_error(e):
+      why = f"no network ({_first_line(e)})"
+    else:
+      raise
+    raise UserError(_fetch_failure(name, builder, data_dir, manual_dir, why)) from None
+
+
+def _first_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return (text[:300] + "...") if len(text) > 300 else text or type(error).__name__
+
+
+def _is_network_error(error: BaseException) -> bool:
+  import requests
+
+  return isinstance(error, (requests.exceptions.RequestException, ConnectionError, socket.error))
+
+
+def _unreachable(builder, manual_dir: str) -> str:
+  """'' when every host (or proxy) the dataset downloads from answers, else which does not.
+  Files already in TFDS's manual folder need no download."""
+  import urllib.parse
+  import urllib.request
+
+  try:
+    urls = [url for url, info in (builder.url_infos or {}).items()
+            if not (info.filename and os.path.exists(os.path.join(manual_dir, info.filename)))]
+  except Exception:  # noqa: BLE001 -- a dataset without registered checksums: TFDS decides
+    return ""
+  proxies = urllib.request.getproxies()
+  for address in sorted({(u.scheme, u.hostname, u.port) for u in map(urllib.parse.urlsplit, urls)
+                         if u.hostname}):
+    scheme, host, port = address
+    proxy = proxies.get(scheme) if not urllib.request.proxy_bypass(host) else None
+    target = (urllib.parse.urlsplit(proxy) if proxy else None)
+    host, port = ((target.hostname, target.port or 80) if target else
+                  (host, port or {"https": 443, "ftp": 21}.get(scheme, 80)))
+    try:
+      socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+      through = f"the proxy {host}:{port}" if target else f"{host}:{port}"
+      return f"{through} cannot be reached: {e.strerror or e}"
+  return ""
+
+
+def _written_by_tfds(data_dir: str, name: str) -> set[str]:
+  """The paths a download of `name` may add to the data folder, as they are now."""
+  found = set()
+  for top in (name.split("/")[0].split(":")[0], "downloads"):
+    for folder, dirs, files in os.walk(os.path.join(data_dir, top)):
+      found.add(folder)
+      found.update(os.path.join(folder, entry) for entry in dirs + files)
+  return found
+
+
+def _remove_new(data_dir: str, name: str, before: set[str]) -> None:
+  """Removes what a failed download added (partial downloads, an unfinished dataset folder);
+  what was there before stays."""
+  for path in sorted(_written_by_tfds(data_dir, name) - before, key=len):
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+      os.remove(path)
+
+
+def _fetch_failure(name: str, builder, data_dir: str, manual_dir: str, why: str) -> str:
+  try:
+    urls = sorted(builder.url_infos or {})
+  except Exception:  # noqa: BLE001 -- no registered downloads
+    urls = []
+  listed = (", ".join(urls) if 0 < len(urls) <= 6 else
+            f"the {len(urls)} files TFDS lists for {name}" if urls else "its files")
+  return (f"Dataset {name} cannot be fetched here: {why}. Ways forward: (1) run `python -m "
+          f"research.prepare_data --dataset={name}` on a machine with a network and copy the "
+          f"prepared {os.path.join(data_dir, name.split('/')[0].split(':')[0])} folder to the "
+          f"same place here; (2) set TFDS_DATA_DIR (or --config.dataset.data_dir) to a shared "
+          f"folder that holds a prepared copy; (3) download {listed} by hand into {manual_dir} "
+          "(TFDS's manual download, checked against its checksums) and run the command again.")
 
 
 def restore_original_gzip(src: str, dst: str, mtime: int) -> None:

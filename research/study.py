@@ -92,30 +92,34 @@ def split_flags(train_split: str, select_split: str) -> list[str]:
 # ---- Storage, sampler, pruner ----------------------------------------------------------
 
 def make_storage(plan: Plan):
-  """The Optuna storage named by --storage (an RDB URL or a journal file), by default
-  the journal file in the study folder (nothing to start)."""
+  """The Optuna storage named by --storage (a database URL or a journal file), by default
+  the journal file in the study folder (nothing to start): research/study_storage.py."""
+  from research import study_storage
+
+  if study_storage.is_url(plan.storage):
+    return study_storage.open_database(plan.storage, plan.heartbeat_seconds)
+  return study_storage.open_journal(plan.storage or os.path.join(plan.root, JOURNAL_FILE))
+
+
+def trial_seed(sampler_seed: int, number: int) -> int:
+  """The sampler's seed for trial `number`: workers in other processes (another machine, a
+  SLURM array task) sample other points, and a study with the same --sampler_seed samples
+  the same ones again."""
+  import numpy as np
+
+  return int(np.random.SeedSequence([sampler_seed, number]).generate_state(1)[0])
+
+
+def make_sampler(plan: Plan, seed: int | None = None):
   import optuna
-  from optuna.storages import journal
 
-  if "://" in plan.storage:
-    return optuna.storages.RDBStorage(
-        plan.storage, heartbeat_interval=max(1, int(plan.heartbeat_seconds)),
-        grace_period=max(2, int(3 * plan.heartbeat_seconds)),
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-            max_retry=3))
-  path = plan.storage or os.path.join(plan.root, JOURNAL_FILE)
-  return optuna.storages.JournalStorage(journal.JournalFileBackend(path))
-
-
-def make_sampler(plan: Plan):
-  import optuna
-
+  seed = plan.sampler_seed if seed is None else seed
   if plan.search == "tpe":
     # constant_liar: parallel workers do not all sample the same promising point.
-    return optuna.samplers.TPESampler(seed=plan.sampler_seed, constant_liar=True,
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
                                       n_startup_trials=min(10, max(2, plan.trials // 3)))
   # A grid's trials come with every parameter fixed (enqueued), so nothing is sampled.
-  return optuna.samplers.RandomSampler(seed=plan.sampler_seed)
+  return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_pruner(name: str):
@@ -181,14 +185,14 @@ class _Heartbeat:
 class Study:
   """An open study: the Optuna study, its storage and heartbeat, shared by a machine's workers."""
 
-  def __init__(self, plan: Plan):
+  def __init__(self, plan: Plan, storage=None):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # "Experimental" notices (TPE's constant_liar, the retry callback): the versions are pinned.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     self.plan = plan
-    self.storage = make_storage(plan)
+    self.storage = storage or make_storage(plan)
     direction = OBJECTIVES[plan.objective]
     sampler, pruner = make_sampler(plan), make_pruner(plan.pruner)
     try:
@@ -236,12 +240,22 @@ class Study:
     This is `Study.ask()` without its fallback of creating a new trial when none waits,
     which would let racing workers exceed the study's N trials: Optuna's own atomic
     WAITING -> RUNNING claim, through the study's (cached) storage so that the
-    Trial's later calls find it.
+    Trial's later calls find it. The trial samples with a sampler of its own, seeded
+    from the study's seed and its number (trial_seed).
     """
     import optuna
 
     trial_id = self.optuna._pop_waiting_trial_id()  # noqa: SLF001 -- optuna 4.9, pinned
-    return None if trial_id is None else optuna.Trial(self.optuna, trial_id)
+    if trial_id is None:
+      return None
+    number = self.storage.get_trial(trial_id).number
+    # The study's own (on a database, cached) storage: the one that knows the claim.
+    own = optuna.load_study(study_name=self.plan.study_name,
+                            storage=self.optuna._storage,  # noqa: SLF001 -- optuna 4.9, pinned
+                            sampler=make_sampler(self.plan,
+                                                 trial_seed(self.plan.sampler_seed, number)),
+                            pruner=self.optuna.pruner)
+    return optuna.Trial(own, trial_id)
 
   def count(self, *states) -> int:
     return len(self.storage.get_all_trials(self.study_id, deepcopy=False, states=states))
@@ -286,17 +300,19 @@ class Study:
             "there; this worker stopped its trainer.", flush=True)
       return "lost"
     if outcome.state == "complete" and last:
-      self.optuna.tell(trial, float(last[plan.objective]))
+      trial.study.tell(trial, float(last[plan.objective]))
     elif outcome.state == "pruned":
-      self.optuna.tell(trial, state=optuna.trial.TrialState.PRUNED)
+      trial.set_user_attr("pruned_at_evaluation", outcome.pruned_at)
+      trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     else:
       reason = outcome.reason or "the trainer finished without an evaluation"
       trial.set_user_attr("failure", reason)
-      self.optuna.tell(trial, state=optuna.trial.TrialState.FAIL)
+      trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
       if outcome.state == "interrupted":  # resumes from its checkpoint on the next run
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None)(
             self.optuna, self.storage.get_trial(trial_id))
-    where = f" at evaluation {len(outcome.evaluations)}" if outcome.evaluations else ""
+    at = outcome.pruned_at if outcome.state == "pruned" else len(outcome.evaluations)
+    where = f" at evaluation {at}" if at else ""
     value = f", {plan.objective} {last[plan.objective]:.4f}" if last else ""
     print(f"{name}: {outcome.state}{where}{value}"
           f"{': ' + outcome.reason if outcome.reason else ''}", flush=True)

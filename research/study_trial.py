@@ -93,6 +93,7 @@ class Outcome:
   state: str  # "complete", "pruned", "failed" or "interrupted"
   evaluations: list[dict]  # the eval-split records of metrics.jsonl, in order
   reason: str = ""  # why a trial failed: the trainer's last message
+  pruned_at: int = 0  # the evaluation (1, 2, ...) at which the pruner stopped it; 0: never
 
 
 def evaluations(workdir: str) -> list[dict]:
@@ -120,9 +121,12 @@ def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dic
   """Runs `command` (research.main ... --workdir=workdir) on `slot` until it exits.
 
   `report(k, record)` gets the k-th evaluation (k = 1, 2, ...: trials are compared
-  at the same evaluation) once, and returns True when the trial should be pruned.
-  `heartbeat()` is called every poll; once `stop_requested()` the child is asked to
-  checkpoint and exit, and the outcome is "interrupted".
+  at the same evaluation) once, and returns True when the trial should be pruned:
+  the child is then asked to checkpoint and exit, and the outcome is "pruned" at
+  evaluation k (a verdict on the last evaluation, once training ended, changes
+  nothing: the trial is complete). `heartbeat()` is called
+  every poll; once `stop_requested()` the child is asked to checkpoint and exit, and
+  the outcome is "interrupted", unless training had ended: then it stands as it ended.
   """
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, LOG_FILE)
@@ -135,21 +139,26 @@ def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dic
     session_start = log.tell()
     child = subprocess.Popen(wrapper, stdout=log, stderr=subprocess.STDOUT, env=env,
                              start_new_session=True)  # a terminal's Ctrl-C reaches it via us
-  reported, pruned, interrupted = 0, False, False
+  reported, pruned_at, stopping, ended = 0, 0, False, False
   try:
     while True:
       finished = child.poll() is not None
       records = evaluations(workdir)
       for ordinal in range(reported + 1, len(records) + 1):
         reported = ordinal
-        if report(ordinal, records[ordinal - 1]) and not finished and not pruned:
-          pruned = True
-          child.send_signal(signal.SIGTERM)
+        last = _is_last_evaluation(workdir, records[ordinal - 1])
+        # A verdict on the last evaluation comes after training ended: nothing is left to
+        # save, and the trial is complete with its full result.
+        if report(ordinal, records[ordinal - 1]) and not pruned_at and not last:
+          pruned_at = ordinal
+        # No stop signal after the last evaluation: it could only cut the final
+        # checkpoint's write short; the trainer ends by itself.
+        ended = ended or last
       if finished:
         break
       heartbeat()
-      if stop_requested() and not interrupted and not pruned:
-        interrupted = True
+      if (pruned_at or stop_requested()) and not stopping and not ended:
+        stopping = True
         child.send_signal(signal.SIGTERM)
       time.sleep(poll_seconds)
   except BaseException:
@@ -157,13 +166,38 @@ def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dic
     raise
   status = child.returncode
   records = evaluations(workdir)
-  if status == 0:
-    return Outcome("complete", records)
-  if status == 128 + signal.SIGTERM and pruned:
-    return Outcome("pruned", records)
-  if status == 128 + signal.SIGTERM and interrupted:
+  signalled = status in (-signal.SIGTERM, 128 + signal.SIGTERM)
+  # A trainer that finished is complete, or pruned if the pruner spoke first; a signal
+  # that arrived after training ended (run.json says finished) changes nothing.
+  if status == 0 or (signalled and _training_finished(workdir)):
+    return Outcome("pruned" if pruned_at else "complete", records, pruned_at=pruned_at)
+  if signalled and pruned_at:
+    return Outcome("pruned", records, pruned_at=pruned_at)
+  if signalled and stopping:  # not pruned: the worker was told to stop
     return Outcome("interrupted", records, "stopped by a signal to its worker")
   return Outcome("failed", records, _failure_reason(log_path, session_start, status))
+
+
+def _is_last_evaluation(workdir: str, record: dict) -> bool:
+  """Whether `record` is the evaluation at the run's last step (from config.json)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+    step, epoch = int(record["step"]), float(record["epoch"])
+    if config.get("num_train_steps"):
+      return step >= int(config["num_train_steps"])
+    # epoch = step / steps_per_epoch, rounded to 4 decimals in metrics.jsonl.
+    return epoch > 0 and epoch >= float(config["num_epochs"]) - 0.5 * epoch / step - 1e-4
+  except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+    return False
+
+
+def _training_finished(workdir: str) -> bool:
+  try:
+    with open(os.path.join(workdir, "run.json")) as f:
+      return json.load(f).get("status") == "finished"
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def _failure_reason(log_path: str, session_start: int, status: int) -> str:

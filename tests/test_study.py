@@ -2,6 +2,7 @@
 concurrent workers, a worker killed mid-trial, pruning, failures and resume."""
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -71,6 +72,12 @@ def test_embedded_study_end_to_end(embedded_study):
   assert len(evaluations) == 1 and json.loads(evaluations[0])["split"] == "test"
   assert json.loads(evaluations[0])["num_examples"] == 10000
   # The pruned trial stopped early, through its trainer's checkpoint-and-exit.
+  assert "trial 1 (slot 1" in result.stdout and ": pruned at evaluation 1," in result.stdout
+  import optuna
+
+  pruned_trial = optuna.load_study(study_name="embedded", storage=optuna.storages.JournalStorage(
+      optuna.storages.journal.JournalFileBackend(str(root / "study.journal")))).trials[1]
+  assert pruned_trial.user_attrs["pruned_at_evaluation"] == 1
   info = json.load(open(root / "trials" / "trial-0001" / "run.json"))
   assert info["status"] == "preempted" and info["sessions"][-1]["end_step"] < 300
   assert glob.glob(str(root / "trials" / "trial-0001" / "checkpoints" / "*"))
@@ -99,6 +106,26 @@ def test_rerunning_a_finished_study_runs_and_tests_nothing_again(embedded_study)
   other = _sweep(root, "--sweep=optimizer.learning_rate=3e-3,1e-5", "--", *TINY)
   assert other.returncode == 2
   assert "was started with other settings (space:" in other.stderr
+
+
+def test_a_finished_study_with_a_damaged_journal_tail_keeps_its_results(embedded_study,
+                                                                          tmp_path):
+  """Garbage after the last record (a crash or a full disk): every later command warns,
+  names the file and the offset, and uses the rest: nothing runs again, nothing is lost."""
+  source, _ = embedded_study
+  root = tmp_path / "embedded"
+  shutil.copytree(source, root)
+  journal = root / "study.journal"
+  size = journal.stat().st_size
+  with open(journal, "ab") as f:
+    f.write(b"\x00\xff\xfe torn record" + os.urandom(64).replace(b"\n", b"-"))
+  before = (root / "results.csv").read_text()
+  result = _sweep(root, *EMBEDDED)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{journal}: the record at byte {size} (" in result.stderr
+  assert "-> " not in result.stdout and "Traceback" not in result.stderr
+  assert (root / "results.csv").read_text() == before
+  assert json.loads((root / "study.journal.damaged").read_text())["offset"] == size
 
 
 # ---- Claims, samplers and heartbeats, without training --------------------------------------
@@ -163,6 +190,41 @@ def test_a_trial_whose_heartbeat_stops_is_retried_in_its_own_workdir(tmp_path):
   assert retry.system_attrs["failed_trial"] == trial.number
 
 
+# ---- A trial's state is what happened to it -------------------------------------------------
+
+@pytest.mark.slow
+def test_a_verdict_at_the_last_evaluation_leaves_a_finished_trial_complete(tmp_path):
+  """A pruner that decides at the last evaluation, and a stop request at that moment: the
+  trainer has finished training, so neither stops it; the trial is complete, not failed."""
+  import optuna
+
+  stop = threading.Event()
+
+  class LastEvaluationPruner(optuna.pruners.BasePruner):
+    def prune(self, study_, trial):
+      if trial.last_step == 3:
+        stop.set()  # the worker is told to stop too, after training ended
+        return True
+      return False
+
+  plan = dataclasses.replace(
+      _plan(tmp_path, search="grid", trials=1),
+      params=tuple(search_space.parse("seed=0")), search="grid",
+      fixed=(*study.split_flags("train[:90%]", "train[90%:]"), "--config.num_train_steps=60",
+             "--config.eval_every_steps=20", "--config.log_every_steps=20",
+             "--config.eval_batch_size=1000"), poll_seconds=0.2)
+  opened = study.Study(plan)
+  opened.optuna.pruner = LastEvaluationPruner()
+  slot = Slot(0, {}, (), "all cores")
+  assert opened.run_trial(opened.claim(), slot, stop, dict(os.environ)) == "complete"
+  trial, = study.Study(plan).optuna.trials
+  assert trial.state.name == "COMPLETE" and "failure" not in trial.user_attrs
+  assert sorted(trial.intermediate_values) == [1, 2, 3]
+  assert trial.value == trial.intermediate_values[3]
+  info = json.load(open(tmp_path / "trials" / "trial-0000" / "run.json"))
+  assert info["status"] == "finished" and info["sessions"][-1]["end_step"] == 60
+
+
 # ---- PostgreSQL: a real server on 127.0.0.1 ---------------------------------------------------
 
 def _postgres_bin() -> str | None:
@@ -214,11 +276,33 @@ def postgres_url():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, postgres_url):
-  plan = _plan(tmp_path, storage=postgres_url, trials=8, name="claims")
+@pytest.fixture
+def bare_postgres_url(postgres_url):
+  """The server's URL in the form docs/studies.md shows: postgresql://, no driver named."""
+  return postgres_url.replace("postgresql+psycopg2://", "postgresql://")
+
+
+@pytest.mark.parametrize("search", ["tpe", "random"])
+def test_concurrent_workers_claim_each_trial_once_on_postgres(tmp_path, bare_postgres_url,
+                                                              search):
+  plan = _plan(tmp_path, storage=bare_postgres_url, search=search, trials=8,
+               name=f"claims-{search}")
   claimed = _claim_all_concurrently(plan, workers=4)
   assert sorted(number for number, _, _ in claimed) == list(range(8))
   assert len(study.Study(plan).optuna.trials) == 8
+
+
+def test_a_refused_login_is_one_line_naming_the_server_and_its_reason(tmp_path,
+                                                                     bare_postgres_url):
+  refused = bare_postgres_url.replace("//study@", "//nobody@")
+  result = _sweep(tmp_path / "study", f"--storage={refused}", "--sweep=seed=0")
+  assert result.returncode == 2, result.stderr[-2000:]
+  line, = result.stderr.strip().splitlines()
+  port = bare_postgres_url.split(":")[-1].split("/")[0]
+  assert line.startswith(f"error: --storage={refused}: cannot open the study database at "
+                         f"127.0.0.1:{port}: "), line
+  assert 'role "nobody" does not exist' in line, line
+  assert not (tmp_path / "study").exists()
 
 
 def _wait_for(condition, process, timeout=300):
