@@ -68,6 +68,9 @@ def make_plan(extra: list[str]):
   if not FLAGS.config or not FLAGS.workdir:
     raise UserError("--config and --workdir are required, e.g. --config=configs/default.py "
                     "--workdir=runs/study1.")
+  if FLAGS.objective not in study.OBJECTIVES:
+    raise UserError(f"--objective={FLAGS.objective!r} is not a metric; use one of "
+                    f"{', '.join(study.OBJECTIVES)} (research/metrics.py lists them).")
   text, source = _space_text()
   params = search_space.parse(text, source)
   finite = all(param.grid_values() is not None for param in params)
@@ -233,8 +236,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("sampler_seed", 0, "Seed of the sampler: the same study again.")
   flags.DEFINE_enum("pruner", "median", list(PRUNERS),
                     "Stops hopeless trials at an evaluation: median, hyperband, asha or none.")
-  flags.DEFINE_enum("objective", "accuracy", ["accuracy", "loss"],
-                    "What the study optimizes, on --select_split.")
+  flags.DEFINE_string("objective", "accuracy", "What the study optimizes, on --select_split: "
+                      "a metric of research/metrics.py (accuracy, loss, or one you add).")
   flags.DEFINE_string("train_split", "train[:90%]", "The split trials train on.")
   flags.DEFINE_string("select_split", "train[90%:]",
                       "The split trials are evaluated, pruned and chosen on.")

@@ -81,13 +81,21 @@ def validate(config) -> None:
 
 
 def check_fields(config) -> None:
-  """Each field of `config` against its config_schema entry; a field without one is an error."""
+  """Each field of `config` against its declaration (config_schema.fields_for: the run's
+  own fields, and the knobs the chosen model, optimizer and schedules declare); a field
+  without one is an error."""
+  declared = config_schema.fields_for(config)
   for name, value in config_schema.flatten(config).items():
-    field = config_schema.FIELDS.get(name)
+    field = declared.get(name)
+    if field is None and name.split(".")[0] == "model":
+      models.check(config.model)  # names the model's knobs
+    if field is None and name.split(".")[0] == "optimizer":
+      optim.check(config.optimizer, None)  # names the optimizer's knobs
     if field is None:
       raise UserError(f"The config field {name} (= {value!r}) has no entry in "
-                      "research/config_schema.py, so its values cannot be checked: add one there "
-                      "(kind, range, default, meaning), or remove the field from the config.")
+                      "research/config_schema.py, nor is it a knob a model, optimizer or "
+                      "schedule declares, so its values cannot be checked: declare it (kind, "
+                      "range, default, meaning), or remove the field from the config.")
     if field.problem(value):
       raise UserError(f"--config.{name}={value!r} is not accepted: {field.accepted()} "
                       f"({field.meaning}).")

@@ -41,7 +41,7 @@ import warnings
 
 from absl import logging
 
-from research import search_space, study_trial
+from research import metrics, search_space, study_trial
 from research.errors import UserError
 
 JOURNAL_FILE = "study.journal"
@@ -49,7 +49,7 @@ TRIALS_DIR = "trials"
 SLOT_ATTR = "slot"  # user attribute: which of the study's N trials (names its workdir)
 HEARTBEAT_ATTR = "heartbeat"  # system attribute on journal storages: the last beat (epoch s)
 TEST_ATTR = "test_result"  # study user attribute: the chosen trial's test evaluation
-OBJECTIVES = {"accuracy": "maximize", "loss": "minimize"}
+OBJECTIVES = {name: metric.direction for name, metric in metrics.METRICS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
