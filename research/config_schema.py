@@ -15,6 +15,8 @@ present are checked. Relations between fields (num_epochs or num_train_steps, ba
 divisible by the device count, a schedule's boundaries) stay in config_checks.py.
 """
 
+import dataclasses
+
 from research import backend, input_pipeline, metrics, models, optim
 from research.knobs import (MAX_INT32, FRACTION as _FRACTION, Field, choice, flag, integer,
                             number, text)
@@ -86,10 +88,18 @@ def registry_fields(section: str, name: str) -> dict:
           for knob, field in {**common, **registry.fields(name)}.items()}
 
 
+def _registry_choices() -> dict:
+  """The fields whose choices are a registry's names, read now (entries may be added)."""
+  now = {"model.name": models.MODELS, "optimizer.name": optim.OPTIMIZERS,
+         "schedule.name": optim.SCHEDULES, "best_metric": metrics.METRICS}
+  return {key: dataclasses.replace(FIELDS[key], choices=tuple(registry))
+          for key, registry in now.items()}
+
+
 def fields_for(config) -> dict:
   """Every field `config` may hold: the run's own (FIELDS), the chosen model's and
   optimizer's knobs, and the schedules' (one group shared by every schedule)."""
-  found = dict(FIELDS)
+  found = {**FIELDS, **_registry_choices()}
   for section in REGISTRY_SECTIONS:
     group = config.get(section) if hasattr(config, "get") else None
     if group is not None and hasattr(group, "get"):
@@ -101,7 +111,7 @@ def fields_for(config) -> dict:
 def all_fields() -> dict:
   """Every field any config may hold, for help texts: each registry knob under the first
   entry that declares it (the chosen entry's own declaration is what validation uses)."""
-  found = dict(FIELDS)
+  found = {**FIELDS, **_registry_choices()}
   for name in models.MODELS:
     found = {**registry_fields("model", name), **found}
   for name in optim.OPTIMIZERS:

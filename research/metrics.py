@@ -12,6 +12,7 @@ The sums are carried as float32 arrays of any shape (e.g. per-class counts); pad
 rows have mask 0 and must not count. `count` (the examples evaluated) is always there.
 """
 
+import collections.abc
 import dataclasses
 from typing import Callable
 
@@ -61,6 +62,23 @@ def values(totals: dict) -> dict:
   count = totals["count"]
   return {name: metric.value({**totals[name], "count": count})
           for name, metric in METRICS.items()}
+
+
+class _Directions(collections.abc.Mapping):
+  """{metric: "maximize" or "minimize"}, read from METRICS whenever asked (a study's
+  objectives: every metric registered, including ones added after this import)."""
+
+  def __getitem__(self, name: str) -> str:
+    return METRICS[name].direction
+
+  def __iter__(self):
+    return iter(METRICS)
+
+  def __len__(self) -> int:
+    return len(METRICS)
+
+
+DIRECTIONS = _Directions()
 
 
 def better(name: str) -> str:

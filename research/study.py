@@ -49,7 +49,7 @@ TRIALS_DIR = "trials"
 SLOT_ATTR = "slot"  # user attribute: which of the study's N trials (names its workdir)
 HEARTBEAT_ATTR = "heartbeat"  # system attribute on journal storages: the last beat (epoch s)
 TEST_ATTR = "test_result"  # study user attribute: the chosen trial's test evaluation
-OBJECTIVES = {name: metric.direction for name, metric in metrics.METRICS.items()}
+OBJECTIVES = metrics.DIRECTIONS  # every registered metric, and which way is better
 
 
 @dataclasses.dataclass(frozen=True)
