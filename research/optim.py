@@ -259,6 +259,9 @@ def schedule_fields() -> dict:
   return found
 
 
+schedule_fields()  # two schedules declaring one knob name differently fail here, on import
+
+
 def schedule_defaults(name: str = "constant") -> dict:
   """config.schedule with every field at its declared default (recipes start from this)."""
   return {"name": name, **{knob: field.default for knob, field in schedule_fields().items()}}

@@ -341,7 +341,7 @@ class Study:
       with open(os.path.join(workdir, "eval.jsonl")) as f:
         record = json.loads(f.read().splitlines()[-1])
       done = {"trial": best.number, "split": plan.test_split, "step": record["step"],
-              "accuracy": record["accuracy"], "loss": record["loss"],
+              **{name: record.get(name) for name in metrics.METRICS},  # every metric
               "num_examples": record["num_examples"]}
       self.optuna.set_user_attr(TEST_ATTR, done)
       print(f"Test ({plan.test_split}): accuracy {done['accuracy']:.4f}, loss "
