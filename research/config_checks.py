@@ -86,8 +86,10 @@ def check_fields(config) -> None:
   own fields, and the knobs the chosen model, optimizer and schedules declare); a field
   without one is an error."""
   declared = config_schema.fields_for(config)
-  for name, value in config_schema.flatten(config).items():
-    field = declared.get(name)
+  flat = config_schema.flatten(config)
+  # The registry names first: an unknown name says so before its section's knobs are read.
+  for name in sorted(flat, key=lambda name: not name.endswith(".name")):
+    value, field = flat[name], declared.get(name)
     if field is None and name.split(".")[0] == "model":
       models.check(config.model)  # names the model's knobs
     if field is None and name.split(".")[0] == "optimizer":
