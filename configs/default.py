@@ -47,14 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
   config.optimizer.grad_accum_steps = 1  # k > 1: one update per k batches
 
-  config.schedule = ml_collections.ConfigDict()
-  config.schedule.name = "constant"  # constant | cosine | warmup_cosine | piecewise | one_cycle
-  config.schedule.warmup_steps = 0
-  config.schedule.warmup_epochs = 0.0
-  config.schedule.boundaries_epochs = ()  # piecewise: decay points, e.g. (30, 60, 80)
-  config.schedule.boundaries_steps = ()
-  config.schedule.decay_factor = 0.1  # piecewise: factor at each boundary
-  config.schedule.end_learning_rate_factor = 0.0  # cosine: final lr / peak lr
+  # Every schedule's knobs at their declared defaults (research/optim.py `SCHEDULES`):
+  # warmup_steps/epochs, boundaries_epochs/steps and decay_factor (piecewise),
+  # end_learning_rate_factor (cosine). Names: constant | cosine | warmup_cosine | piecewise |
+  # one_cycle.
+  config.schedule = ml_collections.ConfigDict(optim.schedule_defaults("constant"))
 
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 0  # random crop after zero-padding by this many pixels

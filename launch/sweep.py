@@ -70,6 +70,9 @@ def make_plan(extra: list[str]):
     raise UserError("--config and --workdir are required, e.g. --config=configs/default.py "
                     "--workdir=runs/study1.")
   _check_numbers()
+  if FLAGS.objective not in study.OBJECTIVES:
+    raise UserError(f"--objective={FLAGS.objective!r} is not a metric; use one of "
+                    f"{', '.join(study.OBJECTIVES)} (research/metrics.py lists them).")
   if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
     raise UserError(f"--workdir={FLAGS.workdir!r} is a file: give the study's folder (new or "
                     "existing).")
@@ -295,8 +298,8 @@ def _define_flags(flag_values=None) -> None:
   flags.DEFINE_enum("pruner", "median", list(PRUNERS),
                     "Stops hopeless trials at an evaluation: median, hyperband, asha or none.",
                     **own)
-  flags.DEFINE_enum("objective", "accuracy", ["accuracy", "loss"],
-                    "What the study optimizes, on --select_split.", **own)
+  flags.DEFINE_string("objective", "accuracy", "What the study optimizes, on --select_split: "
+                      "a metric of research/metrics.py (accuracy, loss, or one you add).", **own)
   flags.DEFINE_string("train_split", "train[:90%]", "The split trials train on.", **own)
   flags.DEFINE_string("select_split", "train[90%:]",
                       "The split trials are evaluated, pruned and chosen on.", **own)

@@ -145,10 +145,12 @@ def training_run(config_file: str, overrides: list[str]) -> dict:
 
 def epoch_times(records: list[dict]) -> dict:
   """First and median later epoch times from the `train_seconds` of epoch-end lines."""
-  train = [r for r in records if r["split"] == "train"]
+  from research import run_log
+
+  train = [r for r in records if not run_log.is_evaluation(r)]
   ends = [r["train_seconds"] for r in train if float(r["epoch"]).is_integer()]
   epochs = [b - a for a, b in zip([0.0] + ends, ends)]
-  test = [r for r in records if r["split"] == "test"]
+  test = run_log.evaluations(records)
   return {"epoch_seconds": epochs,
           "first_epoch_seconds": epochs[0] if epochs else None,
           "median_epoch_seconds": statistics.median(epochs[1:]) if len(epochs) > 1 else None,

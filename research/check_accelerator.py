@@ -98,7 +98,9 @@ def train(config: str, overrides: list[str]) -> tuple[subprocess.CompletedProces
 
 
 def _final_test(records: list[dict]) -> dict:
-  tests = [r for r in records if r.get("split") == "test"]
+  from research import run_log
+
+  tests = run_log.evaluations(records)
   return tests[-1] if tests else {}
 
 

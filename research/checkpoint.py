@@ -29,11 +29,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import research
-from research import mesh as mesh_lib
+from research import mesh as mesh_lib, metrics
 from research.errors import TrainingFailure, UserError
 
-# Metrics an evaluation produces that can pick the "best" checkpoint, and which way is better.
-BEST_METRIC_MODES = {"accuracy": "max", "loss": "min"}
 
 
 def code_version() -> dict:
@@ -192,7 +190,7 @@ class Checkpointer:
     self.read_only = read_only
     self._steps_format = _ReadableSteps()
     self._screen()
-    mode = BEST_METRIC_MODES[best_metric]
+    mode = metrics.better(best_metric)  # each metric says which way is better
     metric = lambda metrics: metrics[best_metric]
     # LatestN alone would evict the best step; BestN alone would evict recent ones.
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([

@@ -20,14 +20,14 @@ class Classifier:
 
   def __init__(self, workdir: str, step: str = "latest"):
     import jax
-    import ml_collections
 
-    from research import checkpoint, mesh as mesh_lib, train
+    from research import checkpoint, config_checks, mesh as mesh_lib, train
 
     config_path = os.path.join(workdir, "config.json")
     try:
       with open(config_path) as f:
-        self.config = ml_collections.ConfigDict(json.load(f))
+        stored = json.load(f)
+      self.config = config_checks.read_stored(stored)  # read through today's schema
     except (OSError, ValueError) as e:
       raise UserError(f"Cannot read {config_path} ({e}): --workdir must be a training "
                       "workdir (one that `python -m research.main` wrote).") from e

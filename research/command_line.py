@@ -135,11 +135,51 @@ def _unknown_field(config, name: str) -> str | None:
       group = f"config.{'.'.join(walked)}" if walked else "the config"
       known = sorted(node.keys())
       close = difflib.get_close_matches(part, known, n=1)
-      hint = f" Did you mean --config.{'.'.join([*walked, close[0]])}?" if close else ""
+      hint = ""
+      if close:
+        suggested = ".".join([*walked, close[0]])
+        field = _declared(config).get(suggested)
+        about = f" ({field.meaning}: {field.accepted()})" if field else ""
+        hint = f" Did you mean --config.{suggested}{about}?"
       return f"{group} has no field {part!r}.{hint} Its fields: {', '.join(known)}."
     node = node[part]
     walked.append(part)
   return None
+
+
+def _declared(config) -> dict:
+  """{field: knobs.Field} that `config` may hold (config_schema.fields_for)."""
+  from research import config_schema  # only for help and errors: it imports JAX
+
+  return config_schema.fields_for(config)
+
+
+def describe(config) -> str:
+  """Help for every field of `config`: its value, what it accepts and what it means, as
+  the declarations (config_schema and the registries' entries) say."""
+  from research import config_schema
+
+  declared = _declared(config)
+  lines = []
+  for name, value in config_schema.flatten(config).items():
+    field = declared.get(name)
+    about = f"{field.meaning}; {field.accepted()}" if field else "(not declared)"
+    lines.append(f"--config.{name}={value!r}\n    {about}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  """`python -m research.command_line [--config=FILE[:ARG]] [--config.FIELD=VALUE ...]`:
+  prints every field of that config with what it accepts and means."""
+  import sys
+
+  try:
+    flag_values = flags.FlagValues()
+    parse(argv, flag_values)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2)
+  print(describe(flag_values["config"].value))
 
 
 def _knob_hint(config, name: str, argv: list[str], spec: str) -> str | None:
@@ -213,3 +253,9 @@ def _last_line(error: BaseException) -> str:
   lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
   return lines[-1] if lines else type(error).__name__
 
+
+
+if __name__ == "__main__":
+  import sys
+
+  main(sys.argv)

@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import ml_collections
 from absl import logging
 
 from research import config_schema, models, optim, profiling
@@ -81,13 +82,23 @@ def validate(config) -> None:
 
 
 def check_fields(config) -> None:
-  """Each field of `config` against its config_schema entry; a field without one is an error."""
-  for name, value in config_schema.flatten(config).items():
-    field = config_schema.FIELDS.get(name)
+  """Each field of `config` against its declaration (config_schema.fields_for: the run's
+  own fields, and the knobs the chosen model, optimizer and schedules declare); a field
+  without one is an error."""
+  declared = config_schema.fields_for(config)
+  flat = config_schema.flatten(config)
+  # The registry names first: an unknown name says so before its section's knobs are read.
+  for name in sorted(flat, key=lambda name: not name.endswith(".name")):
+    value, field = flat[name], declared.get(name)
+    if field is None and name.split(".")[0] == "model":
+      models.check(config.model)  # names the model's knobs
+    if field is None and name.split(".")[0] == "optimizer":
+      optim.check(config.optimizer, None)  # names the optimizer's knobs
     if field is None:
       raise UserError(f"The config field {name} (= {value!r}) has no entry in "
-                      "research/config_schema.py, so its values cannot be checked: add one there "
-                      "(kind, range, default, meaning), or remove the field from the config.")
+                      "research/config_schema.py, nor is it a knob a model, optimizer or "
+                      "schedule declares, so its values cannot be checked: declare it (kind, "
+                      "range, default, meaning), or remove the field from the config.")
     if field.problem(value):
       raise UserError(f"--config.{name}={value!r} is not accepted: {field.accepted()} "
                       f"({field.meaning}).")
@@ -170,16 +181,84 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 EXECUTION_ONLY = ("dataset.reader_threads",)
 
 
+_ABSENT = object()
+
+
+def _same(stored, given) -> bool:
+  """Equal as config.json holds them (tuples are JSON lists)."""
+  plain = lambda value: list(value) if isinstance(value, tuple) else value
+  return plain(stored) == plain(given)
+
+
+def changed_fields(stored_config: dict, config) -> list[str]:
+  """What differs between the config a workdir stored and `config`, as lines.
+
+  Config evolution: a field the stored config lacks (newer code added it) is no change
+  when `config` holds its declared default; a field `config` lacks is no change when the
+  stored value was its default; a stored field the current code declares nowhere is no
+  longer read (named in a warning, not a change)."""
+  stored = _flatten(stored_config)
+  given = _flatten(json.loads(config.to_json_best_effort()))
+  declared = config_schema.fields_for(config)
+  declared_then = config_schema.fields_for(ml_collections.ConfigDict(stored_config))
+  unknown = sorted(key for key in stored if key not in given and key not in declared
+                   and key not in declared_then)
+  if unknown:
+    logging.warning("The workdir's config has fields this code no longer reads (ignored): %s.",
+                    ", ".join(unknown))
+  changed = []
+  for key in sorted(set(stored) | set(given)):
+    before, now = stored.get(key, _ABSENT), given.get(key, _ABSENT)
+    if key in EXECUTION_ONLY or key in unknown or (before is not _ABSENT and now is not _ABSENT
+                                                   and _same(before, now)):
+      continue
+    field = declared.get(key) or declared_then.get(key)
+    default = field.default if field is not None else _ABSENT
+    if (before is _ABSENT and _same(now, default)) or (now is _ABSENT and _same(before, default)):
+      continue  # a field added or dropped at its default computes what it did
+    changed.append(f"  {key}: {'<absent>' if before is _ABSENT else repr(before)} in the "
+                   f"workdir, {'<absent>' if now is _ABSENT else repr(now)} now")
+  return changed
+
+
+def read_stored(stored_config: dict):
+  """A config a workdir stored (config.json, or a checkpoint's meta), read through the
+  current schema: fields of the run, the optimizer's common fields and the schedules'
+  that newer code added take their declared defaults; fields the code no longer declares
+  are dropped, named in a warning. A ConfigDict, like the one the run was trained with."""
+  config = ml_collections.ConfigDict(stored_config)
+  declared = config_schema.fields_for(config)
+  flat = config_schema.flatten(config)
+  unknown = sorted(key for key in flat if key not in declared)
+  if unknown:
+    logging.warning("The stored config has fields this code no longer reads (ignored): %s.",
+                    ", ".join(unknown))
+  tree = json.loads(config.to_json_best_effort())
+  for key in unknown:
+    *groups, leaf = key.split(".")
+    node = tree
+    for group in groups:
+      node = node[group]
+    del node[leaf]
+  for key, field in declared.items():
+    section = key.split(".")[0]
+    if key in flat or (section in config_schema.REGISTRY_SECTIONS
+                       and key.split(".", 1)[1] not in optim.COMMON):
+      continue  # a model's or optimizer's own knobs default in the code itself
+    *groups, leaf = key.split(".")
+    node = tree
+    for group in groups:
+      node = node.setdefault(group, {})
+    node[leaf] = field.default
+  return ml_collections.ConfigDict(tree)
+
+
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
   """A workdir belongs to one experiment: refuse a different config unless allowed."""
   found = workdir_config(workdir, repair=jax.process_index() == 0)
   if found is None:
     return
-  stored = _flatten(found)
-  given = _flatten(json.loads(config.to_json_best_effort()))
-  changed = [f"  {key}: {stored.get(key, '<absent>')!r} in the workdir, {given.get(key, '<absent>')!r} now"
-             for key in sorted(set(stored) | set(given))
-             if stored.get(key) != given.get(key) and key not in EXECUTION_ONLY]
+  changed = changed_fields(found, config)
   if changed and not allow_change:
     raise UserError(f"The config differs from the one {workdir} was started with:\n"
                     + "\n".join(changed) + "\nUse another --workdir, or pass "

@@ -1,142 +1,25 @@
-"""Every config field in one table: its kind, the values it accepts, its default and meaning.
+"""Every config field: its kind, the values it accepts, its default and meaning.
 
-`config_checks.validate` walks the resolved config through `FIELDS`, so a value of the
-wrong type, out of range or not among the choices fails with one line naming the field,
-the value and what is accepted, before anything is written. A config field that has no
-entry here is itself an error (tests/test_properties.py loads every config in configs/
-with every argument), so a new field cannot go unchecked: add its entry below.
+`config_checks.validate` walks the resolved config through `fields_for(config)`, so a
+value of the wrong type, out of range or not among the choices fails with one line
+naming the field, the value and what is accepted, before anything is written. A config
+field that has no entry is itself an error (tests/test_properties.py loads every config
+in configs/ with every argument), so a new field cannot go unchecked.
 
-Why a table beside configs/default.py rather than inside it: default.py stays the
-readable recipe users copy, and this table also covers fields default.py does not set
-(the knobs each model and optimizer of the registries bring).
-Each entry repeats default.py's default (tests/test_properties.py checks they agree);
-for registry knobs the default is the model's or optimizer's own (`REGISTRY_DEFAULT`).
-A field a config leaves out is fine (configs may omit optional fields); only the
-fields present are checked. Relations between fields (num_epochs or num_train_steps,
-batch divisible by the device count, a schedule's boundaries) stay in config_checks.py.
+Where the entries come from: the fields of the run itself (dataset, batches, lengths,
+periodic actions) are declared in `FIELDS` below; the knobs of the chosen model
+(research/models/), optimizer and schedule (research/optim.py) are declared by those
+entries, next to their code, and joined in by `fields_for`. Nothing here repeats them.
+A field a config leaves out is fine (configs may omit optional fields); only the fields
+present are checked. Relations between fields (num_epochs or num_train_steps, batch
+divisible by the device count, a schedule's boundaries) stay in config_checks.py.
 """
 
 import dataclasses
-import math
-from typing import Any
 
-from research import input_pipeline, models, optim
-from research.models import layers
-
-MAX_INT32 = 2**31 - 1  # step counters and seeds are int32 on the devices
-REGISTRY_DEFAULT = "(the model's or optimizer's own)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-  """One config field. `kind` is "int", "number", "bool", "text", "choice", "ints" or
-  "numbers" (tuples); numbers lie in [low, high], with `below` and `above` as exclusive
-  bounds where set."""
-
-  kind: str
-  default: Any
-  meaning: str
-  low: float | None = None
-  high: float | None = None
-  below: float | None = None
-  above: float | None = None  # exclusive lower bound (instead of `low`)
-  choices: tuple = ()
-  optional: bool = False  # None accepted (e.g. "no momentum")
-
-  def accepted(self) -> str:
-    """What the field accepts, in words."""
-    if self.kind == "bool":
-      text = "True or False"
-    elif self.kind == "text":
-      text = "text"
-    elif self.kind == "choice":
-      text = "one of " + ", ".join(repr(choice) for choice in self.choices)
-    elif self.kind in ("int", "ints"):
-      bounds = f"from {_show(self.low)} to {_show(self.high)}"
-      text = f"an integer {bounds}" if self.kind == "int" else f"a tuple of integers, each {bounds}"
-    else:
-      text = ("a finite number " if self.kind == "number"
-              else "a tuple of finite numbers, each ") + self._interval()
-    return text + (", or None" if self.optional else "")
-
-  def _interval(self) -> str:
-    opening = f"[{_show(self.low)}" if self.low is not None else f"({_show(self.above)}"
-    if self.high is None and self.below is None:
-      return ">= " + opening[1:] if opening[0] == "[" else "> " + opening[1:]
-    closing = f"{_show(self.high)}]" if self.high is not None else f"{_show(self.below)})"
-    return f"in {opening}, {closing}"
-
-  def problem(self, value) -> str | None:
-    """None when `value` is accepted, else what is wrong, in a few words."""
-    if value is None:
-      return None if self.optional else "None is not a value here"
-    if self.kind == "bool":
-      return None if isinstance(value, bool) else "not True or False"
-    if self.kind == "text":
-      return None if isinstance(value, str) else "not text"
-    if self.kind == "choice":
-      return None if _hashable(value) and value in self.choices else "not one of the choices"
-    if self.kind in ("ints", "numbers"):
-      if not isinstance(value, (tuple, list)):
-        return "not a tuple"
-      for item in value:
-        problem = self._number_problem(item, integer=self.kind == "ints")
-        if problem:
-          return f"an element {problem}"
-      return None
-    return self._number_problem(value, integer=self.kind == "int")
-
-  def _number_problem(self, value, integer: bool) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      return "is not a number"
-    if integer and not isinstance(value, int):
-      return "is not an integer"
-    if not math.isfinite(value):
-      return "is not finite"
-    if ((self.low is not None and value < self.low) or (self.high is not None and value > self.high)
-        or (self.below is not None and value >= self.below)
-        or (self.above is not None and value <= self.above)):
-      return "is out of range"
-    return None
-
-
-def integer(default, meaning, low=0, high=MAX_INT32):
-  return Field("int", default, meaning, low=low, high=high)
-
-
-def number(default, meaning, low=0.0, high=None, below=None, above=None, optional=False):
-  if above is not None:
-    low = None
-  return Field("number", default, meaning, low=low, high=high, below=below, above=above,
-               optional=optional)
-
-
-def flag(default, meaning):
-  return Field("bool", default, meaning)
-
-
-def text(default, meaning):
-  return Field("text", default, meaning)
-
-
-def choice(default, meaning, choices):
-  return Field("choice", default, meaning, choices=tuple(choices))
-
-
-def _show(bound) -> str:
-  return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-
-
-def _hashable(value) -> bool:
-  try:
-    hash(value)
-  except TypeError:
-    return False
-  return True
-
-
-_FRACTION = dict(low=0.0, below=1.0)
-_STEMS = ("imagenet", "cifar", "pool")  # research/models/resnet.py `_stem`
+from research import backend, input_pipeline, metrics, models, optim
+from research.knobs import (MAX_INT32, FRACTION as _FRACTION, Field, choice, flag, integer,
+                            number, text)
 
 FIELDS: dict[str, Field] = {
     "seed": integer(0, "initialization and data order"),
@@ -154,58 +37,10 @@ FIELDS: dict[str, Field] = {
                                       "core)", high=input_pipeline.MAX_THREADS),
     # ---- model (name; the knobs come from the registry in research/models/__init__.py)
     "model.name": choice("cnn", "which model of the zoo", models.MODELS),
-    "model.conv_features": Field("ints", REGISTRY_DEFAULT, "channels of each conv layer", low=1,
-                                 high=65536),
-    "model.dense_features": integer(REGISTRY_DEFAULT, "units of the hidden dense layer", low=1,
-                                    high=2**20),
-    "model.hidden_features": Field("ints", REGISTRY_DEFAULT, "units of each hidden layer", low=1,
-                                   high=2**20),
-    "model.dropout_rate": number(REGISTRY_DEFAULT, "dropout probability", **_FRACTION),
-    "model.width": integer(REGISTRY_DEFAULT, "channels of the first stage / embedding width",
-                           low=1, high=65536),
-    "model.depth": integer(REGISTRY_DEFAULT, "number of layers or blocks", low=1, high=1000),
-    "model.stem": choice(REGISTRY_DEFAULT, "the ResNet's first layers", _STEMS),
-    "model.patch_size": integer(REGISTRY_DEFAULT, "ViT patch side in pixels", low=1, high=8192),
-    "model.num_heads": integer(REGISTRY_DEFAULT, "attention heads", low=1, high=65536),
-    "model.mlp_dim": integer(REGISTRY_DEFAULT, "ViT MLP width (0 = 4 x width)", high=2**20),
-    "model.conv_impl": choice(REGISTRY_DEFAULT, "convolution form (auto picks per backend)",
-                              layers.IMPLS),
-    "model.dtype": choice(REGISTRY_DEFAULT, "compute dtype (parameters stay float32)",
-                          models.DTYPES),
     # ---- optimizer (common fields; each optimizer's knobs come from research/optim.py)
     "optimizer.name": choice("adam_keras", "which optax optimizer", optim.OPTIMIZERS),
-    "optimizer.learning_rate": number(1e-3, "peak learning rate", above=0.0),
-    "optimizer.weight_decay": number(0.0, "on kernels only (0 = off)"),
-    "optimizer.grad_clip_norm": number(0.0, "clip the global gradient norm (0 = off)"),
-    "optimizer.grad_accum_steps": integer(1, "one update per this many batches", low=1,
-                                          high=MAX_INT32),
-    "optimizer.momentum": number(REGISTRY_DEFAULT, "momentum (None = off)", optional=True,
-                                 **_FRACTION),
-    "optimizer.nesterov": flag(REGISTRY_DEFAULT, "Nesterov momentum"),
-    "optimizer.b1": number(REGISTRY_DEFAULT, "first-moment decay", **_FRACTION),
-    "optimizer.b2": number(REGISTRY_DEFAULT, "second-moment decay", **_FRACTION),
-    "optimizer.eps": number(REGISTRY_DEFAULT, "added to the denominator", high=1.0),
-    "optimizer.decay": number(REGISTRY_DEFAULT, "RMSprop's squared-gradient decay", **_FRACTION),
-    "optimizer.centered": flag(REGISTRY_DEFAULT, "centered RMSprop"),
-    "optimizer.decay_rate": number(REGISTRY_DEFAULT, "Adafactor's second-moment decay rate",
-                                   high=1.0),
-    "optimizer.clipping_threshold": number(REGISTRY_DEFAULT, "Adafactor's update clipping",
-                                           optional=True),
-    "optimizer.multiply_by_parameter_scale": flag(REGISTRY_DEFAULT,
-                                                  "Adafactor's relative step size"),
     # ---- schedule
     "schedule.name": choice("constant", "learning-rate schedule", optim.SCHEDULES),
-    "schedule.warmup_steps": integer(0, "linear warmup length in updates (0 = none)"),
-    "schedule.warmup_epochs": number(0.0, "linear warmup length in epochs (0 = none)",
-                                     high=MAX_INT32),
-    "schedule.boundaries_epochs": Field("numbers", (), "piecewise: decay points in epochs",
-                                        low=0.0, high=MAX_INT32),
-    "schedule.boundaries_steps": Field("ints", (), "piecewise: decay points in updates", low=0,
-                                       high=MAX_INT32),
-    "schedule.decay_factor": number(0.1, "piecewise: learning-rate factor at each boundary",
-                                    high=1.0),
-    "schedule.end_learning_rate_factor": number(0.0, "cosine: final / peak learning rate",
-                                                high=1.0),
     # ---- augmentation
     "augment.crop_padding": integer(0, "random crop after zero-padding by this many pixels",
                                     high=4096),
@@ -224,7 +59,7 @@ FIELDS: dict[str, Field] = {
     "checkpoint_every_steps": integer(0, "checkpoint every this many steps (0 = at every "
                                       "evaluation)"),
     "keep_checkpoints": integer(3, "newest checkpoints kept (the best one as well)", low=1),
-    "best_metric": choice("accuracy", "picks the 'best' checkpoint", ("accuracy", "loss")),
+    "best_metric": metrics.best_metric_field(),
     # ---- initialization, evaluation, execution
     "init_from": text("", "another run's workdir to take parameters from ('' = none)"),
     "init_reinit_head": flag(False, "re-initialize the classifier if the class count differs"),
@@ -234,8 +69,56 @@ FIELDS: dict[str, Field] = {
     "shard_params": flag(False, "split params and optimizer state over the devices"),
     "profile_steps": text("", "'START,COUNT': a profiler trace of those steps ('' = off)"),
     "matmul_precision": choice("default", "precision of float32 matmuls and convolutions on "
-                               "GPU/TPU", ("default", "high", "highest")),
+                               "GPU/TPU", backend.MATMUL_PRECISIONS),
 }
+
+# The sections whose knobs come from a registry entry, chosen by the section's `name`.
+REGISTRY_SECTIONS = {"model": models, "optimizer": optim}
+
+
+def registry_fields(section: str, name: str) -> dict:
+  """{"model.width": Field, ...}: the knobs entry `name` of `section` declares, with its
+  defaults ({} for a name the registry does not know: `SECTION.name` fails on its own)."""
+  registry = REGISTRY_SECTIONS[section]
+  known = models.MODELS if section == "model" else optim.OPTIMIZERS
+  if name not in known:
+    return {}
+  common = optim.COMMON if section == "optimizer" else {}
+  return {f"{section}.{knob}": field
+          for knob, field in {**common, **registry.fields(name)}.items()}
+
+
+def _registry_choices() -> dict:
+  """The fields whose choices are a registry's names, read now (entries may be added)."""
+  now = {"model.name": models.MODELS, "optimizer.name": optim.OPTIMIZERS,
+         "schedule.name": optim.SCHEDULES, "best_metric": metrics.METRICS}
+  return {key: dataclasses.replace(FIELDS[key], choices=tuple(registry))
+          for key, registry in now.items()}
+
+
+def fields_for(config) -> dict:
+  """Every field `config` may hold: the run's own (FIELDS), the chosen model's and
+  optimizer's knobs, and the schedules' (one group shared by every schedule)."""
+  found = {**FIELDS, **_registry_choices()}
+  for section in REGISTRY_SECTIONS:
+    group = config.get(section) if hasattr(config, "get") else None
+    if group is not None and hasattr(group, "get"):
+      found.update(registry_fields(section, group.get("name")))
+  found.update({f"schedule.{knob}": field for knob, field in optim.schedule_fields().items()})
+  return found
+
+
+def all_fields() -> dict:
+  """Every field any config may hold, for help texts: each registry knob under the first
+  entry that declares it (the chosen entry's own declaration is what validation uses)."""
+  found = {**FIELDS, **_registry_choices()}
+  for name in models.MODELS:
+    found = {**registry_fields("model", name), **found}
+  for name in optim.OPTIMIZERS:
+    found = {**registry_fields("optimizer", name), **found}
+  found.update({f"schedule.{knob}": field for knob, field in optim.schedule_fields().items()})
+  return found
+
 
 def flatten(config, prefix: str = "") -> dict:
   """{'optimizer.learning_rate': 0.001, ...} for every leaf of a ConfigDict (or dict)."""

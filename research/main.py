@@ -88,8 +88,6 @@ def _set_up_logging(verbose: bool) -> None:
 def _stored_config(workdir: str, command_config):
   """The config a workdir was trained with; only `eval.*` comes from the command line.
   A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
-  import ml_collections
-
   from research import config_checks, workdir_layout
 
   workdir_layout.check(workdir, writing=False)
@@ -97,7 +95,7 @@ def _stored_config(workdir: str, command_config):
   if stored is None:
     raise UserError(f"--mode=eval needs {os.path.join(workdir, 'config.json')} (written by "
                     "training): is --workdir the workdir of a training run?")
-  stored = ml_collections.ConfigDict(stored)
+  stored = config_checks.read_stored(stored)  # fields newer code added take their defaults
   stored.eval = command_config.eval
   return stored
 

@@ -34,17 +34,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research import knobs
 from research.errors import UserError
 
-# Fields of config.optimizer that every optimizer takes; the rest are the
-# optimizer's own knobs, listed per entry below.
-COMMON_FIELDS = ("name", "learning_rate", "weight_decay", "grad_clip_norm", "grad_accum_steps")
+# Fields of config.optimizer that every optimizer takes; the rest are the optimizer's
+# own knobs, declared per entry below (their defaults: the optax constructor's).
+COMMON = {
+    "learning_rate": knobs.number(1e-3, "peak learning rate", above=0.0),
+    "weight_decay": knobs.number(0.0, "on kernels only (0 = off)"),
+    "grad_clip_norm": knobs.number(0.0, "clip the global gradient norm (0 = off)"),
+    "grad_accum_steps": knobs.integer(1, "one update per this many batches", low=1),
+}
+COMMON_FIELDS = ("name", *COMMON)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   constructor: Callable  # (learning_rate, **knobs) -> GradientTransformation
-  knobs: tuple[str, ...]
+  knobs: dict  # knob name -> knobs.Field (default: the constructor's own)
   # "coupled": added to the gradient first; "native": the constructor's own
   # weight_decay/mask arguments; "decoupled": -lr * wd * param added after.
   weight_decay: str
@@ -82,21 +89,32 @@ def adam_keras(learning_rate, b1: float = 0.9, b2: float = 0.999,
   return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
 
 
-OPTIMIZERS = {
-    "sgd": Entry(optax.sgd, (), "coupled"),
-    "momentum": Entry(functools.partial(optax.sgd, momentum=0.9), ("momentum", "nesterov"),
-                      "coupled"),
-    "adam": Entry(optax.adam, ("b1", "b2", "eps"), "decoupled"),
-    "adamw": Entry(optax.adamw, ("b1", "b2", "eps"), "native"),
-    "lamb": Entry(optax.lamb, ("b1", "b2", "eps"), "native"),
-    "lion": Entry(optax.lion, ("b1", "b2"), "native"),
-    "rmsprop": Entry(optax.rmsprop, ("decay", "eps", "momentum", "centered"), "decoupled"),
-    "adafactor": Entry(optax.adafactor, ("decay_rate", "momentum", "clipping_threshold",
-                                         "multiply_by_parameter_scale"), "decoupled"),
-    "adam_keras": Entry(adam_keras, ("b1", "b2", "eps"), "decoupled"),
-}
+_MOMENTUM = knobs.number(knobs.OWN, "momentum (None = off)", optional=True, **knobs.FRACTION)
+_ADAM = {"b1": knobs.number(knobs.OWN, "first-moment decay", **knobs.FRACTION),
+         "b2": knobs.number(knobs.OWN, "second-moment decay", **knobs.FRACTION),
+         "eps": knobs.number(knobs.OWN, "added to the denominator", high=1.0)}
 
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "piecewise", "one_cycle")
+OPTIMIZERS = {
+    "sgd": Entry(optax.sgd, {}, "coupled"),
+    "momentum": Entry(functools.partial(optax.sgd, momentum=0.9), {
+        "momentum": _MOMENTUM, "nesterov": knobs.flag(knobs.OWN, "Nesterov momentum")},
+        "coupled"),
+    "adam": Entry(optax.adam, _ADAM, "decoupled"),
+    "adamw": Entry(optax.adamw, _ADAM, "native"),
+    "lamb": Entry(optax.lamb, _ADAM, "native"),
+    "lion": Entry(optax.lion, {k: _ADAM[k] for k in ("b1", "b2")}, "native"),
+    "rmsprop": Entry(optax.rmsprop, {
+        "decay": knobs.number(knobs.OWN, "squared-gradient decay", **knobs.FRACTION),
+        "eps": _ADAM["eps"], "momentum": _MOMENTUM,
+        "centered": knobs.flag(knobs.OWN, "centered RMSprop")}, "decoupled"),
+    "adafactor": Entry(optax.adafactor, {
+        "decay_rate": knobs.number(knobs.OWN, "second-moment decay rate", high=1.0),
+        "momentum": _MOMENTUM,
+        "clipping_threshold": knobs.number(knobs.OWN, "update clipping", optional=True),
+        "multiply_by_parameter_scale": knobs.flag(knobs.OWN, "relative step size")},
+        "decoupled"),
+    "adam_keras": Entry(adam_keras, _ADAM, "decoupled"),
+}
 
 
 def defaults(name: str) -> dict:
@@ -107,6 +125,12 @@ def defaults(name: str) -> dict:
   function = constructor.func if isinstance(constructor, functools.partial) else constructor
   parameters = inspect.signature(function).parameters
   return {knob: preset.get(knob, parameters[knob].default) for knob in entry.knobs}
+
+
+def fields(name: str) -> dict:
+  """{knob: knobs.Field} of optimizer `name`, with the constructor's own defaults."""
+  own = defaults(name)
+  return {knob: knobs.with_default(field, own[knob]) for knob, field in _lookup(name).knobs.items()}
 
 
 def _lookup(name: str) -> Entry:
@@ -150,40 +174,122 @@ def _numbers(schedule_config, field: str, example: str) -> tuple:
   return tuple(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Span:
+  """What a schedule entry is built for: `total_steps` updates, the first `warmup` of
+  them a linear ramp (added by `build_schedule` unless the entry makes its own)."""
+  learning_rate: float
+  total_steps: int
+  warmup: int
+  steps_per_epoch: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  # (schedule config, Span) -> a float or an optax schedule of the updates after the warmup
+  # (of all updates when `own_warmup`)
+  make: Callable
+  knobs: dict  # knob name -> knobs.Field: schedule.NAME fields this schedule reads
+  own_warmup: bool = False
+  needs_warmup: bool = False
+
+
+def _constant(config, span: Span):
+  del config
+  return span.learning_rate
+
+
+def _cosine(config, span: Span):
+  return optax.cosine_decay_schedule(span.learning_rate, span.total_steps - span.warmup,
+                                     alpha=config.end_learning_rate_factor)
+
+
+def _piecewise(config, span: Span):
+  boundaries = [int(round(b * span.steps_per_epoch))
+                for b in _numbers(config, "boundaries_epochs", "(30, 60, 80)")]
+  boundaries += [int(b) for b in _numbers(config, "boundaries_steps", "(1000, 2000)")]
+  if not boundaries:
+    raise UserError("schedule.name='piecewise' needs decay points: set schedule.boundaries_epochs "
+                    "(e.g. '(30, 60, 80)') or schedule.boundaries_steps.")
+  return optax.piecewise_constant_schedule(
+      span.learning_rate, {b - span.warmup: config.decay_factor for b in sorted(boundaries)})
+
+
+def _one_cycle(config, span: Span):
+  del config  # its own warmup: the rising part, 30% unless warmup is set
+  return optax.cosine_onecycle_schedule(
+      span.total_steps, span.learning_rate,
+      pct_start=span.warmup / span.total_steps if span.warmup else 0.3)
+
+
+# Fields of config.schedule that every schedule takes.
+SCHEDULE_COMMON = {
+    "warmup_steps": knobs.integer(0, "linear warmup length in updates (0 = none)"),
+    "warmup_epochs": knobs.number(0.0, "linear warmup length in epochs (0 = none)",
+                                  high=knobs.MAX_INT32),
+}
+_END_FACTOR = {"end_learning_rate_factor": knobs.number(
+    0.0, "cosine: final / peak learning rate", high=1.0)}
+
+SCHEDULES = {
+    "constant": Schedule(_constant, {}),
+    "cosine": Schedule(_cosine, _END_FACTOR),
+    "warmup_cosine": Schedule(_cosine, _END_FACTOR, needs_warmup=True),
+    "piecewise": Schedule(_piecewise, {
+        "boundaries_epochs": knobs.numbers((), "piecewise: decay points in epochs"),
+        "boundaries_steps": knobs.ints((), "piecewise: decay points in updates"),
+        "decay_factor": knobs.number(0.1, "piecewise: learning-rate factor at each boundary",
+                                     high=1.0)}),
+    "one_cycle": Schedule(_one_cycle, {}, own_warmup=True),
+}
+
+
+def schedule_fields() -> dict:
+  """{field: knobs.Field} of config.schedule: the common ones and every schedule's knobs.
+
+  The schedule fields share one group, so a knob name means one thing: two schedules
+  that read `decay_rate` must share one declaration (fails on import otherwise)."""
+  found = dict(SCHEDULE_COMMON)
+  for name, entry in SCHEDULES.items():
+    for knob, field in entry.knobs.items():
+      if knob in found and found[knob] != field:
+        raise ValueError(f"schedule knob {knob!r} of {name!r} is declared differently by "
+                         "another schedule: give it its own name (or share the declaration).")
+      found[knob] = field
+  return found
+
+
+schedule_fields()  # two schedules declaring one knob name differently fail here, on import
+
+
+def schedule_defaults(name: str = "constant") -> dict:
+  """config.schedule with every field at its declared default (recipes start from this)."""
+  return {"name": name, **{knob: field.default for knob, field in schedule_fields().items()}}
+
+
 def build_schedule(schedule_config, learning_rate: float, steps_per_epoch: float,
                    total_steps: int):
   """A float (constant, no warmup) or an optax schedule over `total_steps` updates."""
   name = schedule_config.name
   if name not in SCHEDULES:
     raise UserError(f"schedule.name={name!r} is unknown. Known schedules: {', '.join(SCHEDULES)}.")
+  entry = SCHEDULES[name]
+  declared = schedule_fields()
+  for knob, value in schedule_config.items():  # another schedule's knob, set, is a mistake
+    if knob in declared and knob not in SCHEDULE_COMMON and knob not in entry.knobs and (
+        value != declared[knob].default and not (value == [] and declared[knob].default == ())):
+      users = [other for other, e in SCHEDULES.items() if knob in e.knobs]
+      raise UserError(f"schedule.{knob}={value!r} applies to the {', '.join(users)} schedule "
+                      f"only, not {name!r}; leave it at {declared[knob].default!r}.")
   warmup = _duration(schedule_config, "warmup", steps_per_epoch)
-  boundaries = [int(round(b * steps_per_epoch))
-                for b in _numbers(schedule_config, "boundaries_epochs", "(30, 60, 80)")]
-  boundaries += [int(b) for b in _numbers(schedule_config, "boundaries_steps", "(1000, 2000)")]
-  if boundaries and name != "piecewise":
-    raise UserError(f"schedule.boundaries_* apply to the piecewise schedule only, not {name!r}.")
-  if name == "piecewise" and not boundaries:
-    raise UserError("schedule.name='piecewise' needs decay points: set schedule.boundaries_epochs "
-                    "(e.g. '(30, 60, 80)') or schedule.boundaries_steps.")
-  if name == "warmup_cosine" and not warmup:
-    raise UserError("schedule.name='warmup_cosine' needs schedule.warmup_epochs or "
+  if entry.needs_warmup and not warmup:
+    raise UserError(f"schedule.name={name!r} needs schedule.warmup_epochs or "
                     "schedule.warmup_steps > 0 (or use 'cosine').")
   if warmup >= total_steps:
     raise UserError(f"The warmup ({warmup} updates) is not shorter than the run ({total_steps} "
                     "updates); shorten schedule.warmup_* or train longer.")
-
-  if name == "one_cycle":  # its own warmup: the rising part, 30% unless warmup is set
-    return optax.cosine_onecycle_schedule(
-        total_steps, learning_rate, pct_start=warmup / total_steps if warmup else 0.3)
-  if name == "constant":
-    main = learning_rate
-  elif name in ("cosine", "warmup_cosine"):
-    main = optax.cosine_decay_schedule(learning_rate, total_steps - warmup,
-                                       alpha=schedule_config.end_learning_rate_factor)
-  else:  # piecewise
-    main = optax.piecewise_constant_schedule(
-        learning_rate, {b - warmup: schedule_config.decay_factor for b in sorted(boundaries)})
-  if not warmup:
+  main = entry.make(schedule_config, Span(learning_rate, total_steps, warmup, steps_per_epoch))
+  if entry.own_warmup or not warmup:
     return main
   ramp = optax.linear_schedule(0.0, learning_rate, warmup)
   return optax.join_schedules([ramp, main if callable(main) else optax.constant_schedule(main)],
@@ -194,18 +300,19 @@ def check(optimizer_config, schedule_config) -> None:
   """Fails on unknown names or inapplicable knobs; cheap, so it runs before any data is read."""
   entry = _lookup(optimizer_config.name)
   _check_knobs(optimizer_config, entry)
-  build_schedule(schedule_config, optimizer_config.learning_rate, steps_per_epoch=1,
-                 total_steps=1 << 30)
+  if schedule_config is not None:
+    build_schedule(schedule_config, optimizer_config.learning_rate, steps_per_epoch=1,
+                   total_steps=1 << 30)
 
 
 def _check_knobs(optimizer_config, entry: Entry) -> dict:
-  knobs = {k: v for k, v in optimizer_config.items() if k not in COMMON_FIELDS}
-  unknown = sorted(set(knobs) - set(entry.knobs))
+  settings = {k: v for k, v in optimizer_config.items() if k not in COMMON_FIELDS}
+  unknown = sorted(set(settings) - set(entry.knobs))
   if unknown:
     raise UserError(f"optimizer.{unknown[0]} does not apply to optimizer "
                     f"{optimizer_config.name!r}; its knobs are: {', '.join(entry.knobs) or '(none)'}"
                     f", plus {', '.join(COMMON_FIELDS[1:])}.")
-  return knobs
+  return settings
 
 
 def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: float = 1,
@@ -217,7 +324,7 @@ def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: 
   """
   name = optimizer_config.name
   entry = _lookup(name)
-  knobs = _check_knobs(optimizer_config, entry)
+  settings = _check_knobs(optimizer_config, entry)
   accumulate = int(optimizer_config.get("grad_accum_steps", 1))
   if accumulate < 1:
     raise UserError(f"optimizer.grad_accum_steps={accumulate} is not accepted: a positive integer "
@@ -233,11 +340,11 @@ def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: 
                                    max(1, total_steps // accumulate))
 
   if entry.weight_decay == "native":
-    knobs.update(weight_decay=weight_decay, mask=decay_mask)
+    settings.update(weight_decay=weight_decay, mask=decay_mask)
   try:
-    optimizer = entry.constructor(learning_rate, **knobs)
+    optimizer = entry.constructor(learning_rate, **settings)
   except (TypeError, ValueError) as e:
-    raise UserError(f"optimizer {name!r} does not accept these settings {knobs}: {e}") from e
+    raise UserError(f"optimizer {name!r} does not accept these settings {settings}: {e}") from e
 
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   if weight_decay and entry.weight_decay == "coupled":

@@ -3,8 +3,9 @@
   python -m research.report runs/default                 # -> runs/default/report/
   python -m research.report runs/a runs/b --out=reports  # each run + a comparison
 
-For each workdir: `learning_curves.png` (train and test loss and accuracy
-against steps and against wall time, from metrics.jsonl), `confusion_matrix.png`
+For each workdir: `learning_curves.png` (train and evaluation loss and accuracy,
+the evaluations labelled with the split they ran on, against steps and against wall
+time, from metrics.jsonl), `confusion_matrix.png`
 and `per_class_accuracy.png` (the chosen checkpoint, `--step=latest|best|N`, on
 the config's eval split, with the dataset's class names) and `report.md`. With
 several workdirs also `comparison.md`, `comparison.csv` (the same table
@@ -19,7 +20,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from research import config_checks, run_info
+from research import config_checks, run_info, run_log
 from research.errors import UserError
 
 CURVES_FILE = "learning_curves.png"
@@ -67,9 +68,18 @@ def with_wall_time(records: list[dict]) -> list[dict]:
 
 
 def series(records: list[dict], split: str, key: str, x: str = "step") -> tuple[list, list]:
-  points = [(r[x], r[key]) for r in records
-            if r.get("split") == split and isinstance(r.get(key), (int, float))]
+  """(xs, ys) of `key` in the "train" records, or in the evaluations for split="eval"
+  (whichever split they name; older workdirs' "test" records included)."""
+  chosen = run_log.evaluations(records) if split == "eval" else [
+      r for r in records if r.get("split") == split and not run_log.is_evaluation(r)]
+  points = [(r[x], r[key]) for r in chosen if isinstance(r.get(key), (int, float))]
   return [p[0] for p in points], [p[1] for p in points]
+
+
+def eval_split_of(records: list[dict]) -> str:
+  """The split a run's evaluations name ("test" for workdirs older than the naming)."""
+  found = run_log.evaluations(records)
+  return found[-1]["split"] if found else "test"
 
 
 def summary_row(workdir: str) -> dict:
@@ -77,16 +87,19 @@ def summary_row(workdir: str) -> dict:
   records = with_wall_time(run_info.read_metrics(workdir))
   summary = run_info.summarize_metrics(records)
   final, best = summary["final"], summary["best"] or {}
+  evaluations = run_log.evaluations(records)
+  last_eval = evaluations[-1] if evaluations else {}
   info = run_info.read(workdir) or {}
   row = {
       "workdir": workdir,
       "status": info.get("status", "unknown" if records else "not started"),
       "step": max((r["step"] for r in records), default=0),
       "wall_sec": round(records[-1]["wall"], 1) if records else None,
-      "final_test_accuracy": final.get("test", {}).get("accuracy"),
+      "eval_split": eval_split_of(records),  # the "test" columns' split, by its own name
+      "final_test_accuracy": last_eval.get("accuracy"),
       "best_test_accuracy": best.get("accuracy"),
       "best_step": best.get("step"),
-      "final_test_loss": final.get("test", {}).get("loss"),
+      "final_test_loss": last_eval.get("loss"),
       "final_train_loss": final.get("train", {}).get("loss"),
       "final_train_accuracy": final.get("train", {}).get("accuracy"),
   }
@@ -142,7 +155,8 @@ def _figure(size):
 
 def plot_learning_curves(runs: dict[str, list[dict]], path: str) -> None:
   """Loss and accuracy (rows) against steps and wall time (columns); every run in
-  `runs` (label -> records with "wall") gets its own colour, train solid, test dashed."""
+  `runs` (label -> records with "wall") gets its own colour, train solid, evaluations
+  dashed and labelled with the split they ran on."""
   figure = _figure(CURVES_SIZE)
   axes = figure.subplots(2, 2)
   colours = [f"C{i % 10}" for i in range(len(runs))]
@@ -153,9 +167,9 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str) -> None:
         axis = axes[row][column]
         xs, ys = series(records, "train", key, x)
         axis.plot(xs, ys, color=colour, linewidth=1.2, alpha=0.8, label=f"{prefix}train")
-        xs, ys = series(records, "test", key, x)
+        xs, ys = series(records, "eval", key, x)
         axis.plot(xs, ys, color=colour, linestyle="--", marker="o", markersize=3,
-                  label=f"{prefix}test")
+                  label=f"{prefix}{eval_split_of(records)}")
   from matplotlib.ticker import FuncFormatter
 
   plain = FuncFormatter(lambda value, _: f"{value:g}")
@@ -280,11 +294,12 @@ def _summary_markdown(workdir: str, row: dict, info: dict, evaluation: dict | No
   code = info.get("code") or {}
   devices = info.get("devices") or {}
   versions = info.get("versions") or {}
+  split = row["eval_split"]
   facts = [
       ("status", f"{row['status']} at step {row['step']}"),
-      ("final test accuracy", _cell(row["final_test_accuracy"])),
-      ("best test accuracy", f"{_cell(row['best_test_accuracy'])} (step {row['best_step']})"),
-      ("final test loss", _cell(row["final_test_loss"])),
+      (f"final {split} accuracy", _cell(row["final_test_accuracy"])),
+      (f"best {split} accuracy", f"{_cell(row['best_test_accuracy'])} (step {row['best_step']})"),
+      (f"final {split} loss", _cell(row["final_test_loss"])),
       ("final train loss / accuracy",
        f"{_cell(row['final_train_loss'])} / {_cell(row['final_train_accuracy'])}"),
       ("wall time", f"{row['wall_sec']} s"),

@@ -67,11 +67,12 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def summarize_metrics(records: list[dict]) -> dict:
-  """{"final": {split: last record}, "best": the test record with the highest accuracy}."""
+  """{"final": {split: last record}, "best": the evaluation with the highest accuracy}.
+  Evaluations are keyed by the split they name (research/run_log.py)."""
   final = {}
   for record in records:
     final[record.get("split")] = record
-  tests = [r for r in records if r.get("split") == "test" and isinstance(r.get("accuracy"), float)]
+  tests = [r for r in run_log.evaluations(records) if isinstance(r.get("accuracy"), float)]
   best = max(tests, key=lambda r: r["accuracy"]) if tests else None
   return {"final": final, "best": best}
 

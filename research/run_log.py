@@ -1,5 +1,11 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard and the console.
 
+Records: training ones say `"split": "train"`; evaluations name the split they ran on
+(`"split": "test"`, or `"train[90%:]"` for a study's validation hold-out) and carry
+`"kind": "eval"`. Records written before evaluations were named say `"split": "test"`
+and have no kind; `is_evaluation` reads both. TensorBoard tags are `SPLIT/METRIC`, the
+split spelt in TensorBoard's tag alphabet (`split_tag`).
+
 Only process 0 writes. On resume, metrics.jsonl is cut back to the restored
 step first, so the file reads exactly as if the run had never stopped; then the
 TensorBoard event files are made to hold exactly its points (TensorBoard has no
@@ -10,6 +16,7 @@ had not flushed would be missing).
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -70,6 +77,11 @@ class RunLog:
       self._writer.add_scalar(tag, value, step)
     self._writer.flush()  # TensorBoard shows each log step as it comes, even after a kill
 
+  def write_evaluation(self, split: str, step: int, epoch: float, elapsed: float,
+                       **values) -> None:
+    """An evaluation on `split` (its own name, e.g. "test" or "train[90%:]")."""
+    self.write(split, step, epoch, elapsed, kind=EVALUATION, **values)
+
   def close(self) -> None:
     if self._file:
       self._file.close()
@@ -77,10 +89,43 @@ class RunLog:
       self._writer.close()
 
 
+EVALUATION = "eval"
+
+
+def is_evaluation(record: dict) -> bool:
+  """An evaluation record, of today's form or of a workdir written before splits were named."""
+  if "kind" in record:
+    return record["kind"] == EVALUATION
+  return record.get("split") == "test"
+
+
+def evaluations(records: list[dict]) -> list[dict]:
+  return [record for record in records if is_evaluation(record)]
+
+
+def split_tag(split: str) -> str:
+  """A split's name in TensorBoard's tag alphabet (letters, digits, _ - . /):
+  'test' stays, 'train[90%:]' -> 'train.90pct_to_end', 'train[:10%]' -> 'train.start_to_10pct'."""
+  text = re.sub(r"\[([^\]:]*):([^\]]*)\]",
+                lambda m: f".{m.group(1) or 'start'}_to_{m.group(2) or 'end'}", split)
+  text = text.replace("%", "pct")
+  return re.sub(r"[^-\w.]", "_", text)
+
+
+def tag_prefix(record: dict) -> str:
+  """The TensorBoard group of a record: "train", or the evaluated split's tag (an
+  evaluation on the training split itself is "train_eval", apart from training's)."""
+  if not is_evaluation(record):
+    return record["split"]
+  tag = split_tag(record["split"])
+  return "train_eval" if tag == "train" else tag
+
+
 def _scalars(record: dict) -> dict:
   """{TensorBoard tag: value} of one metrics.jsonl record."""
-  return {f"{record['split']}/{key}": value for key, value in record.items()
-          if key not in ("step", "split", "epoch", "elapsed")
+  prefix = tag_prefix(record)
+  return {f"{prefix}/{key}": value for key, value in record.items()
+          if key not in ("step", "split", "epoch", "elapsed", "kind")
           and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
@@ -303,6 +348,16 @@ def format_eta(seconds: float) -> str:
   minutes, secs = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
   return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def evaluation_line(step: int, epoch: float, split: str, found: dict) -> str:
+  """The console line of an evaluation: every registered metric, on the named split."""
+  from research import metrics  # lazy: it imports JAX's numpy
+
+  values = " ".join(f"{'acc' if name == 'accuracy' else name} {found[name]:.4f}"
+                    for name in metrics.METRICS if name in found)
+  return (f"step {step} epoch {epoch:.2f} | {split} {values} ({found['num_examples']} examples) "
+          f"| params {found['params_fingerprint']}")
 
 
 def console(message: str, *args) -> None:

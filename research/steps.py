@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from research import metrics
+
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array
@@ -109,14 +111,11 @@ def split_microbatches(x, count: int):
 
 def eval_step(params, model_state, images, labels, mask, *, apply_fn: Callable,
               eval_input: Callable | None = None):
-  """Sums over one padded batch: masked loss, correct count, example count."""
+  """Sums over one padded batch: every registered metric's (research/metrics.py), and
+  the example count."""
   inputs = preprocess(images) if eval_input is None else eval_input(images)
   logits = apply_fn({"params": params, **model_state}, inputs, train=False)
-  return {
-      "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
-      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-      "count": jnp.sum(mask),
-  }
+  return metrics.batch_sums(logits, labels, mask)
 
 
 def _train_loop(state, num_steps, rows: int, batch, step_kwargs):
@@ -168,6 +167,8 @@ def evaluate_all(params, model_state, images, labels, mask, **step_kwargs):
     sums = eval_step(params, model_state, *batch, **step_kwargs)
     return jax.tree.map(jnp.add, totals, sums), None
 
-  zeros = {"loss_sum": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+  shapes = jax.eval_shape(lambda: eval_step(params, model_state, images[0], labels[0], mask[0],
+                                            **step_kwargs))
+  zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
   totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
   return totals

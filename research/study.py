@@ -41,7 +41,7 @@ import warnings
 
 from absl import logging
 
-from research import search_space, study_trial
+from research import metrics, search_space, study_trial
 from research.errors import UserError
 
 JOURNAL_FILE = "study.journal"
@@ -49,7 +49,7 @@ TRIALS_DIR = "trials"
 SLOT_ATTR = "slot"  # user attribute: which of the study's N trials (names its workdir)
 HEARTBEAT_ATTR = "heartbeat"  # system attribute on journal storages: the last beat (epoch s)
 TEST_ATTR = "test_result"  # study user attribute: the chosen trial's test evaluation
-OBJECTIVES = {"accuracy": "maximize", "loss": "minimize"}
+OBJECTIVES = metrics.DIRECTIONS  # every registered metric, and which way is better
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +357,7 @@ class Study:
       with open(os.path.join(workdir, "eval.jsonl")) as f:
         record = json.loads(f.read().splitlines()[-1])
       done = {"trial": best.number, "split": plan.test_split, "step": record["step"],
-              "accuracy": record["accuracy"], "loss": record["loss"],
+              **{name: record.get(name) for name in metrics.METRICS},  # every metric
               "num_examples": record["num_examples"]}
       self.optuna.set_user_attr(TEST_ATTR, done)
       print(f"Test ({plan.test_split}): accuracy {done['accuracy']:.4f}, loss "

@@ -14,7 +14,7 @@ import os
 import shutil
 import warnings
 
-from research import report, run_info, search_space
+from research import metrics, report, run_info, run_log, search_space
 from research.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
 
 TOP_CURVES = 5
@@ -41,6 +41,8 @@ def rows(study) -> list[dict]:
   for trial, retries in latest_attempts(study):
     workdir = os.path.join(plan.root, trial.user_attrs.get("workdir", ""))
     summary = report.summary_row(workdir) if trial.user_attrs.get("workdir") else {}
+    evaluations = (run_log.evaluations(run_info.read_metrics(workdir))
+                   if trial.user_attrs.get("workdir") else [])
     intermediate = trial.intermediate_values
     value = trial.value if trial.value is not None else (
         intermediate[max(intermediate)] if intermediate else None)
@@ -48,6 +50,9 @@ def rows(study) -> list[dict]:
            **{p.key: search_space.as_flag_value(trial.params[p.key]) if p.key in trial.params
               else "" for p in plan.params},
            objective_column: value,
+           # every other registered metric, at the trial's last evaluation
+           **{f"{name} ({plan.select_split})": evaluations[-1].get(name) if evaluations else None
+              for name in metrics.METRICS if name != plan.objective},
            test_column: test.get(plan.objective) if test.get("trial") == trial.number else None,
            "evaluations": len(intermediate), "step": summary.get("step"),
            "wall_sec": summary.get("wall_sec"), "retries": retries,

@@ -97,7 +97,9 @@ class Outcome:
 
 
 def evaluations(workdir: str) -> list[dict]:
-  """The evaluation records (metrics.jsonl calls the eval split "test") written so far."""
+  """The evaluation records (each names its split; research/run_log.py) written so far."""
+  from research.run_log import is_evaluation
+
   found = []
   try:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -108,7 +110,7 @@ def evaluations(workdir: str) -> list[dict]:
           record = json.loads(line)
         except ValueError:
           continue
-        if record.get("split") == "test":
+        if isinstance(record, dict) and is_evaluation(record):
           found.append(record)
   except OSError:
     pass

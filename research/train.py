@@ -25,10 +25,11 @@ import numpy as np
 from absl import logging
 
 from research import (augment, backend as backend_lib, checkpoint, config_checks, data,
-                      distributed, input_pipeline, mesh as mesh_lib, models, optim, profiling,
-                      run_info, steps, workdir_lock)
+                      distributed, input_pipeline, mesh as mesh_lib, metrics as metrics_lib, models,
+                      optim, profiling, run_info, steps, workdir_lock)
 from research.errors import TrainingFailure, UserError
-from research.run_log import Progress, RunLog, console
+from research import run_log as run_log_lib
+from research.run_log import Progress, RunLog, console, evaluation_line
 
 
 def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
@@ -104,9 +105,8 @@ def make_evaluator(model, batches, eval_input=None):
       sums = evaluate_all(state.params, state.model_state, *batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
-            "num_examples": int(count), "params_fingerprint": checkpoint.fingerprint(state.params)}
+    return {**metrics_lib.values(totals), "num_examples": int(totals["count"]),
+            "params_fingerprint": checkpoint.fingerprint(state.params)}
 
   return evaluate
 
@@ -293,12 +293,13 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
     feed = _feed_from_memory(compile_steps(steps.train_many), train_split, mesh, config.seed,
                              config.batch_size, plan.max_chunk, where)
   evaluate = make_evaluator(model, eval_batches(config, eval_split, mesh), eval_input)
+  eval_split_name = config.dataset.eval_split  # every evaluation record and line names it
 
   run_log = RunLog(workdir, resume_step=start_step)
   if start_step >= plan.total_steps:
     final = _last_eval(workdir)
-    console("Run in %s already finished at step %d; final test accuracy %s.", workdir, start_step,
-            final.get("accuracy"))
+    console("Run in %s already finished at step %d; final %s accuracy %s.", workdir, start_step,
+            final.get("split", eval_split_name), final.get("accuracy"))
     run_log.close()
     checkpointer.close()
     feed.close()
@@ -347,10 +348,9 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
       if eval_now:
         progress.end_phase()
         final = evaluate(state)
-        run_log.write("test", step, plan.epoch(step), time.perf_counter() - started, **final)
-        console("step %d epoch %.2f | test loss %.4f acc %.4f (%d examples) | params %s", step,
-                plan.epoch(step), final["loss"], final["accuracy"], final["num_examples"],
-                final["params_fingerprint"])
+        run_log.write_evaluation(eval_split_name, step, plan.epoch(step),
+                                 time.perf_counter() - started, **final)
+        console("%s", evaluation_line(step, plan.epoch(step), eval_split_name, final))
       stop_now = preempted.agreed(step, checkpointer) and step < plan.total_steps
       if (eval_now or config_checks.is_time(step, plan.checkpoint_every)
           or step == plan.total_steps or stop_now):
@@ -369,9 +369,9 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   checkpointer.wait()
   checkpointer.close()
   run_log.close()
-  console("Finished %d steps in %.1f s. Final test accuracy %.4f, loss %.4f, params %s.",
-          plan.total_steps, time.perf_counter() - started, final["accuracy"], final["loss"],
-          final["params_fingerprint"])
+  console("Finished %d steps in %.1f s. Final %s accuracy %.4f, loss %.4f, params %s.",
+          plan.total_steps, time.perf_counter() - started, eval_split_name, final["accuracy"],
+          final["loss"], final["params_fingerprint"])
   return final
 
 
@@ -407,8 +407,8 @@ def _write_config(config, workdir: str) -> None:
 
 
 def _last_eval(workdir: str) -> dict:
-  tests = [record for record in run_info.read_metrics(workdir) if record.get("split") == "test"]
-  return tests[-1] if tests else {}
+  found = run_log_lib.evaluations(run_info.read_metrics(workdir))
+  return found[-1] if found else {}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:

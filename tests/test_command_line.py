@@ -49,3 +49,18 @@ def test_a_knob_of_the_chosen_model_or_optimizer_says_how_to_set_it(overrides, c
 def test_other_unknown_fields_keep_their_message(override, expected):
   message = _message(override)
   assert expected in message and "use --config" not in message, message
+
+
+def test_the_help_lists_every_field_with_its_declaration():
+  """`python -m research.command_line --config=FILE[:ARG]` (docs/extending.md)."""
+  import subprocess
+  import sys
+
+  result = subprocess.run([sys.executable, "-m", "research.command_line",
+                           "--config=configs/default.py:model=resnet8"], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "--config.model.stem='cifar'\n    the first layers" in result.stdout
+  assert "one of 'imagenet', 'cifar', 'pool'" in result.stdout
+  assert "--config.schedule.decay_factor=0.1\n    piecewise:" in result.stdout
+  assert "(not declared)" not in result.stdout

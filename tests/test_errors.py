@@ -66,7 +66,7 @@ def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
     ("--config.eval_batch_size=-5", "eval_batch_size", "an integer from 1 to"),
     ("--config.seed=-1", "seed", "from 0 to"),
     ("--config.log_every_steps=0", "log_every_steps", "an integer from 1 to"),
-    ("--config.best_metric=f1", "best_metric", "one of 'accuracy', 'loss'"),
+    ("--config.best_metric=f1", "best_metric", "one of 'loss', 'accuracy'"),
     ("--config.profile_steps=5", "profile_steps", "START,COUNT"),
     ("--config.eval.checkpoint_step=newest", "eval.checkpoint_step", "'latest', 'best'"),
     ("--config.dataset.reader_threads=-2", "dataset.reader_threads", "an integer from 0 to 32"),

@@ -115,24 +115,29 @@ FIELDS_OF = {spec: sorted(config_schema.flatten(command_line.parse_config([], sp
 def test_every_config_and_argument_has_table_entries_and_validates():
   assert len(CONFIG_SPECS) > len(CONFIG_FILES) + 20  # the arguments were found
   for spec, fields in FIELDS_OF.items():
-    missing = [field for field in fields if field not in config_schema.FIELDS]
+    config = command_line.parse_config([], spec)
+    missing = [field for field in fields if field not in config_schema.fields_for(config)]
     assert not missing, (spec, missing)
-    config_checks.validate(command_line.parse_config([], spec))
+    config_checks.validate(config)
 
 
 def test_table_defaults_are_the_defaults_and_every_registry_knob_has_an_entry():
   from research import models, optim
 
   defaults = command_line.parse_config([], "configs/default.py")
+  declared = config_schema.fields_for(defaults)
   for field, value in config_schema.flatten(defaults).items():
-    assert config_schema.FIELDS[field].default == value, field
-  for name in models.MODELS:
-    for knob, value in models.defaults(name).items():
-      field = config_schema.FIELDS[f"model.{knob}"]
-      assert field.default == config_schema.REGISTRY_DEFAULT and not field.problem(value), knob
+    assert declared[field].default == value or (value, declared[field].default) == ([], ()), field
+  # Each entry's knobs: declared next to its code, their defaults the code's own and accepted.
+  for name, entry in models.MODELS.items():
+    for knob, field in models.fields(name).items():
+      assert field.default == models.defaults(name)[knob] and not field.problem(field.default)
+      assert field.meaning and entry.knobs[knob].kind == field.kind, (name, knob)
   for name in optim.OPTIMIZERS:
-    for knob, value in optim.defaults(name).items():
-      assert not config_schema.FIELDS[f"optimizer.{knob}"].problem(value), (name, knob)
+    for knob, field in optim.fields(name).items():
+      assert field.default == optim.defaults(name)[knob] and not field.problem(field.default)
+  for knob, field in optim.schedule_fields().items():
+    assert not field.problem(field.default), knob
 
 
 def test_a_field_without_a_table_entry_is_refused():

@@ -34,6 +34,16 @@ def test_wall_time_continues_across_resumed_sessions():
   assert walls[4] == pytest.approx(2.5 + 0.8)
 
 
+def test_curves_and_summaries_name_the_evaluated_split_and_read_older_records():
+  named = [{**r, "split": "train[90%:]", "kind": "eval"} if r["split"] == "test" else r
+           for r in _records([(10, 1.0), (20, 2.0)])]
+  assert report.eval_split_of(named) == "train[90%:]"
+  assert report.series(named, "eval", "accuracy") == ([10, 20], [0.8, 0.85])
+  assert report.series(named, "train", "loss") == ([10, 20], [0.2, 0.1])
+  older = _records([(10, 1.0)])  # "split": "test", no kind
+  assert report.eval_split_of(older) == "test" and report.series(older, "eval", "loss")[0] == [10]
+
+
 def test_rows_sorted_by_metric_and_written_as_csv_and_markdown(tmp_path):
   rows = [{"workdir": "a", "final_test_accuracy": 0.8, "final_test_loss": 0.5},
           {"workdir": "b", "final_test_accuracy": None, "final_test_loss": None},

@@ -71,7 +71,7 @@ def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   # The same totals as one unpadded pass over the whole split.
   logits = model.apply({"params": state.params}, steps.preprocess(test_split.images))
   correct = int(np.sum(np.argmax(logits, -1) == test_split.labels))
-  assert int(totals["correct"]) == correct
+  assert int(totals["accuracy"]["correct"]) == correct
 
 
 def test_microbatched_step_matches_one_whole_batch(fashion_mnist):

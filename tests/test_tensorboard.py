@@ -140,3 +140,18 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
   before = (directory / files[0]).read_bytes()
   run_log.match_tensorboard_to(str(directory), points)  # already right: untouched
   assert (directory / files[0]).read_bytes() == before
+
+
+def test_evaluations_are_tagged_by_the_split_they_name_and_old_records_read_as_before():
+  from research import run_log
+
+  new = {"step": 5, "split": "train[90%:]", "kind": "eval", "accuracy": 0.5, "elapsed": 1.0}
+  old = {"step": 5, "split": "test", "accuracy": 0.5, "elapsed": 1.0}  # before splits were named
+  train = {"step": 5, "split": "train", "loss": 0.3, "elapsed": 1.0}
+  on_train = {"step": 5, "split": "train", "kind": "eval", "accuracy": 0.5, "elapsed": 1.0}
+  assert [run_log.is_evaluation(r) for r in (new, old, train, on_train)] == [True] * 2 + [
+      False, True]
+  assert run_log._scalars(new) == {"train.90pct_to_end/accuracy": 0.5}
+  assert run_log._scalars(old) == {"test/accuracy": 0.5}
+  assert run_log._scalars(on_train) == {"train_eval/accuracy": 0.5}  # apart from training's
+  assert run_log.split_tag("train[:10%]+test") == "train.start_to_10pct_test"

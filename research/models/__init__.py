@@ -4,7 +4,10 @@ Every model is a flax.linen Module called as `model.apply(variables, images,
 train=...)` on float images [N, H, W, C] and returns float32 logits
 [N, num_classes]; `num_classes` (and the input shape, at init) come from the
 dataset. Other `config.model` fields are the model's knobs, passed to its
-constructor; each entry lists the knobs it accepts, and any other field fails.
+constructor. Each entry declares its knobs (kind, range or choices, meaning) next to
+the model's code, as `KNOBS` in its file; their defaults are the module's own field
+defaults. The config schema, validation and the tests are built from these entries,
+so adding a model is one file and one line below (docs/extending.md).
 `dtype` is the compute dtype ("float32" or "bfloat16"); parameters stay float32.
 """
 
@@ -12,44 +15,55 @@ import dataclasses
 import functools
 from typing import Callable
 
-import jax.numpy as jnp
-
+from research import knobs
 from research.errors import UserError
-from research.models import layers, resnet, vit
-from research.models.cnn import CNN
-from research.models.mlp import MLP
+from research.models import cnn, layers, mlp, resnet, vit
 from research.models.wide_resnet import WideResNet
+
+DTYPES = layers.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   constructor: Callable
-  knobs: tuple[str, ...]
+  knobs: dict  # knob name -> knobs.Field, declared next to the model's code
+  smoke: dict = dataclasses.field(default_factory=dict)  # knob values for a test-sized model
 
 
-_CONV = ("conv_impl", "dtype")
-_VIT = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "dropout_rate", "dtype")
-
-MODELS = {
-    "cnn": Entry(CNN, ("conv_features", "dense_features", *_CONV)),
-    "mlp": Entry(MLP, ("hidden_features", "dropout_rate", "dtype")),
-    "resnet8": Entry(resnet.resnet8, ("width", "stem", *_CONV)),
-    "resnet14": Entry(resnet.resnet14, ("width", "stem", *_CONV)),
-    "resnet20": Entry(resnet.resnet20, ("width", "stem", *_CONV)),
-    "resnet32": Entry(resnet.resnet32, ("width", "stem", *_CONV)),
-    "resnet56": Entry(resnet.resnet56, ("width", "stem", *_CONV)),
-    "resnet18": Entry(resnet.resnet18, ("width", "stem", *_CONV)),
-    "resnet34": Entry(resnet.resnet34, ("width", "stem", *_CONV)),
-    "resnet50": Entry(resnet.resnet50, ("width", "stem", *_CONV)),
-    "wide_resnet": Entry(WideResNet, ("depth", "width", "dropout_rate", *_CONV)),
-    "vit_ti": Entry(vit.vit_ti, _VIT),
-    "vit_s": Entry(vit.vit_s, _VIT),
+# ResNets and the WideResNet (resnet.py, wide_resnet.py) declare their knobs here.
+_RESNET = {
+    "width": knobs.integer(knobs.OWN, "channels of the first stage", low=1, high=65536),
+    "stem": knobs.choice(knobs.OWN, "the first layers: 7x7/2 conv and max-pool (imagenet), "
+                         "3x3/1 conv (cifar), or 3x3/1 conv and a 2x2 max-pool (pool)",
+                         ("imagenet", "cifar", "pool")),
+    **layers.CONV_KNOBS,
+}
+_WIDE_RESNET = {
+    "depth": knobs.integer(knobs.OWN, "layers, 6n+4 (10, 16, 22, 28, 40)", low=10, high=1000),
+    "width": knobs.integer(knobs.OWN, "widening factor of the stages (16, 32, 64 channels)",
+                           low=1, high=65536),
+    "dropout_rate": knobs.number(knobs.OWN, "dropout probability", **knobs.FRACTION),
+    **layers.CONV_KNOBS,
 }
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Knobs that take one of a few values, checked before anything is built.
-_CHOICES = {"dtype": tuple(DTYPES), "conv_impl": layers.IMPLS,
-            "stem": ("imagenet", "cifar", "pool")}
+MODELS = {
+    "cnn": Entry(cnn.CNN, cnn.KNOBS, {"conv_features": (8, 16), "dense_features": 16}),
+    "mlp": Entry(mlp.MLP, mlp.KNOBS, {"hidden_features": (32,), "dropout_rate": 0.1}),
+    "resnet8": Entry(resnet.resnet8, _RESNET, {"width": 4}),
+    "resnet14": Entry(resnet.resnet14, _RESNET, {"width": 4}),
+    "resnet20": Entry(resnet.resnet20, _RESNET, {"width": 4}),
+    "resnet32": Entry(resnet.resnet32, _RESNET, {"width": 2}),
+    "resnet56": Entry(resnet.resnet56, _RESNET, {"width": 2}),
+    "resnet18": Entry(resnet.resnet18, _RESNET, {"width": 4}),
+    "resnet34": Entry(resnet.resnet34, _RESNET, {"width": 2}),
+    "resnet50": Entry(resnet.resnet50, _RESNET, {"width": 2, "stem": "cifar"}),
+    "wide_resnet": Entry(WideResNet, _WIDE_RESNET, {"depth": 10, "width": 1,
+                                                     "dropout_rate": 0.1}),
+    "vit_ti": Entry(vit.vit_ti, vit.KNOBS, {"patch_size": 7, "width": 16, "depth": 2,
+                                            "num_heads": 2}),
+    "vit_s": Entry(vit.vit_s, vit.KNOBS, {"patch_size": 4, "width": 16, "depth": 1,
+                                          "num_heads": 4, "mlp_dim": 32}),
+}
 
 
 def _lookup(name: str) -> Entry:
@@ -71,12 +85,18 @@ def defaults(name: str) -> dict:
   fields = {f.name: f.default for f in dataclasses.fields(module)}
   values = {knob: preset.get(knob, fields[knob]) for knob in entry.knobs}
   if "dtype" in values:
-    values["dtype"] = "float32"
+    values["dtype"] = next(key for key, dtype in DTYPES.items() if dtype == values["dtype"])
   return values
 
 
-def build(model_config, num_classes: int):
-  """Returns the flax Module named by `model_config.name`, with its knobs set."""
+def fields(name: str) -> dict:
+  """{knob: knobs.Field} of model `name`, with the model's own defaults."""
+  own = defaults(name)
+  return {knob: knobs.with_default(field, own[knob]) for knob, field in _lookup(name).knobs.items()}
+
+
+def check(model_config) -> dict:
+  """The knobs set in `model_config`, each checked against the model's declaration."""
   name = model_config.name
   entry = _lookup(name)
   kwargs = {k: v for k, v in model_config.items() if k != "name"}
@@ -84,10 +104,18 @@ def build(model_config, num_classes: int):
   if unknown:
     raise UserError(f"model.{unknown[0]} does not apply to model {name!r}; its knobs are: "
                     f"{', '.join(entry.knobs)}.")
-  for knob, choices in _CHOICES.items():
-    if knob in kwargs and kwargs[knob] not in choices:
-      raise UserError(f"model.{knob}={kwargs[knob]!r} is not accepted; use one of "
-                      f"{', '.join(choices)}.")
+  for knob, value in kwargs.items():
+    field = entry.knobs[knob]
+    if field.problem(value):
+      raise UserError(f"model.{knob}={value!r} is not accepted: {field.accepted()} "
+                      f"({field.meaning}).")
+  return kwargs
+
+
+def build(model_config, num_classes: int):
+  """Returns the flax Module named by `model_config.name`, with its knobs set."""
+  name = model_config.name
+  kwargs = check(model_config)
   for knob, value in kwargs.items():
     if isinstance(value, list):  # module fields must be hashable
       kwargs[knob] = tuple(value)
@@ -97,4 +125,4 @@ def build(model_config, num_classes: int):
       kwargs["depth"] < 10 or (kwargs["depth"] - 4) % 6):
     raise UserError(f"model.depth={kwargs['depth']} is not accepted for wide_resnet: use 6n+4 "
                     "(10, 16, 22, 28, 40).")
-  return entry.constructor(num_classes=num_classes, **kwargs)
+  return MODELS[name].constructor(num_classes=num_classes, **kwargs)

@@ -11,7 +11,17 @@ from typing import Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from research.models.layers import Conv, ConvReluPool, dense, max_pool_2x2, resolve_impl
+from research import knobs
+from research.models.layers import (CONV_KNOBS, Conv, ConvReluPool, dense, max_pool_2x2,
+                                    resolve_impl)
+
+# The knobs of this model (defaults: the fields below), for the registry in models/__init__.py.
+KNOBS = {
+    "conv_features": knobs.ints(knobs.OWN, "channels of each conv layer", low=1, high=65536),
+    "dense_features": knobs.integer(knobs.OWN, "units of the hidden dense layer", low=1,
+                                    high=2**20),
+    **CONV_KNOBS,
+}
 
 
 class CNN(nn.Module):

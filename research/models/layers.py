@@ -34,9 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from research import backend
+from research import backend, knobs
 
 IMPLS = ("auto", "im2col", "xla")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Knobs that models built from these layers share (their declarations, for the registry).
+DTYPE_KNOB = {"dtype": knobs.choice(knobs.OWN, "compute dtype (parameters stay float32)",
+                                    DTYPES)}
+CONV_KNOBS = {"conv_impl": knobs.choice(knobs.OWN, "convolution form (auto picks per backend)",
+                                        IMPLS), **DTYPE_KNOB}
 
 
 def resolve_impl(impl: str) -> str:
@@ -55,13 +62,46 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def _pairs(value, name: str) -> tuple[int, int]:
+  """An int or a pair of ints, as flax.linen.Conv takes strides and dilations."""
+  pair = (value, value) if isinstance(value, int) else tuple(value)
+  if len(pair) != 2:
+    raise ValueError(f"{name} must be an int or a pair of ints (2-D), got {value!r}")
+  return pair
+
+
+def _pads(padding, x_shape, kernel_size, strides, dilation) -> list[tuple[int, int]]:
+  """flax.linen.Conv's padding forms -> explicit (low, high) pads of H and W: 'SAME',
+  'VALID', 'CIRCULAR' is not supported; an int n (n on every side), or ((lo, hi), (lo, hi))."""
+  effective = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
+  if padding == "SAME":
+    return [_same_padding(x_shape[1 + axis], effective[axis], strides[axis]) for axis in (0, 1)]
+  if padding == "VALID":
+    return [(0, 0), (0, 0)]
+  if isinstance(padding, int):
+    return [(padding, padding)] * 2
+  if not isinstance(padding, str) and len(padding) == 2:
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
+                   f"got {padding!r}")
+
+
 class Conv(nn.Module):
-  """2-D convolution, NHWC, HWIO kernel; `padding` is 'SAME' or 'VALID'."""
+  """2-D convolution, NHWC, HWIO kernel, taking what `flax.linen.Conv` takes for images:
+  `strides`, `padding` ('SAME', 'VALID', an int or explicit pairs), `kernel_dilation` and
+  `feature_group_count` (grouped and depthwise convolutions), with the same parameters.
+
+  The fast CPU form (im2col: shifted views, one matmul) covers plain convolutions with
+  any strides and padding; a dilated or grouped convolution runs as `lax.conv` on every
+  backend (XLA:CPU's own grouped convolutions are fast: their work is small).
+  """
 
   features: int
   kernel_size: Sequence[int] = (3, 3)
-  strides: Sequence[int] = (1, 1)
-  padding: str = "SAME"
+  strides: int | Sequence[int] = (1, 1)
+  padding: str | int | Sequence = "SAME"
+  kernel_dilation: int | Sequence[int] = (1, 1)
+  feature_group_count: int = 1
   use_bias: bool = True
   impl: str = "auto"  # or "im2col", "xla"
   dtype: jnp.dtype = jnp.float32
@@ -70,27 +110,37 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel_size
-    sh, sw = self.strides
-    channels = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, channels, self.features), jnp.float32)
-    impl = resolve_impl(self.impl)
+    strides = _pairs(self.strides, "strides")
+    dilation = _pairs(self.kernel_dilation, "kernel_dilation")
+    channels, groups = x.shape[-1], self.feature_group_count
+    if channels % groups or self.features % groups:
+      raise ValueError(f"feature_group_count={groups} must divide the input channels "
+                       f"({channels}) and the features ({self.features})")
+    kernel = self.param("kernel", self.kernel_init,
+                        (kh, kw, channels // groups, self.features), jnp.float32)
+    impl = form(self.impl, dilation, groups)
     if impl == "xla":
       kernel, x = kernel.astype(self.dtype), x.astype(self.dtype)
-    if self.padding == "SAME":
-      pads = [_same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)]
-    elif self.padding == "VALID":
-      pads = [(0, 0), (0, 0)]
-    else:
-      raise ValueError(f"padding must be 'SAME' or 'VALID', got {self.padding!r}")
+    pads = _pads(self.padding, x.shape, (kh, kw), strides, dilation)
     if impl == "xla":
-      y = jax.lax.conv_general_dilated(x, kernel, (sh, sw), pads,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = jax.lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=groups)
     else:
-      y = _im2col_conv(x, kernel, (sh, sw), pads, self.dtype)
+      y = _im2col_conv(x, kernel, strides, pads, self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = _add_bias(y, bias, y.dtype)
     return y
+
+
+def form(impl: str, dilation=(1, 1), groups: int = 1) -> str:
+  """The form a convolution runs in: `resolve_impl(impl)`, except that dilated and grouped
+  convolutions, which the im2col form does not cover, are always "xla"."""
+  resolved = resolve_impl(impl)
+  if resolved == "im2col" and (tuple(dilation) != (1, 1) or groups != 1):
+    return "xla"
+  return resolved
 
 
 def _add_bias(y, bias, dtype):

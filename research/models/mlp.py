@@ -5,6 +5,16 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research import knobs
+from research.models.layers import DTYPE_KNOB
+
+# The knobs of this model (defaults: the fields below), for the registry in models/__init__.py.
+KNOBS = {
+    "hidden_features": knobs.ints(knobs.OWN, "units of each hidden layer", low=1, high=2**20),
+    "dropout_rate": knobs.number(knobs.OWN, "dropout probability", **knobs.FRACTION),
+    **DTYPE_KNOB,
+}
+
 
 class MLP(nn.Module):
   num_classes: int

@@ -11,6 +11,21 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research import knobs
+from research.models.layers import DTYPE_KNOB
+
+# The knobs of this model (defaults: ViT's fields, or vit_ti's / vit_s's presets), for the
+# registry in models/__init__.py.
+KNOBS = {
+    "patch_size": knobs.integer(knobs.OWN, "patch side in pixels", low=1, high=8192),
+    "width": knobs.integer(knobs.OWN, "embedding width", low=1, high=65536),
+    "depth": knobs.integer(knobs.OWN, "encoder blocks", low=1, high=1000),
+    "num_heads": knobs.integer(knobs.OWN, "attention heads", low=1, high=65536),
+    "mlp_dim": knobs.integer(knobs.OWN, "MLP width (0 = 4 x width)", high=2**20),
+    "dropout_rate": knobs.number(knobs.OWN, "dropout probability", **knobs.FRACTION),
+    **DTYPE_KNOB,
+}
+
 
 class EncoderBlock(nn.Module):
   num_heads: int
