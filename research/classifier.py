@@ -22,7 +22,7 @@ class Classifier:
     import jax
     import ml_collections
 
-    from research import checkpoint, mesh as mesh_lib, train
+    from research import checkpoint, data_source, mesh as mesh_lib, train
 
     config_path = os.path.join(workdir, "config.json")
     try:
@@ -42,7 +42,9 @@ class Classifier:
     finally:
       checkpointer.close()
     self._variables = {"params": state.params, **state.model_state}
-    eval_input = train.input_functions(self.config, self.info, None)[1]  # as in evaluation
+    # As in evaluation: the eval split's data source gives the normalization.
+    eval_input = train.input_functions(
+        self.config, data_source.from_config(self.config.dataset, train=False))[1]
     self._logits = jax.jit(lambda variables, images: model.apply(
         variables, eval_input(images), train=False))
 
@@ -66,13 +68,13 @@ class Classifier:
 
 def dataset_info(workdir: str, config):
   """The dataset's shape and class names: from run.json, else from the TFDS data."""
-  from research import data, run_info
+  from research import data, data_source, run_info
 
   recorded = (run_info.read(workdir) or {}).get("dataset")
   if recorded:
     return data.DatasetInfo(name=recorded["name"], image_shape=tuple(recorded["image_shape"]),
                             num_classes=recorded["num_classes"],
                             class_names=tuple(recorded["class_names"]))
-  return data.load(config.dataset)[0]
+  return data_source.info(config.dataset)
 
 
