@@ -13,6 +13,9 @@ many workers or which process computes it.
 """
 
 import dataclasses
+import os
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -97,3 +100,16 @@ class EvalBatch:
     if valid.any():
       images[valid], labels[valid] = self.reader.read(positions[valid], "centre")
     return images, labels, valid.astype(np.float32)
+
+
+def exit_with_trainer(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+  """Runs first in each worker: ends the worker once the trainer is gone (a SIGKILLed
+  trainer cannot stop its workers; orphans would hold memory and cores)."""
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == trainer_pid:
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()

@@ -50,17 +50,18 @@ Evaluation. `EvalStream` reads a split in order, in batches of `eval_batch_size`
 and masked: every example counts exactly once.
 """
 
+import functools
 import math
 import os
 import time
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from research import data, mesh as mesh_lib
 from research.errors import TrainingFailure
-from research.stream_examples import EvalBatch, ExampleReader, TrainStep
+from research.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
 
 CALL_BYTES = 512 * 2**20  # at most this much global batch data per compiled call
 MAX_THREADS = 32
@@ -109,11 +110,14 @@ class _Reader:
   def __init__(self, dataset, ahead: int, workers: int, threads: int):
     self.workers = workers = worker_count(workers)
     if workers:
+      if not flags.FLAGS.is_parsed():  # grain reads its flags when it starts workers
+        flags.FLAGS.mark_as_parsed()
       # In a worker the batches are computed one at a time: the parallelism is the workers.
       dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
           grain.MultiprocessingOptions(
               num_workers=workers,
-              per_worker_buffer_size=max(WORKER_BUFFER, -(-ahead // workers))))
+              per_worker_buffer_size=max(WORKER_BUFFER, -(-ahead // workers))),
+          worker_init_fn=functools.partial(exit_with_trainer, os.getpid()))
     else:
       threads = reader_threads(threads)
       dataset = dataset.to_iter_dataset(
