@@ -12,7 +12,6 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 
 from conftest import interrupt_at_step, records, run_main
@@ -54,9 +53,20 @@ def test_the_worker_count_changes_no_batch(jpeg_dir):
   assert len({image.tobytes() for image in images.reshape(-1, 16, 16, 3)}) == 48
 
 
-def _workers_of(process):
-  return [child for child in process.children(recursive=True)
-          if "spawn_main" in " ".join(child.cmdline())]
+def _worker_pids() -> list[int]:
+  """This process's children started by multiprocessing's spawn (grain's workers)."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        spawned = b"spawn_main" in f.read()
+    except (OSError, ValueError, IndexError):
+      continue
+    if parent == os.getpid() and spawned:
+      found.append(int(entry))
+  return found
 
 
 def test_a_killed_worker_is_a_clear_error_not_a_hang(jpeg_dir):
@@ -76,7 +86,7 @@ def test_a_killed_worker_is_a_clear_error_not_a_hang(jpeg_dir):
 
   try:
     next(stream.batches(0, 1))  # the workers are up
-    os.kill(_workers_of(psutil.Process())[0].pid, signal.SIGKILL)
+    os.kill(_worker_pids()[0], signal.SIGKILL)
     started = time.perf_counter()
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()

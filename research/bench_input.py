@@ -1,0 +1,239 @@
+"""`make bench-input`: images/s of the streamed input, old thread path against worker processes.
+
+  python -m research.bench_input
+
+Photographs at ImageNet's typical size (500 x 375, JPEG quality 90), cut from the
+real photos scikit-image ships (`skimage.data`) at random positions and scales, are
+written through TFDS's array_record path (a GeneratorBasedBuilder, as imagenet2012
+is prepared) into --photos_dir. Then, in one run, side by side:
+
+  threads (old)   the path before worker processes: one grain element per batch,
+                  decoded whole by TFDS's decoder and resized (shorter side, centre
+                  crop) in a pool of threads of the trainer process;
+  workers=1, 2    research/stream_input.py: per-example Inception crops from the
+                  original image (DCT-scaled JPEG decode), in 1 and 2 processes;
+  ceiling         the trainer's main thread alone, at batch --ceiling_batch: batches
+                  that cost nothing to decode, taken from grain and handed to the
+                  devices (stacked, put on the devices), i.e. the most images/s the
+                  trainer can take in whatever the workers' speed.
+
+Each is timed over --steps batches after one warm-up batch (worker start-up
+excluded), and printed with images/s per core used. The load average is printed:
+on a shared machine the figures are only as good as the idle cores.
+"""
+
+import io
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_string("photos_dir", "build/bench_input", "where the photographs are prepared")
+flags.DEFINE_integer("examples", 1024, "photographs in the dataset")
+flags.DEFINE_integer("image_size", 224, "crop size")
+flags.DEFINE_integer("batch_size", 128, "batch of the throughput runs")
+flags.DEFINE_integer("steps", 16, "timed batches per run")
+flags.DEFINE_integer("ceiling_batch", 1024, "batch of the main-thread ceiling")
+flags.DEFINE_string("runs", "threads,workers=1,workers=2,ceiling", "which runs, in order")
+FLAGS = flags.FLAGS
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
+          "hubble_deep_field")
+SIZE = (500, 375)  # width, height: ImageNet's most common shape
+QUALITY = 90
+
+
+def photographs(count: int, seed: int = 0):
+  """`count` JPEG bytes: random 4:3 windows of skimage's photos, resized to 500 x 375."""
+  import skimage.data
+  from PIL import Image
+
+  sources = []
+  for name in PHOTOS:
+    image = getattr(skimage.data, name, None)
+    if image is not None:
+      pixels = image()
+      if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        sources.append(Image.fromarray(pixels))
+  rng = np.random.default_rng(seed)
+  for index in range(count):
+    source = sources[index % len(sources)]
+    width = int(source.width * rng.uniform(0.6, 1.0))
+    height = min(source.height, width * 3 // 4)
+    width = height * 4 // 3
+    left = int(rng.integers(0, source.width - width + 1))
+    top = int(rng.integers(0, source.height - height + 1))
+    window = source.resize(SIZE, Image.BICUBIC, box=(left, top, left + width, top + height))
+    if rng.integers(2):
+      window = window.transpose(Image.FLIP_LEFT_RIGHT)
+    encoded = io.BytesIO()
+    window.save(encoded, format="JPEG", quality=QUALITY)
+    yield encoded.getvalue()
+
+
+def prepare(data_dir: str, count: int):
+  """The photographs as a TFDS dataset in array_record files (built once per count)."""
+  import tensorflow_datasets as tfds
+
+  class BenchPhotos(tfds.core.GeneratorBasedBuilder):
+    """Photographs of 500 x 375 pixels, JPEG quality 90."""
+
+    VERSION = tfds.core.Version(f"1.0.{count}")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(num_classes=len(PHOTOS))}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for index, encoded in enumerate(photographs(count)):
+        yield index, {"image": encoded, "label": index % len(PHOTOS)}
+
+  builder = BenchPhotos(data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def _dataset_config(builder, data_dir: str, image_size: int, workers: int):
+  import ml_collections
+
+  return ml_collections.ConfigDict({
+      "name": f"{builder.name}:{builder.version}", "data_dir": data_dir, "train_split": "train",
+      "eval_split": "train", "image_size": image_size, "input": "stream", "workers": workers,
+      "reader_threads": 0, "crop_fraction": 0.875, "min_crop_area": 0.08,
+      "max_crop_area": 1.0})
+
+
+def _timed(batches, steps: int, batch_size: int) -> float:
+  """images/s over `steps` batches of the iterator, after one warm-up batch."""
+  next(batches)
+  started = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  return steps * batch_size / (time.perf_counter() - started)
+
+
+def run_threads(builder, image_size, batch_size, steps) -> float:
+  """The old path: a step's batch per grain element, TFDS-decoded whole and resized."""
+  import grain
+
+  from research import data, stream_input
+
+  source = data.open_split(builder, "train")
+  count = len(source)
+
+  def read_step(step):
+    indices = data.batch_indices(0, int(step), 1, batch_size, count)[0]
+    split = data.read_examples(builder, "train", source, [int(i) for i in indices], image_size)
+    return split.images, split.labels
+
+  threads = stream_input.reader_threads(0)
+  iterator = iter(grain.MapDataset.range(steps + 1).map(read_step).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
+  try:
+    return _timed(iterator, steps, batch_size)
+  finally:
+    iterator.close()
+
+
+def run_workers(builder, data_dir, image_size, batch_size, steps, workers) -> float:
+  """The new path, as training streams it: Inception crops in `workers` processes."""
+  from research import data_source, mesh as mesh_lib, stream_input
+
+  source = data_source.from_config(_dataset_config(builder, data_dir, image_size, workers))
+  stream = stream_input.TrainStream(source.train, mesh_lib.make_mesh(), seed=0,
+                                    batch_size=batch_size, total_steps=steps + 1, start_step=0,
+                                    log_every=1, crop="inception", workers=workers)
+  try:
+    pieces = (piece for step in range(steps + 1) for piece in stream.batches(step, step + 1))
+    return _timed(pieces, steps, batch_size)
+  finally:
+    stream.close()
+
+
+class _FreeStep:
+  """A batch that costs nothing to decode: the same array every step."""
+
+  def __init__(self, batch_size, image_size):
+    self.batch = (np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+                  np.zeros((batch_size,), np.int32))
+
+  def __call__(self, step):
+    return self.batch
+
+
+def run_ceiling(image_size, batch_size, steps) -> float:
+  """The trainer's main thread alone: finished batches from grain, stacked into the
+  compiled call's pieces and put on the devices, as TrainStream.batches does."""
+  import grain
+  import jax
+
+  from research import mesh as mesh_lib, stream_input
+
+  mesh = mesh_lib.make_mesh()
+  per_call = stream_input.steps_per_call(batch_size * image_size * image_size * 3, 100)
+  iterator = iter(grain.MapDataset.range(10**6).map(_FreeStep(batch_size, image_size))
+                  .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+  def pieces():
+    while True:
+      local = [next(iterator) for _ in range(per_call)]
+      images = np.stack([images for images, _ in local])
+      labels = np.stack([labels for _, labels in local])
+      yield jax.block_until_ready((
+          mesh_lib.from_process_rows(images, images.shape, mesh, batch_axis=1),
+          mesh_lib.from_process_rows(labels, labels.shape, mesh, batch_axis=1)))
+
+  try:
+    return _timed(pieces(), max(2, steps // per_call), per_call * batch_size)
+  finally:
+    iterator.close()
+
+
+def main(argv):
+  del argv
+  from research import stream_input
+
+  builder = prepare(FLAGS.photos_dir, FLAGS.examples)
+  cores = stream_input.cores()
+  print(f"Photographs: {FLAGS.examples} of {SIZE[0]}x{SIZE[1]}, JPEG quality {QUALITY}, "
+        f"{builder.info.dataset_size / FLAGS.examples / 1e3:.0f} kB each; crops of "
+        f"{FLAGS.image_size} px; {cores} cores; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before.")
+  rows = []
+  for name in FLAGS.runs.split(","):
+    if name == "threads":
+      rate = run_threads(builder, FLAGS.image_size, FLAGS.batch_size, FLAGS.steps)
+      rows.append((f"threads (old: {stream_input.reader_threads(0)} threads, whole decode "
+                   "+ resize)", rate, cores))
+    elif name.startswith("workers="):
+      workers = int(name.split("=")[1])
+      rate = run_workers(builder, FLAGS.photos_dir, FLAGS.image_size, FLAGS.batch_size,
+                         FLAGS.steps, workers)
+      rows.append((f"workers={workers} (Inception crop, draft decode)", rate, min(workers, cores)))
+    elif name == "ceiling":
+      rate = run_ceiling(FLAGS.image_size, FLAGS.ceiling_batch, FLAGS.steps)
+      rows.append((f"ceiling (main thread, batch {FLAGS.ceiling_batch}, nothing decoded)", rate,
+                   1))
+    else:
+      raise app.UsageError(f"--runs: unknown run {name!r}; accepted: threads, workers=N, "
+                           "ceiling")
+  width = max(len(label) for label, _, _ in rows)
+  print(f"{'run':<{width}}  {'img/s':>9}  {'img/s/core':>10}")
+  for label, rate, used in rows:
+    print(f"{label:<{width}}  {rate:9.0f}  {rate / used:10.0f}")
+  rates = {label.split(" ")[0]: rate for label, rate, _ in rows}
+  if "workers=1" in rates and "workers=2" in rates:
+    print(f"workers 1 -> 2: {rates['workers=2'] / rates['workers=1']:.2f}x")
+  print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} after.")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
