@@ -7,6 +7,10 @@ real photos scikit-image ships (`skimage.data`) at random positions and scales, 
 written through TFDS's array_record path (a GeneratorBasedBuilder, as imagenet2012
 is prepared) into --photos_dir. Then, in one run, side by side:
 
+  decode          one core, no pipeline: the old decode (TFDS's whole decode, then
+                  resize) and the new one (Inception crop, DCT-scaled decode), timed in
+                  CPU seconds of this process, so that other load on the machine does
+                  not count (images per CPU-second = img/s of one idle core);
   threads (old)   the path before worker processes: one grain element per batch,
                   decoded whole by TFDS's decoder and resized (shorter side, centre
                   crop) in a pool of threads of the trainer process;
@@ -37,7 +41,7 @@ flags.DEFINE_integer("image_size", 224, "crop size")
 flags.DEFINE_integer("batch_size", 128, "batch of the throughput runs")
 flags.DEFINE_integer("steps", 16, "timed batches per run")
 flags.DEFINE_integer("ceiling_batch", 1024, "batch of the main-thread ceiling")
-flags.DEFINE_string("runs", "threads,workers=1,workers=2,ceiling", "which runs, in order")
+flags.DEFINE_string("runs", "decode,threads,workers=1,workers=2,ceiling", "which runs, in order")
 FLAGS = flags.FLAGS
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
@@ -157,6 +161,26 @@ def run_workers(builder, data_dir, image_size, batch_size, steps, workers) -> fl
     stream.close()
 
 
+def run_decode(builder, data_dir, image_size, batch_size, steps) -> tuple[float, float]:
+  """(old, new) images per CPU-second of one core decoding in this process."""
+  from research import data, data_source
+
+  count = (steps + 1) * batch_size
+  source = data.open_split(builder, "train")
+  reader = data_source.from_config(_dataset_config(builder, data_dir, image_size, 0)).train
+  indices = data.batch_indices(0, 0, 1, count, len(source))[0] if count <= len(source) else (
+      np.arange(count) % len(source))
+  rates = []
+  for decode in (lambda rows: data.read_examples(builder, "train", source, rows, image_size),
+                 lambda rows: reader.read(rows, "inception", [(0, 0, int(i)) for i in rows])):
+    decode([int(i) for i in indices[:batch_size]])  # warm-up
+    started = time.process_time()
+    for first in range(batch_size, count, batch_size):
+      decode([int(i) for i in indices[first:first + batch_size]])
+    rates.append((count - batch_size) / (time.process_time() - started))
+  return tuple(rates)
+
+
 class _FreeStep:
   """A batch that costs nothing to decode: the same array every step."""
 
@@ -208,7 +232,12 @@ def main(argv):
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} before.")
   rows = []
   for name in FLAGS.runs.split(","):
-    if name == "threads":
+    if name == "decode":
+      old, new = run_decode(builder, FLAGS.photos_dir, FLAGS.image_size, FLAGS.batch_size,
+                            FLAGS.steps)
+      rows.append(("decode, old (1 core, CPU time: whole decode + resize)", old, 1))
+      rows.append(("decode, new (1 core, CPU time: Inception crop, draft)", new, 1))
+    elif name == "threads":
       rate = run_threads(builder, FLAGS.image_size, FLAGS.batch_size, FLAGS.steps)
       rows.append((f"threads (old: {stream_input.reader_threads(0)} threads, whole decode "
                    "+ resize)", rate, cores))

@@ -61,15 +61,18 @@ def centre_box(height: int, width: int, crop_fraction: float = 0.875,
   return top * scale_y, left * scale_x, size * scale_y, size * scale_x
 
 
-def image_size_of(encoded: bytes) -> tuple[int, int]:
-  """(height, width) from the file's header, without decoding pixels."""
-  with Image.open(io.BytesIO(encoded)) as image:
-    return image.height, image.width
+def open_image(encoded: bytes) -> Image.Image:
+  """The encoded image, its header read (size, format), no pixels decoded yet."""
+  return Image.open(io.BytesIO(encoded))
 
 
 def decode_box(encoded: bytes, box, size: int, channels: int) -> np.ndarray:
   """The `box` of the encoded image resized to `size` x `size`: uint8 [size, size, channels]."""
-  image = Image.open(io.BytesIO(encoded))
+  return resized_box(open_image(encoded), box, size, channels)
+
+
+def resized_box(image: Image.Image, box, size: int, channels: int) -> np.ndarray:
+  """The `box` of an opened, not yet decoded image, decoded and resized to `size` x `size`."""
   height, width = image.height, image.width
   top, left, box_height, box_width = box
   if image.format == "JPEG":  # decode at the smallest scale the box allows

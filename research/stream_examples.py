@@ -58,13 +58,13 @@ class ExampleReader:
     size, channels = self.image_shape[0], self.image_shape[-1]
     if not self.resize or crop == "none":
       return image_crops.decode_whole(encoded, channels)
-    height, width = image_crops.image_size_of(encoded)
+    image = image_crops.open_image(encoded)  # the header only: the box decides the scale
     if crop == "inception":
-      box = image_crops.inception_box(np.random.default_rng(seed), height, width,
+      box = image_crops.inception_box(np.random.default_rng(seed), image.height, image.width,
                                       self.area_range, self.crop_fraction)
     else:
-      box = image_crops.centre_box(height, width, self.crop_fraction, size)
-    return image_crops.decode_box(encoded, box, size, channels)
+      box = image_crops.centre_box(image.height, image.width, self.crop_fraction, size)
+    return image_crops.resized_box(image, box, size, channels)
 
 
 @dataclasses.dataclass(frozen=True)

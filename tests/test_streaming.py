@@ -293,7 +293,9 @@ def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
   config = imagenet_resnet50.get_config()
   assert config.dataset.input == "stream"
   assert imagenet_resnet50.get_config("imagenette").dataset.input == "memory"
-  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32)
+  assert config.dataset.workers == -1  # one decoding process per core
+  # Threads here, so no processes start (tests/test_stream_workers.py trains with them).
+  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32, workers=0)
   config.model = ml_collections.ConfigDict(
       {"name": "cnn", **models.defaults("cnn"), "conv_features": (8, 16), "dense_features": 16,
        "dtype": "bfloat16"})
