@@ -16,10 +16,11 @@ is prepared) into --photos_dir. Then, in one run, side by side:
                   crop) in a pool of threads of the trainer process;
   workers=1, 2    research/stream_input.py: per-example Inception crops from the
                   original image (DCT-scaled JPEG decode), in 1 and 2 processes;
-  ceiling         the trainer's main thread alone, at batch --ceiling_batch: batches
-                  that cost nothing to decode, taken from grain and handed to the
-                  devices (stacked, put on the devices), i.e. the most images/s the
-                  trainer can take in whatever the workers' speed.
+  ceiling         the trainer's main thread alone, at batch --ceiling_batch: the real
+                  TrainStream over batches that cost nothing to decode, taken from
+                  grain and put on the devices: the most images/s the trainer can take
+                  in whatever the workers' speed; also per CPU-second of the trainer's
+                  process (its own cost, whatever else loads the machine).
 
 Each is timed over --steps batches after one warm-up batch (worker start-up
 excluded), and printed with images/s per core used. The load average is printed:
@@ -114,12 +115,18 @@ def _dataset_config(builder, data_dir: str, image_size: int, workers: int):
       "max_crop_area": 1.0})
 
 
+_LAST_CPU_RATE = [0.0]  # images per CPU-second of this process in the last _timed run
+
+
 def _timed(batches, steps: int, batch_size: int) -> float:
-  """images/s over `steps` batches of the iterator, after one warm-up batch."""
+  """images/s over `steps` batches of the iterator, after one warm-up batch; the rate
+  per CPU-second of this process (its threads, not its worker processes) is kept in
+  _LAST_CPU_RATE."""
   next(batches)
-  started = time.perf_counter()
+  started, cpu_started = time.perf_counter(), time.process_time()
   for _ in range(steps):
     next(batches)
+  _LAST_CPU_RATE[0] = steps * batch_size / max(time.process_time() - cpu_started, 1e-9)
   return steps * batch_size / (time.perf_counter() - started)
 
 
@@ -181,43 +188,41 @@ def run_decode(builder, data_dir, image_size, batch_size, steps) -> tuple[float,
   return tuple(rates)
 
 
-class _FreeStep:
-  """A batch that costs nothing to decode: the same array every step."""
+class _FreeReader:
+  """Examples that cost nothing to decode: the same array for every step."""
 
   def __init__(self, batch_size, image_size):
-    self.batch = (np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+    self.image_shape = (image_size, image_size, 3)
+    self.batch = (np.zeros((batch_size, *self.image_shape), np.uint8),
                   np.zeros((batch_size,), np.int32))
 
-  def __call__(self, step):
+  def __len__(self):
+    return 1000 * len(self.batch[1])
+
+  def read(self, indices, crop, seeds):
     return self.batch
 
 
-def run_ceiling(image_size, batch_size, steps) -> float:
-  """The trainer's main thread alone: finished batches from grain, stacked into the
-  compiled call's pieces and put on the devices, as TrainStream.batches does."""
-  import grain
+def run_ceiling(image_size, batch_size, steps, to_devices: bool = True) -> float:
+  """The trainer's main thread alone: TrainStream.batches over batches that cost nothing
+  to decode (computed in threads), put on the devices (or, without `to_devices`, only
+  taken from grain: the pipeline's own cost, without the copy to device memory)."""
   import jax
 
   from research import mesh as mesh_lib, stream_input
 
-  mesh = mesh_lib.make_mesh()
-  per_call = stream_input.steps_per_call(batch_size * image_size * image_size * 3, 100)
-  iterator = iter(grain.MapDataset.range(10**6).map(_FreeStep(batch_size, image_size))
-                  .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
-
-  def pieces():
-    while True:
-      local = [next(iterator) for _ in range(per_call)]
-      images = np.stack([images for images, _ in local])
-      labels = np.stack([labels for _, labels in local])
-      yield jax.block_until_ready((
-          mesh_lib.from_process_rows(images, images.shape, mesh, batch_axis=1),
-          mesh_lib.from_process_rows(labels, labels.shape, mesh, batch_axis=1)))
-
+  stream = stream_input.TrainStream(_FreeReader(batch_size, image_size), mesh_lib.make_mesh(),
+                                    seed=0, batch_size=batch_size, total_steps=steps + 1,
+                                    start_step=0, log_every=1, workers=0, threads=2)
   try:
-    return _timed(pieces(), max(2, steps // per_call), per_call * batch_size)
+    if to_devices:
+      pieces = (jax.block_until_ready(piece) for step in range(steps + 1)
+                for piece in stream.batches(step, step + 1))
+    else:
+      pieces = (next(stream._reader) for _ in range(steps + 1))
+    return _timed(pieces, steps, batch_size)
   finally:
-    iterator.close()
+    stream.close()
 
 
 def main(argv):
@@ -249,6 +254,12 @@ def main(argv):
     elif name == "ceiling":
       rate = run_ceiling(FLAGS.image_size, FLAGS.ceiling_batch, FLAGS.steps)
       rows.append((f"ceiling (main thread, batch {FLAGS.ceiling_batch}, nothing decoded)", rate,
+                   1))
+      # The same in CPU time: what the trainer's process spends per image, whatever else
+      # runs on the machine.
+      rows.append((f"ceiling, CPU time (batch {FLAGS.ceiling_batch})", _LAST_CPU_RATE[0], 1))
+      rate = run_ceiling(FLAGS.image_size, FLAGS.ceiling_batch, FLAGS.steps, to_devices=False)
+      rows.append((f"ceiling without the copy to devices (batch {FLAGS.ceiling_batch})", rate,
                    1))
     else:
       raise app.UsageError(f"--runs: unknown run {name!r}; accepted: threads, workers=N, "

@@ -60,10 +60,14 @@ import numpy as np
 from absl import flags, logging
 
 from research import data, mesh as mesh_lib
-from research.errors import TrainingFailure
+from research.errors import TrainingFailure, UserError
 from research.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
 
-CALL_BYTES = 512 * 2**20  # at most this much global batch data per compiled call
+# At most this much global batch data per compiled call. Several steps in one call are
+# stacked on the host, a copy of every batch on the trainer's main thread; from this size
+# up a call takes one step and the batch goes from the worker's shared memory to the
+# devices as it is (ImageNet at 224, batch 1024: 154 MB a step, one step a call).
+CALL_BYTES = 128 * 2**20
 MAX_THREADS = 32
 MAX_WORKERS = 256
 WORKER_BUFFER = 2  # finished batches each worker may hold ahead
@@ -73,13 +77,18 @@ def open_split(builder, dataset_config, split: str, image_shape) -> ExampleReade
   """`split` opened for streaming, the images left encoded: nothing is read yet."""
   import tensorflow_datasets as tfds
 
+  area_range = (float(dataset_config.get("min_crop_area", 0.08)),
+                float(dataset_config.get("max_crop_area", 1.0)))
+  if area_range[0] > area_range[1]:
+    raise UserError(f"--config.dataset.min_crop_area={area_range[0]} is above "
+                    f"--config.dataset.max_crop_area={area_range[1]}: the Inception crop's "
+                    "area range must run from the smaller to the larger (e.g. 0.08 and 1.0).")
   source = data.open_split(builder, split, decoders={"image": tfds.decode.SkipDecoding()})
   return ExampleReader(
       source=source, damaged_message=data.damaged_message(builder, split),
       image_shape=tuple(image_shape), resize=bool(dataset_config.get("image_size", 0)),
       crop_fraction=float(dataset_config.get("crop_fraction", 0.875)),
-      area_range=(float(dataset_config.get("min_crop_area", 0.08)),
-                  float(dataset_config.get("max_crop_area", 1.0))))
+      area_range=area_range)
 
 
 def steps_per_call(batch_bytes: int, log_every: int) -> int:
@@ -101,6 +110,11 @@ def worker_count(requested: int) -> int:
 def reader_threads(requested: int = 0) -> int:
   """`requested` threads, or 0: one per CPU core this process may use, at most MAX_THREADS."""
   return requested or min(MAX_THREADS, cores())
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+  """[k, ...] from k arrays; one array is not copied (a view of the worker's batch)."""
+  return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
 class _Reader:
@@ -180,8 +194,7 @@ class TrainStream:
       count = min(self.steps_per_call, stop - first)
       local = [next(self._reader) for _ in range(count)]
       self._position += count
-      images = np.stack([images for images, _ in local])
-      labels = np.stack([labels for _, labels in local])
+      images, labels = (_stacked([arrays[i] for arrays in local]) for i in (0, 1))
       yield (mesh_lib.from_process_rows(images, (count, self.batch_size, *images.shape[2:]),
                                         self.mesh, batch_axis=1),
              mesh_lib.from_process_rows(labels, (count, self.batch_size), self.mesh, batch_axis=1),
@@ -244,7 +257,7 @@ class EvalStream:
         count = min(self.batches_per_call, self.num_batches - first)
         local = [next(reader) for _ in range(count)]
         yield tuple(
-            mesh_lib.from_process_rows(np.stack(arrays), (count, self.batch_size,
+            mesh_lib.from_process_rows(_stacked(arrays), (count, self.batch_size,
                                                           *arrays[0].shape[1:]),
                                        self.mesh, batch_axis=1)
             for arrays in zip(*local))

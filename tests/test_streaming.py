@@ -155,7 +155,8 @@ def test_the_number_of_reader_threads_changes_nothing_read(fashion_mnist):
 
 def test_pieces_per_call_divide_the_log_interval_and_bound_the_bytes():
   assert stream_input.steps_per_call(32 * 784, 125) == 125
-  assert stream_input.steps_per_call(1024 * 224 * 224 * 3, 100) == 2  # 3 fit; 2 divides 100
+  assert stream_input.steps_per_call(1024 * 224 * 224 * 3, 100) == 1  # one step: no host copy
+  assert stream_input.steps_per_call(128 * 224 * 224 * 3, 100) == 5  # 6 fit; 5 divides 100
   assert stream_input.steps_per_call(stream_input.CALL_BYTES * 2, 100) == 1
 
 
