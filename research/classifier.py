@@ -42,9 +42,7 @@ class Classifier:
     finally:
       checkpointer.close()
     self._variables = {"params": state.params, **state.model_state}
-    # As in evaluation: the eval split's data source gives the normalization.
-    eval_input = train.input_functions(
-        self.config, data_source.from_config(self.config.dataset, train=False))[1]
+    eval_input = data_source.eval_input(self.config.dataset, self.info)  # as in evaluation
     self._logits = jax.jit(lambda variables, images: model.apply(
         variables, eval_input(images), train=False))
 

@@ -112,15 +112,10 @@ class MemorySource:
     self.num_train = len(self.train) if self.train is not None else 0
     self.num_eval = len(self.eval)
 
-  def input_functions(self, augment_config, normalize: bool):
+  def input_functions(self, augment_config):
     """(train_input(images, key), eval_input(images)) on the device. Statistics a dataset
     has no constants for are measured on the train split (read here if not held)."""
-    mean = std = None
-    if normalize:
-      train = self.train
-      if train is None and self.info.name.split("/")[0] not in data.NORMALIZATION:
-        train = data.load_split(self.config, self.config.train_split)[1]
-      mean, std = data.normalization(self.info.name, train)
+    mean, std = normalization(self.config, self.info, self.train)
     return augment.make_train_input(augment_config, mean, std), augment.make_eval_input(mean, std)
 
   def train_feed(self, compile_steps, mesh, *, seed: int, batch_size: int, plan, start_step: int,
@@ -167,17 +162,10 @@ class StreamSource:
     """The Inception crop is taken from the original image in the workers."""
     return bool(augment_config.get("random_resized_crop", False)) and self.train.resize
 
-  def input_functions(self, augment_config, normalize: bool):
+  def input_functions(self, augment_config):
     """(train_input(images, key), eval_input(images)) on the device: the flip, padding
     crop and normalization; the Inception crop was taken in the workers."""
-    mean = std = None
-    if normalize:
-      if self.info.name.split("/")[0] not in data.NORMALIZATION:
-        raise UserError(f"No normalization constants for dataset {self.info.name!r} (known: "
-                        f"{', '.join(data.NORMALIZATION)}), and a streamed dataset is not read "
-                        "whole to measure them: set --config.dataset.normalize=False, or "
-                        "--config.dataset.input=memory if it fits in memory.")
-      mean, std = data.normalization(self.info.name)
+    mean, std = normalization(self.config, self.info)
     on_device = augment_config
     if self.train is not None and self._crops_on_host(augment_config):
       on_device = augment_config.copy_and_resolve_references()
@@ -218,6 +206,29 @@ class StreamSource:
     streamed dataset is never read whole)."""
     for start in range(0, self.num_eval, chunk):
       yield self.eval.read(range(start, min(start + chunk, self.num_eval)), "centre")
+
+
+def normalization(dataset_config, info: data.DatasetInfo, train: data.Split | None = None):
+  """(mean, std) per channel, or (None, None) without `normalize`: the dataset's constants;
+  for a dataset without constants, measured on `train` (read here in memory mode; a
+  streamed dataset is never read whole, so it is refused)."""
+  if not dataset_config.get("normalize", False):
+    return None, None
+  if info.name.split("/")[0] in data.NORMALIZATION:
+    return data.normalization(info.name)
+  if dataset_config.get("input", "memory") == "stream":
+    raise UserError(f"No normalization constants for dataset {info.name!r} (known: "
+                    f"{', '.join(data.NORMALIZATION)}), and a streamed dataset is not read "
+                    "whole to measure them: set --config.dataset.normalize=False, or "
+                    "--config.dataset.input=memory if it fits in memory.")
+  if train is None:
+    train = data.load_split(dataset_config, dataset_config.train_split)[1]
+  return data.normalization(info.name, train)
+
+
+def eval_input(dataset_config, info: data.DatasetInfo):
+  """images -> model input as evaluation makes it, from the config alone (predictions)."""
+  return augment.make_eval_input(*normalization(dataset_config, info))
 
 
 def _with_eval_split(dataset_config, eval_split: str):

@@ -60,7 +60,7 @@ def input_functions(config, source):
   """(train_input(images, key), eval_input(images)): uint8 batches -> model input, with
   the config's augmentations (training only) and normalization, as `source` (the
   run's data source) provides them."""
-  return source.input_functions(config.augment, config.dataset.normalize)
+  return source.input_functions(config.augment)
 
 
 def make_evaluator(model, batches, eval_input=None):
