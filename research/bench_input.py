@@ -29,7 +29,6 @@ on a shared machine the figures are only as good as the idle cores.
 
 import io
 import os
-import statistics
 import sys
 import time
 

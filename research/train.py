@@ -24,7 +24,7 @@ from absl import logging
 from research import (backend as backend_lib, checkpoint, config_checks, data, data_source,
                       distributed, mesh as mesh_lib, models, optim, profiling, run_info, steps,
                       workdir_lock)
-from research.errors import TrainingFailure, UserError
+from research.errors import TrainingFailure
 from research.run_log import Progress, RunLog, console
 
 
