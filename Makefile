@@ -17,7 +17,7 @@ CONFIG ?= configs/default.py
 # module-wide fixtures (a trained workdir, say) are built once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: train test test-fast data postgres bench bench-compare check-accelerator clean
+.PHONY: train test test-fast data postgres bench bench-compare bench-input check-accelerator clean
 
 # What the machine must provide, checked before anything is created: Python 3.11+ and
 # its venv module with ensurepip (Debian and Ubuntu ship that part separately).
@@ -93,6 +93,11 @@ BENCH_ARGS ?=
 
 bench: data
 	$(BIN)/python -m research.benchmark --recipes=seed,seed_bf16,resnet20 $(BENCH_ARGS)
+
+# The streamed input's speed (docs/input.md): img/s of the old thread path and of 1 and 2
+# decoding processes, per core, and the trainer's main-thread ceiling, on 500x375 photographs.
+bench-input: $(STAMP)
+	$(BIN)/python -m research.bench_input $(BENCH_ARGS)
 
 # An accelerator machine checked end to end (docs/accelerators.md): one table, in
 # build/check_accelerator.md. DATA: a folder of Fashion-MNIST's original .gz files.

@@ -35,7 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.image_size = 0  # > 0: resize (shorter side, centre crop); needed for JPEG datasets
   config.dataset.normalize = False  # True: per-channel mean/std of the dataset; False: [0, 1]
   config.dataset.input = "memory"  # "memory": whole splits on the devices; "stream": read per batch
-  config.dataset.reader_threads = 0  # stream: threads reading and decoding (0 = one per core, <= 32)
+  config.dataset.reader_threads = 0  # stream, workers=0: threads decoding (0 = one per core, <= 32)
+  config.dataset.workers = 0  # stream: processes decoding (-1 = one per core, 0 = trainer threads)
+  config.dataset.crop_fraction = 0.875  # stream: eval centre crop of the shorter side (224/256)
+  config.dataset.min_crop_area = 0.08  # stream: the Inception crop's area range
+  config.dataset.max_crop_area = 1.0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "cnn"

@@ -166,12 +166,12 @@ def parse_command_line(argv: list[str], flag_values=None) -> list[str]:
 def _check_splits(dataset_config) -> None:
   """Each split names part of the dataset (opened, not read): a typo fails now, not after
   the last trial."""
-  from research import input_pipeline
+  from research import data_source
   from research.errors import UserError
 
   for flag in ("train_split", "select_split", "test_split"):
     try:
-      input_pipeline.open_split(dataset_config, FLAGS[flag].value)
+      data_source.StreamSource(dataset_config, FLAGS[flag].value, train=False)
     except UserError as e:  # TFDS's own reason can span lines
       raise UserError(f"--{flag}={FLAGS[flag].value!r}: {' '.join(str(e).split())}") from None
 

@@ -6,7 +6,10 @@ Where things live:
   workdir_lock.py  one training run per workdir (WORKDIR/run.lock)
   train.py         the training loop: set-up, restore, compiled steps, eval, checkpoints
   steps.py         pure loss / train-step / eval-step functions
-  data.py          datasets held in memory, epoch order, padded eval batches
+  data_source.py   the data source chosen once from config.dataset (memory or stream)
+  data.py          dataset metadata, epoch order, the in-memory form, padded eval batches
+  stream_input.py  the streamed form: batches decoded in worker processes while training
+  stream_examples.py, image_crops.py  what a worker computes: examples, ImageNet crops
   augment.py       on-device augmentation and normalization inside the train step
   prepare_data.py  getting a TFDS dataset prepared (offline sources first)
   models/          the model zoo, chosen by `config.model.name`

@@ -4,7 +4,7 @@ Layout: WORKDIR/checkpoints/<step>/{state,meta}. `state` is the TrainState
 (params, optimizer and model state, step, RNG); the data position is the step
 itself (see data.batch_indices). `meta` is JSON: the resolved config, the code
 version, in stream mode the input stream's position (`input`, checked on resume:
-see input_pipeline.py) and, for checkpoints written after an evaluation, its metrics.
+see stream_input.py) and, for checkpoints written after an evaluation, its metrics.
 
 Orbax writes each step into a temporary folder and renames it once complete, so
 a checkpoint cut short by a crash is never listed. A step damaged afterwards (a

@@ -21,7 +21,7 @@ class Classifier:
   def __init__(self, workdir: str, step: str = "latest"):
     import jax
 
-    from research import checkpoint, config_checks, mesh as mesh_lib, train
+    from research import checkpoint, config_checks, data_source, mesh as mesh_lib, train
 
     config_path = os.path.join(workdir, "config.json")
     try:
@@ -42,7 +42,7 @@ class Classifier:
     finally:
       checkpointer.close()
     self._variables = {"params": state.params, **state.model_state}
-    eval_input = train.input_functions(self.config, self.info, None)[1]  # as in evaluation
+    eval_input = data_source.eval_input(self.config.dataset, self.info)  # as in evaluation
     self._logits = jax.jit(lambda variables, images: model.apply(
         variables, eval_input(images), train=False))
 
@@ -66,13 +66,13 @@ class Classifier:
 
 def dataset_info(workdir: str, config):
   """The dataset's shape and class names: from run.json, else from the TFDS data."""
-  from research import data, run_info
+  from research import data, data_source, run_info
 
   recorded = (run_info.read(workdir) or {}).get("dataset")
   if recorded:
     return data.DatasetInfo(name=recorded["name"], image_shape=tuple(recorded["image_shape"]),
                             num_classes=recorded["num_classes"],
                             class_names=tuple(recorded["class_names"]))
-  return data.load(config.dataset)[0]
+  return data_source.info(config.dataset)
 
 

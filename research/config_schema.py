@@ -17,7 +17,7 @@ divisible by the device count, a schedule's boundaries) stay in config_checks.py
 
 import dataclasses
 
-from research import backend, input_pipeline, metrics, models, optim
+from research import backend, data_source, metrics, models, optim, stream_input
 from research.knobs import (MAX_INT32, FRACTION as _FRACTION, Field, choice, flag, integer,
                             number, text)
 
@@ -28,13 +28,24 @@ FIELDS: dict[str, Field] = {
     "dataset.data_dir": text("", "TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)"),
     "dataset.train_split": text("train", "TFDS split to train on"),
     "dataset.eval_split": text("test", "TFDS split evaluated during training"),
-    "dataset.image_size": integer(0, "> 0: resize (shorter side, centre crop) to this many "
-                                  "pixels; 0 keeps the dataset's size", high=8192),
+    "dataset.image_size": integer(0, "> 0: images of this many pixels square (memory: shorter "
+                                  "side resized, centre crop; stream: the ImageNet crops); 0 keeps "
+                                  "the dataset's size", high=8192),
     "dataset.normalize": flag(False, "per-channel mean/std (True) or pixels in [0, 1] (False)"),
     "dataset.input": choice("memory", "whole splits on the devices, or read per batch",
-                            input_pipeline.INPUTS),
-    "dataset.reader_threads": integer(0, "stream: threads reading and decoding (0 = one per "
-                                      "core)", high=input_pipeline.MAX_THREADS),
+                            data_source.INPUTS),
+    "dataset.reader_threads": integer(0, "stream, workers=0: threads reading and decoding (0 = "
+                                      "one per core)", high=stream_input.MAX_THREADS),
+    "dataset.workers": integer(0, "stream: processes decoding (-1 = one per core, 0 = threads "
+                               "of the trainer); changes nothing computed", low=-1,
+                               high=stream_input.MAX_WORKERS),
+    "dataset.crop_fraction": number(0.875, "stream: evaluation's centre crop is this fraction of "
+                                    "the shorter side (224 of 256)", low=0.0, high=1.0,
+                                    above=0.0),
+    "dataset.min_crop_area": number(0.08, "stream: the Inception crop's smallest fraction of the "
+                                    "image's area", low=0.0, high=1.0, above=0.0),
+    "dataset.max_crop_area": number(1.0, "stream: the Inception crop's largest fraction of the "
+                                    "image's area", low=0.0, high=1.0, above=0.0),
     # ---- model (name; the knobs come from the registry in research/models/__init__.py)
     "model.name": choice("cnn", "which model of the zoo", models.MODELS),
     # ---- optimizer (common fields; each optimizer's knobs come from research/optim.py)

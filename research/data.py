@@ -1,14 +1,18 @@
-"""The input pipeline: datasets held in memory, the epoch order, padded eval sets.
+"""Datasets: their metadata, the order of training examples, and the in-memory form.
 
-Small image datasets (MNIST, Fashion-MNIST, CIFAR) fit in memory many times over,
-so a split is read once from TFDS into uint8 arrays and put on the devices; the
-compiled train step gathers each batch from there by index. The host only
-decides the order: `batch_indices(...)` returns, for any range of steps, which
-examples each step sees. It depends on (seed, step) alone, so a resumed run sees
-exactly the batches an uninterrupted one would. Datasets too large for memory
-are streamed instead (input_pipeline.py, config.dataset.input="stream"), in the
-same order and decoded by the same `read_examples`; `load` refuses, before
-decoding anything, a dataset that would not fit (memory_fit.py).
+What every input form shares lives here: `DatasetInfo` (name, image shape,
+classes), the split opener (`open_split`, TFDS's array_record data source), the
+epoch order (`batch_indices`: which examples each step sees, a function of
+(seed, step) alone, so a resumed run sees exactly the batches an uninterrupted
+one would), and the normalization constants.
+
+The in-memory form (`load`, `load_split`): small image datasets (MNIST,
+Fashion-MNIST, CIFAR) fit in memory many times over, so a split is read once
+from TFDS into uint8 arrays (cached beside the data) and put on the devices; the
+compiled train step gathers each batch from there by index. `load` refuses,
+before decoding anything, a dataset that would not fit (memory_fit.py). The
+streamed form is research/stream_input.py; the training loop sees either only
+through research/data_source.py.
 """
 
 import dataclasses
@@ -19,7 +23,7 @@ import re
 import numpy as np
 from absl import logging
 
-from research import memory_fit, prepare_data
+from research import prepare_data
 from research.errors import UserError
 
 
@@ -42,6 +46,8 @@ class Split:
 
 def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
   """Returns (info, train split, eval split), preparing the dataset if needed."""
+  from research import memory_fit  # imports JAX; input workers import this module without
+
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   info, image_size = dataset_info(builder, dataset_config)
   # Before anything is decoded: the train split goes whole to every device, the eval
@@ -55,6 +61,8 @@ def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
 
 def load_split(dataset_config, split: str) -> tuple[DatasetInfo, Split]:
   """Returns (info, one split), e.g. for evaluating a checkpoint on `split`."""
+  from research import memory_fit
+
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   info, image_size = dataset_info(builder, dataset_config)
   memory_fit.check(builder, dataset_config, info.image_shape, divided=[split])
@@ -118,10 +126,11 @@ def resize_and_centre_crop(image: np.ndarray, size: int) -> np.ndarray:
   return resized[top:top + size, left:left + size]
 
 
-def open_split(builder, split: str):
-  """The TFDS data source of `split`: random access by example index, nothing read yet."""
+def open_split(builder, split: str, decoders=None):
+  """The TFDS data source of `split`: random access by example index, nothing read yet
+  (`decoders`: TFDS's, e.g. to leave the images encoded)."""
   try:
-    return builder.as_data_source(split=split)
+    return builder.as_data_source(split=split, decoders=decoders)
   except ValueError as e:  # tfds reports unknown splits as ValueError
     raise UserError(f"Split {split!r} of {builder.name}: {e}. Accepted: a split name "
                     f"({', '.join(builder.info.splits)}) or a slice such as 'train[:90%]'.") from e
@@ -150,10 +159,14 @@ def _decode_split(builder, split: str, image_size: int = 0) -> Split:
 
 
 def _damaged(builder, split: str, error: Exception) -> UserError:
-  return UserError(f"Cannot read split {split!r} of {builder.name} from {builder.data_path} "
-                   f"(files {_split_files(builder, split)}; {type(error).__name__}: {error}). The "
-                   "prepared data looks damaged: delete that folder and run `make data` to "
-                   "prepare it again.")
+  return UserError(f"{damaged_message(builder, split)} ({type(error).__name__}: {error})")
+
+
+def damaged_message(builder, split: str) -> str:
+  """What to tell the user when the files of `split` cannot be read."""
+  return (f"Cannot read split {split!r} of {builder.name} from {builder.data_path} (files "
+          f"{_split_files(builder, split)}). The prepared data looks damaged: delete that "
+          "folder and run `make data` to prepare it again.")
 
 
 def _split_files(builder, split: str) -> str:

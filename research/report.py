@@ -254,17 +254,9 @@ def eval_examples(dataset_config, chunk: int = 1000):
   """Yields the eval split as (uint8 images, labels): whole from memory, or `chunk`
   examples at a time from storage when the run streams its data (a streamed dataset
   is never read whole)."""
-  from research import data, input_pipeline
+  from research import data_source
 
-  split_name = dataset_config.eval_split
-  if not input_pipeline.streams(dataset_config):
-    split = data.load_split(dataset_config, split_name)[1]
-    yield split.images, split.labels
-    return
-  split = input_pipeline.open_split(dataset_config, split_name)[1]
-  for start in range(0, len(split), chunk):
-    examples = split.read(range(start, min(start + chunk, len(split))))
-    yield examples.images, examples.labels
+  yield from data_source.from_config(dataset_config, train=False).eval_examples(chunk)
 
 
 def report_workdir(workdir: str, out_dir: str, step: str = "latest",

@@ -4,30 +4,27 @@
 the final evaluation metrics. Running it again on the same workdir resumes from
 the newest complete checkpoint (or says the run is finished).
 
-Input (`config.dataset.input`): "memory" puts the whole dataset on the devices
-and each compiled call gathers its batches by index; "stream" reads batches on
-the host ahead of training (research/input_pipeline.py). Both see the same
-batches; the loop only asks a `_Feed` for the next chunk of steps.
+Input: one data source, chosen from `config.dataset` once (research/data_source.py:
+whole splits on the devices, or batches decoded by input workers); the loop only
+asks its feed for the next chunk of steps.
 """
 
 import contextlib
-import dataclasses
 import functools
 import json
 import os
 import signal
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import (augment, backend as backend_lib, checkpoint, config_checks, data,
-                      distributed, input_pipeline, mesh as mesh_lib, metrics as metrics_lib, models,
-                      optim, profiling, run_info, steps, workdir_lock)
-from research.errors import TrainingFailure, UserError
+from research import (backend as backend_lib, checkpoint, config_checks, data, data_source,
+                      distributed, mesh as mesh_lib, metrics as metrics_lib, models, optim,
+                      profiling, run_info, steps, workdir_lock)
+from research.errors import TrainingFailure
 from research import run_log as run_log_lib
 from research.run_log import Progress, RunLog, console, evaluation_line
 
@@ -60,42 +57,16 @@ def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
   return model, tx, init_fn, abstract_state
 
 
-def input_functions(config, info: data.DatasetInfo, train_split: data.Split | None):
-  """(train_input(images, key), eval_input(images)): uint8 batches -> model input,
-  with the config's augmentations (training only) and normalization. Without
-  `train_split`, statistics a dataset has no constants for are measured on a fresh
-  read (in memory mode only: a streamed dataset is never read whole)."""
-  mean = std = None
-  if config.dataset.normalize:
-    if train_split is None and info.name.split("/")[0] not in data.NORMALIZATION:
-      if input_pipeline.streams(config.dataset):
-        raise UserError(f"No normalization constants for dataset {info.name!r} (known: "
-                        f"{', '.join(data.NORMALIZATION)}), and a streamed dataset is not read "
-                        "whole to measure them: set --config.dataset.normalize=False, or "
-                        "--config.dataset.input=memory if it fits in memory.")
-      train_split = data.load_split(config.dataset, config.dataset.train_split)[1]
-    mean, std = data.normalization(info.name, train_split)
-  return augment.make_train_input(config.augment, mean, std), augment.make_eval_input(mean, std)
-
-
-def eval_batches(config, split, mesh):
-  """A callable yielding the eval split's padded batches (images, labels, mask) as
-  global arrays [num_batches, batch, ...]: all at once from memory, or in pieces
-  read from storage (config.dataset.input="stream"). The batch is
-  `eval_batch_size` rounded up to a multiple of the device count, so any size
-  runs on any number of devices; the extra rows are masked padding."""
-  batch_size = mesh_lib.rounded_to_devices(config.eval_batch_size, mesh)
-  if input_pipeline.streams(config.dataset):
-    return input_pipeline.EvalStream(split, mesh, batch_size,
-                                     threads=input_pipeline.requested_threads(config.dataset))
-  arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
-            for a in data.padded_for_eval(split, batch_size)]
-  return lambda: [arrays]
+def input_functions(config, source):
+  """(train_input(images, key), eval_input(images)): uint8 batches -> model input, with
+  the config's augmentations (training only) and normalization, as `source` (the
+  run's data source) provides them."""
+  return source.input_functions(config.augment)
 
 
 def make_evaluator(model, batches, eval_input=None):
   """Returns evaluate(state) -> metrics over every example of the split that
-  `batches()` (see `eval_batches`) pads into batches, each example exactly once."""
+  `batches()` (a data source's `eval_batches`) pads into batches, each example once."""
   evaluate_all = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply,
                                            eval_input=eval_input))
 
@@ -120,76 +91,6 @@ def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
   return steps.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(root, 1)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Feed:
-  """Where the loop's batches come from (config.dataset.input)."""
-
-  chunk: Callable  # (state, step, stop) -> (state, per-step metrics on the host, input seconds)
-  checkpoint_meta: Callable[[], dict] = dict  # added to each checkpoint's meta
-  close: Callable[[], None] = lambda: None  # stops reader threads, if any
-
-
-def _first_rows(metrics, count: int) -> dict:
-  """The metrics of the steps run: a compiled loop returns a row for each step it could run."""
-  return {name: values[:count] for name, values in jax.device_get(metrics).items()}
-
-
-def _joined(pieces: list) -> dict:
-  """Per-step metrics of consecutive compiled calls, fetched once, after the last call."""
-  return jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
-
-
-def _feed_from_memory(train_many, split: data.Split, mesh, seed: int, batch_size: int,
-                      rows: int, where: backend_lib.Backend) -> _Feed:
-  """The dataset on the devices; each compiled call gathers its batches by index.
-
-  On CPU every call passes `rows` rows of indices (the unused ones zero) and how many
-  to run, so one compiled loop serves chunks of any length. On accelerators the loop's
-  trip count must be static (a traced one syncs with the host every step): a chunk
-  runs as calls of power-of-two lengths (`Backend.piece_lengths`), each compiled once,
-  dispatched back to back; metrics are fetched after the last."""
-  images = mesh_lib.put_replicated(split.images, mesh)
-  labels = mesh_lib.put_replicated(split.labels, mesh)
-
-  def chunk(state, step, stop):
-    started = time.perf_counter()  # input time: host work before the compiled calls
-    indices = data.batch_indices(seed, step, stop - step, batch_size, len(split))
-    if not where.static_trip_counts:
-      indices = np.pad(indices, ((0, rows - len(indices)), (0, 0)))
-      batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
-      input_seconds = time.perf_counter() - started
-      state, metrics = train_many(state, images, labels, batch_indices, stop - step)
-      return state, _first_rows(metrics, stop - step), input_seconds
-    pieces, input_seconds, offset = [], time.perf_counter() - started, 0
-    for length in where.piece_lengths(stop - step):
-      started = time.perf_counter()
-      batch_indices = mesh_lib.global_batch(indices[offset:offset + length], mesh, batch_axis=1)
-      input_seconds += time.perf_counter() - started
-      state, piece_metrics = train_many(state, images, labels, batch_indices)  # static length
-      pieces.append(piece_metrics)
-      offset += length
-    metrics = _joined(pieces)
-    return state, metrics, input_seconds
-
-  return _Feed(chunk)
-
-
-def _feed_from_stream(train_on_batches, stream: input_pipeline.TrainStream) -> _Feed:
-  """Batches read ahead on the host; one compiled call per piece of a chunk (pieces divide
-  log_every, so few lengths are compiled)."""
-
-  def chunk(state, step, stop):
-    pieces, input_seconds = [], 0.0
-    for images, labels, seconds in stream.batches(step, stop):
-      state, piece_metrics = train_on_batches(state, images, labels)
-      pieces.append(piece_metrics)  # fetched after the last piece: no wait in between
-      input_seconds += seconds
-    metrics = _joined(pieces)
-    return state, metrics, input_seconds
-
-  return _Feed(chunk, stream.checkpoint_meta, stream.close)
 
 
 class _PreemptionFlag:
@@ -237,11 +138,10 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   # ---- Set-up: config, data, schedule -------------------------------------
   # (validate() has already checked the model, optimizer and schedule names and knobs)
   config_checks.check_workdir_config(config, workdir, allow_config_change)
-  stream = input_pipeline.streams(config.dataset)  # else the splits are read into memory
-  info, train_split, eval_split = (input_pipeline.open_dataset if stream else data.load)(
-      config.dataset)
-  plan = config_checks.schedule(config, len(train_split))
-  config_checks.check_eval_batch_size(config, len(eval_split))
+  source = data_source.from_config(config.dataset)  # memory or stream: decided here, once
+  info = source.info
+  plan = config_checks.schedule(config, source.num_train)
+  config_checks.check_eval_batch_size(config, source.num_eval)
   profiler = profiling.TraceWindow(config.profile_steps, workdir)
 
   # ---- Mesh, model, optimizer, state ----------------------------------------
@@ -274,7 +174,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
 
   # ---- Compiled steps and their input ----------------------------------------
   state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  train_input, eval_input = input_functions(config, info, None if stream else train_split)
+  train_input, eval_input = input_functions(config, source)
 
   def compile_steps(loop):  # steps.train_many or steps.train_on_batches: the same train_step
     return jax.jit(functools.partial(
@@ -282,17 +182,11 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
         train_input=train_input, microbatches=config_checks.microbatch_count(config)),
         donate_argnums=0, out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
 
-  if stream:
-    train_stream = input_pipeline.TrainStream(
-        train_split, mesh, seed=config.seed, batch_size=config.batch_size,
-        total_steps=plan.total_steps, start_step=start_step, log_every=plan.log_every,
-        threads=input_pipeline.requested_threads(config.dataset))
-    train_stream.check_resumed(restored_meta if restored else None, start_step)
-    feed = _feed_from_stream(compile_steps(steps.train_on_batches), train_stream)
-  else:
-    feed = _feed_from_memory(compile_steps(steps.train_many), train_split, mesh, config.seed,
-                             config.batch_size, plan.max_chunk, where)
-  evaluate = make_evaluator(model, eval_batches(config, eval_split, mesh), eval_input)
+  feed = source.train_feed(compile_steps, mesh, seed=config.seed, batch_size=config.batch_size,
+                           plan=plan, start_step=start_step, where=where,
+                           augment_config=config.augment)
+  feed.check_resumed(restored_meta if restored else None, start_step)
+  evaluate = make_evaluator(model, source.eval_batches(mesh, config.eval_batch_size), eval_input)
   eval_split_name = config.dataset.eval_split  # every evaluation record and line names it
 
   run_log = RunLog(workdir, resume_step=start_step)
@@ -424,14 +318,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 def _evaluate_checkpoint(config, workdir: str) -> dict:
   checkpointer = checkpoint.Checkpointer(workdir, best_metric=config.best_metric, read_only=True)
   step = checkpointer.resolve_step(config.eval.checkpoint_step)
-  load_split = (input_pipeline.open_split if input_pipeline.streams(config.dataset)
-                else data.load_split)
-  info, split = load_split(config.dataset, config.eval.split)
+  source = data_source.from_config(config.dataset, config.eval.split, train=False)
+  info = source.info
   mesh = mesh_lib.make_mesh()
   model, _, _, abstract_state = build_model_and_state(config, info, mesh)
   state, _ = checkpointer.restore(abstract_state, step)
-  eval_input = input_functions(config, info, None)[1]
-  metrics = make_evaluator(model, eval_batches(config, split, mesh), eval_input)(state)
+  eval_input = input_functions(config, source)[1]
+  metrics = make_evaluator(model, source.eval_batches(mesh, config.eval_batch_size),
+                           eval_input)(state)
   checkpointer.close()
   record = {"step": step, "checkpoint": str(config.eval.checkpoint_step),
             "split": config.eval.split, **metrics}

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from conftest import run_main
-from research import backend, data, mesh as mesh_lib, run_info, steps, train
+from research import backend, data, data_source, mesh as mesh_lib, run_info, steps, train
 from research.errors import UserError
 from research.models.cnn import CNN
 
@@ -48,7 +48,7 @@ def small_run(fashion_mnist):
 def _chunks(small_run, where, stops=(7, 12)):
   model, tx, split, train_many = small_run
   mesh = mesh_lib.make_mesh()
-  feed = train._feed_from_memory(train_many, split, mesh, seed=0, batch_size=32, rows=8,
+  feed = data_source.memory_feed(train_many, split, mesh, seed=0, batch_size=32, rows=8,
                                  where=where)
   state, step, metrics = train.create_state(model, tx, (28, 28, 1), 0), 0, []
   for stop in stops:

@@ -1,4 +1,4 @@
-"""The streaming input path (config.dataset.input="stream", research/input_pipeline.py).
+"""The streaming input path (config.dataset.input="stream", research/stream_input.py).
 
 Real data only: the prepared Fashion-MNIST, and a TFDS dataset of JPEGs of varying
 sizes generated here (test_datasets.TinyJpegImages). Stream and memory runs must
@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, interrupt_at_step, records, run_main
-from research import config_checks, data, input_pipeline, mesh as mesh_lib, train
+from research import (config_checks, data, data_source, mesh as mesh_lib, stream_input,
+                      train)
 from research.errors import UserError
 from test_datasets import _dataset_config, jpeg_dir  # noqa: F401,F811 (a fixture)
 
@@ -56,6 +57,17 @@ def _meta(workdir, step):
     return json.load(f)
 
 
+def _train_stream(dataset_config, **settings):
+  source = data_source.from_config(dataset_config)
+  return stream_input.TrainStream(source.train, mesh_lib.make_mesh(),
+                                  order_name=source._order_name,
+                                  split_name=dataset_config.train_split, **settings)
+
+
+def _eval_reader(dataset_config, split):
+  return data_source.from_config(dataset_config, split, train=False).eval
+
+
 def _fashion_mnist_config(**fields):
   return ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": "", "train_split": "train",
                                     "eval_split": "test", "image_size": 0, "input": "stream",
@@ -77,9 +89,8 @@ def stream_reference(tmp_path_factory):
 def test_stream_batches_are_the_memory_batches(fashion_mnist):
   """Steps 1873-1877 cross from epoch 0 into epoch 1; pieces of 4 steps, then 1."""
   _, train_split, _ = fashion_mnist
-  _, stream_split, _ = input_pipeline.open_dataset(_fashion_mnist_config())
-  stream = input_pipeline.TrainStream(stream_split, mesh_lib.make_mesh(), seed=3, batch_size=32,
-                                      total_steps=2000, start_step=1873, log_every=4)
+  stream = _train_stream(_fashion_mnist_config(), seed=3, batch_size=32, total_steps=2000,
+                         start_step=1873, log_every=4)
   try:
     pieces = list(stream.batches(1873, 1878))
     assert [len(images) for images, _, _ in pieces] == [4, 1]
@@ -100,8 +111,8 @@ def test_stream_batches_are_the_memory_batches(fashion_mnist):
 
 def test_stream_eval_reads_every_example_exactly_once(fashion_mnist):
   _, _, test_split = fashion_mnist
-  _, stream_split = input_pipeline.open_split(_fashion_mnist_config(), "test[:1000]")
-  evaluation = input_pipeline.EvalStream(stream_split, mesh_lib.make_mesh(), batch_size=96)
+  evaluation = stream_input.EvalStream(_eval_reader(_fashion_mnist_config(), "test[:1000]"),
+                                       mesh_lib.make_mesh(), batch_size=96)
   images, labels, mask = (np.concatenate([np.asarray(piece[i]) for piece in evaluation()])
                           for i in range(3))
   assert images.shape == (11, 96, 28, 28, 1) and labels.shape == mask.shape == (11, 96)
@@ -128,14 +139,14 @@ def test_report_reads_a_streamed_eval_split_in_chunks(stream_reference, fashion_
 
 
 def test_the_number_of_reader_threads_changes_nothing_read(fashion_mnist):
-  assert input_pipeline.reader_threads(3) == 3
-  assert input_pipeline.reader_threads(0) == min(input_pipeline.MAX_THREADS,
-                                                 len(os.sched_getaffinity(0)))
-  _, stream_split = input_pipeline.open_split(_fashion_mnist_config(), "test[:500]")
+  assert stream_input.reader_threads(3) == 3
+  assert stream_input.reader_threads(0) == min(stream_input.MAX_THREADS,
+                                               len(os.sched_getaffinity(0)))
+  reader = _eval_reader(_fashion_mnist_config(), "test[:500]")
   mesh = mesh_lib.make_mesh()
   one, default = (
       [tuple(np.asarray(array) for array in piece)
-       for piece in input_pipeline.EvalStream(stream_split, mesh, batch_size=64, threads=t)()]
+       for piece in stream_input.EvalStream(reader, mesh, batch_size=64, threads=t)()]
       for t in (1, 0))
   for piece_one, piece_default in zip(one, default, strict=True):
     for a, b in zip(piece_one, piece_default):
@@ -143,9 +154,10 @@ def test_the_number_of_reader_threads_changes_nothing_read(fashion_mnist):
 
 
 def test_pieces_per_call_divide_the_log_interval_and_bound_the_bytes():
-  assert input_pipeline.steps_per_call(32 * 784, 125) == 125
-  assert input_pipeline.steps_per_call(1024 * 224 * 224 * 3, 100) == 2  # 3 fit; 2 divides 100
-  assert input_pipeline.steps_per_call(input_pipeline.CALL_BYTES * 2, 100) == 1
+  assert stream_input.steps_per_call(32 * 784, 125) == 125
+  assert stream_input.steps_per_call(1024 * 224 * 224 * 3, 100) == 1  # one step: no host copy
+  assert stream_input.steps_per_call(128 * 224 * 224 * 3, 100) == 5  # 6 fit; 5 divides 100
+  assert stream_input.steps_per_call(stream_input.CALL_BYTES * 2, 100) == 1
 
 
 # ---- Training ------------------------------------------------------------------------
@@ -169,7 +181,7 @@ def test_stream_steps_in_short_pieces_train_like_whole_chunks(stream_reference, 
                                                                 monkeypatch):
   """A byte budget of 3 batches cuts every 10-step chunk into compiled calls of 2
   steps (the largest divisor of 10 that fits): the same parameters bit for bit."""
-  monkeypatch.setattr(input_pipeline, "CALL_BYTES", 3 * 32 * 28 * 28)
+  monkeypatch.setattr(stream_input, "CALL_BYTES", 3 * 32 * 28 * 28)
   workdir = str(tmp_path / "pieces")
   final = train.train_and_evaluate(_config(num_train_steps=40), workdir)
   expected = [r for r in records(stream_reference) if r["step"] <= 40]
@@ -199,9 +211,8 @@ def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path
 
 
 def test_checkpoint_whose_recorded_position_disagrees_is_refused(stream_reference):
-  _, stream_split, _ = input_pipeline.open_dataset(_fashion_mnist_config())
-  stream = input_pipeline.TrainStream(stream_split, mesh_lib.make_mesh(), seed=0, batch_size=32,
-                                      total_steps=80, start_step=80, log_every=10)
+  stream = _train_stream(_fashion_mnist_config(), seed=0, batch_size=32, total_steps=80,
+                         start_step=80, log_every=10)
   meta = _meta(stream_reference, 80)
   stream.check_resumed(meta, 80)
   stream.check_resumed({"config": {}}, 80)  # a memory-mode checkpoint: nothing recorded
@@ -248,21 +259,26 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
 # ---- JPEG data, the ImageNet recipe, config and damaged data -----------------------
 
 
-def test_jpegs_of_varying_sizes_stream_decoded_and_resized_like_memory(jpeg_dir):
-  config = _dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation", image_size=16)
-  _, memory_train, memory_eval = data.load(config)
-  info, train_split, eval_split = input_pipeline.open_dataset(config)
-  assert info.image_shape == (16, 16, 3)
+def test_jpegs_of_varying_sizes_stream_in_the_memory_order_with_centre_crops(jpeg_dir):
+  """Without the Inception crop, training and evaluation take the evaluation crop of
+  the original image (research/image_crops.py; its geometry: tests/test_crops.py)."""
+  config = _dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation", image_size=16,
+                           input="stream")
+  _, memory_train, _ = data.load(config)
+  source = data_source.from_config(config)
+  assert source.info.image_shape == (16, 16, 3)
   mesh = mesh_lib.make_mesh()
-  stream = input_pipeline.TrainStream(train_split, mesh, seed=0, batch_size=8, total_steps=6,
-                                      start_step=0, log_every=6)
+  stream = stream_input.TrainStream(source.train, mesh, seed=0, batch_size=8, total_steps=6,
+                                    start_step=0, log_every=6, crop="centre")
   (images, labels, _), = stream.batches(0, 6)  # 2 epochs of 3 steps
   stream.close()
   indices = data.batch_indices(0, 0, 6, 8, 24)
-  np.testing.assert_array_equal(np.asarray(images), memory_train.images[indices])
   np.testing.assert_array_equal(np.asarray(labels), memory_train.labels[indices])
-  (images, labels, mask), = input_pipeline.EvalStream(eval_split, mesh, batch_size=4)()
-  np.testing.assert_array_equal(np.asarray(images).reshape(-1, 16, 16, 3)[:6], memory_eval.images)
+  np.testing.assert_array_equal(np.asarray(images)[1],
+                                source.train.read(indices[1], "centre")[0])
+  (images, labels, mask), = source.eval_batches(mesh, 4)()
+  np.testing.assert_array_equal(np.asarray(images).reshape(-1, 16, 16, 3)[:6],
+                                source.eval.read(range(6), "centre")[0])
   np.testing.assert_array_equal(np.asarray(mask).ravel(), [1] * 6 + [0] * 2)
 
 
@@ -278,7 +294,9 @@ def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
   config = imagenet_resnet50.get_config()
   assert config.dataset.input == "stream"
   assert imagenet_resnet50.get_config("imagenette").dataset.input == "memory"
-  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32)
+  assert config.dataset.workers == -1  # one decoding process per core
+  # Threads here, so no processes start (tests/test_stream_workers.py trains with them).
+  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32, workers=0)
   config.model = ml_collections.ConfigDict(
       {"name": "cnn", **models.defaults("cnn"), "conv_features": (8, 16), "dense_features": 16,
        "dtype": "bfloat16"})
@@ -309,9 +327,8 @@ def test_damaged_shard_while_streaming_names_the_file_and_the_fix(fashion_mnist,
   content = shard.read_bytes()
   shard.unlink()  # break the hard link: the real file stays intact
   shard.write_bytes(content[:len(content) // 2])
-  _, split, _ = input_pipeline.open_dataset(_fashion_mnist_config(data_dir=str(tmp_path)))
-  stream = input_pipeline.TrainStream(split, mesh_lib.make_mesh(), seed=0, batch_size=32,
-                                      total_steps=10, start_step=0, log_every=10)
+  stream = _train_stream(_fashion_mnist_config(data_dir=str(tmp_path)), seed=0, batch_size=32,
+                         total_steps=10, start_step=0, log_every=10)
   with pytest.raises(UserError) as error:
     next(stream.batches(0, 10))
   stream.close()

@@ -1,0 +1,115 @@
+"""What one input worker computes: a step's training batch, or an evaluation batch.
+
+These objects are pickled into grain's worker processes (research/stream_input.py),
+so they import no JAX and hold only what the work needs: the split's TFDS data
+source (undecoded: the image bytes), the order and the crop settings. Each example
+is read and decoded on its own (research/image_crops.py); a worker stacks one
+batch and hands it to the trainer through shared memory.
+
+Determinism: the batch of step s holds `data.batch_indices(seed, s)` (the in-memory
+path's very order), and the crop of the example in global row r of step s is drawn
+from `np.random.default_rng([seed, s, r])`. Nothing depends on which worker, how
+many workers or which process computes it.
+"""
+
+import dataclasses
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from research import data, image_crops
+from research.errors import UserError
+
+CROPS = ("inception", "centre", "none")  # training crop: random, the eval crop, or none
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleReader:
+  """One split's examples, decoded to the model's input shape."""
+
+  source: Any  # tfds ArrayRecordDataSource with the image left encoded
+  damaged_message: str  # what to tell the user when the files cannot be read
+  image_shape: tuple[int, int, int]
+  resize: bool  # image_size > 0: crop and resize; else decode whole
+  crop_fraction: float
+  area_range: tuple[float, float]
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, indices, crop: str = "centre", seeds=None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [n, H, W, C], int32 labels [n]) of the examples at `indices`;
+    `seeds[i]` seeds example i's Inception crop (crop="inception")."""
+    try:
+      examples = self.source.__getitems__([int(i) for i in indices])
+    except Exception as e:  # damaged files surface as many exception types
+      raise UserError(f"{self.damaged_message} ({type(e).__name__}: {e})") from e
+    images = np.empty((len(examples), *self.image_shape), np.uint8)
+    for row, example in enumerate(examples):
+      images[row] = self.decode(example["image"], crop,
+                                None if seeds is None else seeds[row])
+    labels = np.asarray([example["label"] for example in examples], np.int32)
+    return images, labels
+
+  def decode(self, encoded: bytes, crop: str, seed=None) -> np.ndarray:
+    size, channels = self.image_shape[0], self.image_shape[-1]
+    if not self.resize or crop == "none":
+      return image_crops.decode_whole(encoded, channels)
+    image = image_crops.open_image(encoded)  # the header only: the box decides the scale
+    if crop == "inception":
+      box = image_crops.inception_box(np.random.default_rng(seed), image.height, image.width,
+                                      self.area_range, self.crop_fraction)
+    else:
+      box = image_crops.centre_box(image.height, image.width, self.crop_fraction, size)
+    return image_crops.resized_box(image, box, size, channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """Step s -> this process's rows of the batch of step s (images, labels)."""
+
+  reader: ExampleReader
+  crop: str  # one of CROPS
+  seed: int
+  batch_size: int
+  rows: np.ndarray  # the global rows of each batch this process reads
+
+  def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    indices = data.batch_indices(self.seed, int(step), 1, self.batch_size, len(self.reader))[0]
+    seeds = [(self.seed, int(step), int(row)) for row in self.rows]
+    return self.reader.read(indices[self.rows], self.crop, seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatch:
+  """Batch b -> this process's rows of evaluation batch b (images, labels, mask); rows
+  past the split's end are zeros with mask 0."""
+
+  reader: ExampleReader
+  batch_size: int
+  rows: np.ndarray
+
+  def __call__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    positions = int(batch) * self.batch_size + self.rows
+    valid = positions < len(self.reader)
+    images = np.zeros((len(positions), *self.reader.image_shape), np.uint8)
+    labels = np.zeros((len(positions),), np.int32)
+    if valid.any():
+      images[valid], labels[valid] = self.reader.read(positions[valid], "centre")
+    return images, labels, valid.astype(np.float32)
+
+
+def exit_with_trainer(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+  """Runs first in each worker: ends the worker once the trainer is gone (a SIGKILLed
+  trainer cannot stop its workers; orphans would hold memory and cores)."""
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == trainer_pid:
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()

@@ -1,0 +1,45 @@
+"""`make bench-input` (research/bench_input.py) at smoke size: photographs prepared through
+TFDS's array_record path, and every run of the table measured and printed."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _documented_command() -> list[str]:
+  """The command docs/input.md shows (what `make bench-input` runs)."""
+  with open(os.path.join(REPO, "docs", "input.md")) as f:
+    block = re.search(r"```bash\n(.*?)```", f.read(), re.S).group(1)
+  with open(os.path.join(REPO, "Makefile")) as f:
+    assert "-m research.bench_input $(BENCH_ARGS)" in f.read()
+  return shlex.split(block.strip())
+
+
+@pytest.mark.slow
+def test_bench_input_prints_every_run_side_by_side(tmp_path):
+  command = _documented_command()
+  assert command[:3] == ["python", "-m", "research.bench_input"]
+  result = subprocess.run(
+      [sys.executable, *command[1:], f"--photos_dir={tmp_path}",
+       "--examples=24", "--batch_size=8", "--steps=2", "--ceiling_batch=32"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "Photographs: 24 of 500x375, JPEG quality 90" in out and "load average" in out
+  for run in ("decode, old", "decode, new", "threads (old", "workers=1 (", "workers=2 (",
+              "ceiling (main thread, batch 32", "ceiling, CPU time (batch 32)",
+              "ceiling without the copy to devices (batch 32)"):
+    line = next(line for line in out.splitlines() if line.startswith(run))
+    rate, per_core = (float(value) for value in line.split()[-2:])
+    assert rate > 0 and per_core > 0
+  assert "workers 1 -> 2:" in out
+  # Written through TFDS: the array_record files and their metadata.
+  prepared = os.path.join(tmp_path, "bench_photos", "1.0.24")
+  assert any(name.endswith("array_record-00000-of-00001") for name in os.listdir(prepared))
