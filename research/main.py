@@ -157,6 +157,7 @@ def _run(argv) -> None:
   how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)  # before anything touches a device
   backend.check_accelerator_used(jax.default_backend(), _ALLOW_CPU.value)
+  distributed.check_shared_workdir(_WORKDIR.value)  # all processes see one workdir, or exit 2
   logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
                jax.process_count(), how, jax.devices())
   if _MODE.value == "eval":

@@ -1,3 +1,11 @@
+"""The models and their layers: shapes, initializers, and each fast form against its plain one.
+
+Every comparison here is of float32 values at a stated precision: the module runs under
+`jax.default_matmul_precision("highest")` (full float32 products), since a backend's
+default is TF32 on NVIDIA GPUs and one bfloat16 pass on TPUs, which would move float32
+matmuls by ~1e-3 and fail tolerances of 1e-5 for reasons unrelated to the code tested.
+"""
+
 import functools
 import re
 
@@ -9,6 +17,13 @@ import pytest
 
 from research.models.cnn import CNN
 from research.models.layers import Conv, max_pool_2x2
+
+
+@pytest.fixture(autouse=True)
+def full_float32_products():
+  """Full float32 matmuls and convolutions on every backend (see the module docstring)."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 def test_seed_cnn_has_the_keras_parameter_count_and_output_shape():
