@@ -167,7 +167,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 # Fields that change how a run executes, not what it computes: a resumed run may differ in them.
-EXECUTION_ONLY = ("dataset.reader_threads",)
+EXECUTION_ONLY = ("dataset.reader_threads", "compile_cache")
 
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
