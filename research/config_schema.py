@@ -165,6 +165,8 @@ FIELDS: dict[str, Field] = {
                            low=1, high=65536),
     "model.depth": integer(REGISTRY_DEFAULT, "number of layers or blocks", low=1, high=1000),
     "model.stem": choice(REGISTRY_DEFAULT, "the ResNet's first layers", _STEMS),
+    "model.bn_sync": choice(REGISTRY_DEFAULT, "BatchNorm statistics: 'global' (the whole "
+                            "batch's) or 'local' (each device's own)", ("global", "local")),
     "model.patch_size": integer(REGISTRY_DEFAULT, "ViT patch side in pixels", low=1, high=8192),
     "model.num_heads": integer(REGISTRY_DEFAULT, "attention heads", low=1, high=65536),
     "model.mlp_dim": integer(REGISTRY_DEFAULT, "ViT MLP width (0 = 4 x width)", high=2**20),

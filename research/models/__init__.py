@@ -28,20 +28,21 @@ class Entry:
 
 
 _CONV = ("conv_impl", "dtype")
+_NORM = ("bn_sync",)  # BatchNorm models: whose statistics a step uses (resnet.py)
 _VIT = ("patch_size", "width", "depth", "num_heads", "mlp_dim", "dropout_rate", "dtype")
 
 MODELS = {
     "cnn": Entry(CNN, ("conv_features", "dense_features", *_CONV)),
     "mlp": Entry(MLP, ("hidden_features", "dropout_rate", "dtype")),
-    "resnet8": Entry(resnet.resnet8, ("width", "stem", *_CONV)),
-    "resnet14": Entry(resnet.resnet14, ("width", "stem", *_CONV)),
-    "resnet20": Entry(resnet.resnet20, ("width", "stem", *_CONV)),
-    "resnet32": Entry(resnet.resnet32, ("width", "stem", *_CONV)),
-    "resnet56": Entry(resnet.resnet56, ("width", "stem", *_CONV)),
-    "resnet18": Entry(resnet.resnet18, ("width", "stem", *_CONV)),
-    "resnet34": Entry(resnet.resnet34, ("width", "stem", *_CONV)),
-    "resnet50": Entry(resnet.resnet50, ("width", "stem", *_CONV)),
-    "wide_resnet": Entry(WideResNet, ("depth", "width", "dropout_rate", *_CONV)),
+    "resnet8": Entry(resnet.resnet8, ("width", "stem", *_CONV, *_NORM)),
+    "resnet14": Entry(resnet.resnet14, ("width", "stem", *_CONV, *_NORM)),
+    "resnet20": Entry(resnet.resnet20, ("width", "stem", *_CONV, *_NORM)),
+    "resnet32": Entry(resnet.resnet32, ("width", "stem", *_CONV, *_NORM)),
+    "resnet56": Entry(resnet.resnet56, ("width", "stem", *_CONV, *_NORM)),
+    "resnet18": Entry(resnet.resnet18, ("width", "stem", *_CONV, *_NORM)),
+    "resnet34": Entry(resnet.resnet34, ("width", "stem", *_CONV, *_NORM)),
+    "resnet50": Entry(resnet.resnet50, ("width", "stem", *_CONV, *_NORM)),
+    "wide_resnet": Entry(WideResNet, ("depth", "width", "dropout_rate", *_CONV, *_NORM)),
     "vit_ti": Entry(vit.vit_ti, _VIT),
     "vit_s": Entry(vit.vit_s, _VIT),
 }
@@ -49,7 +50,7 @@ MODELS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Knobs that take one of a few values, checked before anything is built.
 _CHOICES = {"dtype": tuple(DTYPES), "conv_impl": layers.IMPLS,
-            "stem": ("imagenet", "cifar", "pool")}
+            "stem": ("imagenet", "cifar", "pool"), "bn_sync": resnet.BN_SYNCS}
 
 
 def _lookup(name: str) -> Entry:
