@@ -158,8 +158,9 @@ def present_accelerator() -> tuple[str, str] | None:
 
 
 def check_accelerator_used(platform: str, allow_cpu: bool) -> None:
-  """Stops a run that would train on the CPU of a machine with a GPU or TPU (JAX's
-  accelerator wheels not installed), naming the command that fixes it. Allowed on
+  """Stops a run that would train on the CPU of a machine with a GPU or TPU, saying which
+  happened: JAX's accelerator wheels are not installed (naming the command that fixes
+  it), or its plugin is installed but failed to start (with JAX's reason). Allowed on
   purpose with --allow_cpu, or by JAX_PLATFORMS=cpu."""
   if platform != "cpu" or allow_cpu or os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     return
