@@ -97,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # replicating them: for models too big for one device's memory.
   config.shard_params = False
   config.profile_steps = ""  # "START,COUNT": jax.profiler trace of those steps in WORKDIR/profile
+  # Compiled programs kept between runs: "auto" (a per-user folder), a folder, or "off".
+  config.compile_cache = "auto"
 
   for item in filter(None, (arg or "").split(",")):
     if item == "smoke":

@@ -5,11 +5,13 @@
 #
 # Each process gets ARGS plus --coordinator_address=127.0.0.1:PORT (a free port)
 # --num_processes=N --process_id=I: the code path a cluster uses, on one machine.
-# Devices: on a GPU host the GPUs are split evenly, each process seeing only its
-# own share (CUDA_VISIBLE_DEVICES; process I takes the I-th share). The GPUs are
-# those listed in $GPUS (e.g. GPUS=0,1,2,3), else, where nvidia-smi is installed,
-# in $CUDA_VISIBLE_DEVICES or else every GPU `nvidia-smi -L` lists; N must divide
-# their number. On a TPU VM one
+# Devices: when JAX will run on GPUs (JAX_PLATFORMS names cuda/gpu, or is unset and
+# JAX's CUDA plugin is installed: research.backend.planned_platform) the GPUs are
+# split evenly, each process seeing only its own share (CUDA_VISIBLE_DEVICES;
+# process I takes the I-th share). The GPUs are those listed in $GPUS (e.g.
+# GPUS=0,1,2,3), else in $CUDA_VISIBLE_DEVICES, else every GPU `nvidia-smi -L`
+# lists; N must divide their number. On the CPU (JAX_PLATFORMS=cpu, or no CUDA
+# plugin, as with --allow_cpu) nothing is split, nvidia-smi or not. On a TPU VM one
 # process drives all of the host's chips: use launch/local.sh (launch/tpu_vm.sh
 # for a slice). On CPU, give each process several devices with
 #   XLA_FLAGS=--xla_force_host_platform_device_count=2 launch/multiprocess.sh 2 ...
@@ -43,14 +45,17 @@ port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0
 # Process 0 serves the coordinator on loopback only, not on every interface.
 export JAX_COORDINATOR_BIND_ADDRESS="127.0.0.1:$port"
 
+# The platform JAX will use decides, not whether nvidia-smi exists.
+platform="$("$PYTHON" -c 'from research import backend; print(backend.planned_platform())')" ||
+  fail "could not ask $PYTHON which platform JAX will use (is the research package importable?)"
 # The GPUs to split among the processes (none: CPU, or a TPU host below).
 gpus=()
-if [[ -n "${GPUS:-}" ]]; then
-  IFS=, read -r -a gpus <<< "$GPUS"
-elif command -v nvidia-smi >/dev/null 2>&1; then  # a GPU host
-  if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: exactly those
+if [[ "$platform" == gpu ]]; then
+  if [[ -n "${GPUS:-}" ]]; then
+    IFS=, read -r -a gpus <<< "$GPUS"
+  elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set, even empty: exactly those
     IFS=, read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
-  else
+  elif command -v nvidia-smi >/dev/null 2>&1; then
     gpu_count="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')"
     for ((g = 0; g < gpu_count; g++)); do gpus+=("$g"); done
   fi
@@ -60,7 +65,7 @@ if ((${#gpus[@]})); then
     fail "$num_processes processes cannot share ${#gpus[@]} GPUs (${gpus[*]}) evenly: give a" \
          "process count that divides ${#gpus[@]}, or name the GPUs to use, e.g. GPUS=0,1."
   per_process=$((${#gpus[@]} / num_processes))
-elif ((num_processes > 1)) && compgen -G '/dev/accel*' >/dev/null; then
+elif ((num_processes > 1)) && [[ "$platform" == tpu ]] && compgen -G '/dev/accel*' >/dev/null; then
   fail "this host has TPU chips, and one process drives all of them: run launch/local.sh" \
        "here (or launch/tpu_vm.sh, one process per host of a slice)."
 fi

@@ -11,15 +11,21 @@ the models consult instead of asking JAX (or the config) again:
     runs as calls of static power-of-two lengths (n's binary digits), each length
     compiled once and the calls dispatched without waiting (`piece_lengths`).
 Both loop forms run the same steps and give bit-identical results (tests/test_steps.py).
+  * `benchmark_microbatch`: whether `make bench` splits a large batch into micro-batches
+    (on CPU, where small micro-batches stay in cache; accelerators measure the batch as given).
 
 Also here: the config's matmul precision (`numerics`), applied in one place around
 everything a run traces, and the check that an accelerator present on the machine is
-the one JAX uses (`check_accelerator_used`).
+the one JAX uses (`check_accelerator_used`), and `planned_platform`, the platform JAX
+will pick, read without starting JAX (the launchers split GPUs only when it is "gpu":
+`python -c 'from research import backend; print(backend.planned_platform())'`).
 """
 
 import contextlib
 import dataclasses
 import glob
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 
@@ -53,6 +59,12 @@ class Backend:
       return [count]
     return [1 << bit for bit in reversed(range(count.bit_length())) if count >> bit & 1]
 
+  def benchmark_microbatch(self, batch_size: int, size: int) -> int:
+    """The micro-batch size `make bench` runs `batch_size` as (0: whole): on CPU, batches
+    above `size` (0: never) as micro-batches of `size`, a CPU cache trick; accelerators
+    measure the batch as given, or their throughput would be understated."""
+    return size if self.platform == "cpu" and size and batch_size > size else 0
+
 
 def current(platform: str | None = None) -> Backend:
   """The Backend of JAX's default backend (or of `platform`, e.g. to test the GPU form on
@@ -76,12 +88,50 @@ def numerics(matmul_precision: str):
   return jax.default_matmul_precision(matmul_precision)
 
 
-# ---- Is an accelerator present that JAX does not use? ------------------------------
+# ---- Which platform JAX will use, and is an accelerator present that it does not? ----
 
-ACCELERATORS = {  # kind -> (Makefile ACCEL, pip extra)
-    "NVIDIA GPU": ("cuda12", "cuda12"),
-    "TPU": ("tpu", "tpu"),
+ACCELERATORS = {  # kind -> (Makefile ACCEL, pip extra, JAX platform)
+    "NVIDIA GPU": ("cuda12", "cuda12", "cuda"),
+    "TPU": ("tpu", "tpu", "tpu"),
 }
+# JAX_PLATFORMS names -> the platform jax.default_backend() reports.
+_PLATFORM_NAMES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu", "cpu": "cpu"}
+
+
+def installed_plugin(platform: str) -> str | None:
+  """The name of an installed JAX plugin for `platform` ("cuda", "rocm" or "tpu"), found
+  as JAX finds plugins (entry points in the `jax_plugins` group, modules of the
+  `jax_plugins` namespace package; libtpu for TPUs), without importing it; else None."""
+  names = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+  try:
+    import jax_plugins  # a namespace package: present only where some plugin is
+
+    names += [os.path.basename(path) for folder in jax_plugins.__path__
+              for path in glob.glob(os.path.join(folder, "*"))]
+  except ImportError:
+    pass
+  found = [name for name in names if platform in name]
+  if found:
+    return found[0]
+  if platform == "tpu" and importlib.util.find_spec("libtpu") is not None:
+    return "libtpu"
+  return None
+
+
+def planned_platform(environ=os.environ) -> str:
+  """"cpu", "gpu" or "tpu": what JAX will run on, read without starting JAX (launchers
+  ask this before starting processes): JAX_PLATFORMS's first entry when set, else an
+  accelerator whose plugin is installed, else the CPU. (A GPU machine without the CUDA
+  plugin runs on the CPU: with --allow_cpu on purpose, else research.main refuses.)"""
+  requested = [name.strip() for name in environ.get("JAX_PLATFORMS", "").split(",")
+               if name.strip()]
+  if requested:
+    return _PLATFORM_NAMES.get(requested[0].lower(), requested[0].lower())
+  if installed_plugin("cuda") or installed_plugin("rocm"):
+    return "gpu"
+  if installed_plugin("tpu"):
+    return "tpu"
+  return "cpu"
 
 
 def present_accelerator() -> tuple[str, str] | None:
@@ -108,8 +158,9 @@ def present_accelerator() -> tuple[str, str] | None:
 
 
 def check_accelerator_used(platform: str, allow_cpu: bool) -> None:
-  """Stops a run that would train on the CPU of a machine with a GPU or TPU (JAX's
-  accelerator wheels not installed), naming the command that fixes it. Allowed on
+  """Stops a run that would train on the CPU of a machine with a GPU or TPU, saying which
+  happened: JAX's accelerator wheels are not installed (naming the command that fixes
+  it), or its plugin is installed but failed to start (with JAX's reason). Allowed on
   purpose with --allow_cpu, or by JAX_PLATFORMS=cpu."""
   if platform != "cpu" or allow_cpu or os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
     return
@@ -117,9 +168,32 @@ def check_accelerator_used(platform: str, allow_cpu: bool) -> None:
   if found is None:
     return
   kind, evidence = found
-  accel, extra = ACCELERATORS[kind]
+  accel, extra, jax_platform = ACCELERATORS[kind]
+  plugin = installed_plugin(jax_platform)
+  if plugin:  # installed, yet JAX fell back to the CPU: say why it did not start
+    raise UserError(
+        f"This machine has a {kind} ({evidence}) and JAX's {kind} plugin ({plugin}) is "
+        f"installed, but it failed to start: {start_failure(jax_platform)} JAX runs on the "
+        f"CPU instead. Fix the cause (for GPUs: `nvidia-smi` must work and the driver be new "
+        f"enough for the CUDA of requirements-{accel}.lock; cuda13 needs CUDA 13 drivers), or "
+        "pass --allow_cpu to train on the CPU on purpose.")
   raise UserError(
       f"This machine has a {kind} ({evidence}) but JAX runs on the CPU: its {kind} wheels are "
       f"not installed. Run `make train ACCEL={accel}` (or `.venv/bin/pip install -c "
       f"requirements.lock -c requirements-{accel}.lock 'jax[{extra}]'`; cuda13 for CUDA 13 "
       "drivers), or pass --allow_cpu to train on the CPU on purpose.")
+
+
+def start_failure(jax_platform: str) -> str:
+  """Why JAX's backend for `jax_platform` did not start, in JAX's own words."""
+  import jax
+
+  try:
+    jax.devices(jax_platform)
+  except RuntimeError as error:
+    reason = str(error).split(". Available backends")[0]
+    if reason.startswith("Unknown backend"):
+      return (f"it registered no {jax_platform!r} backend (its initialize() failed, or JAX "
+              "found no device files; JAX's warnings above say which).")
+    return reason.rstrip(".") + "."
+  return "it started only now (a first attempt failed)."

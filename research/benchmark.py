@@ -38,7 +38,7 @@ _EPOCHS = flags.DEFINE_integer("resnet_epochs", 2,
                                "Epochs of the ResNet-20 training run (its recipe warms up for 1).")
 OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
 MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
-                                   "batches larger than this (0: none).")
+                                   "batches larger than this, on CPU only (0: none).")
 _MEASURE = flags.DEFINE_string("measure", None, "Internal: the JSON of one measurement to run "
                                "in this (child) process; prints RESULT {json}.")
 
@@ -219,10 +219,14 @@ def train_step_flops(model, tx, state, images, labels) -> float:
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def microbatch_overrides(batch_size: int) -> dict:
-  """Batches above MICROBATCH run as micro-batches of that size (--microbatch=0: never)."""
-  size = MICROBATCH.value
-  return {"microbatch_size": size} if size and batch_size > size else {}
+def microbatch_overrides(batch_size: int, platform: str | None = None) -> dict:
+  """On CPU, batches above MICROBATCH run as micro-batches of that size (--microbatch=0:
+  never); accelerators measure the batch as given (research/backend.py decides).
+  `platform`: the measured machine's, else this process's JAX backend."""
+  from research import backend
+
+  size = backend.current(platform).benchmark_microbatch(batch_size, MICROBATCH.value)
+  return {"microbatch_size": size} if size else {}
 
 
 def machine() -> dict:
@@ -269,7 +273,7 @@ def main(argv):
     run_overrides = as_flags(overrides)
     if name == "resnet20":
       run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
-    rows = [in_child("throughput", config_file, {**overrides, **microbatch_overrides(int(b))},
+    rows = [in_child("throughput", config_file, {**overrides, **microbatch_overrides(int(b), results["machine"]["platform"])},
                      int(b)) for b in BATCH_SIZES.value]
     results["recipes"][name] = {"throughput": rows, "training": training_run(config_file,
                                                                              run_overrides),

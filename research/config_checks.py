@@ -177,8 +177,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-# Fields that change how a run executes, not what it computes: a resumed run may differ in them.
-EXECUTION_ONLY = ("dataset.reader_threads", "dataset.workers")
+# Fields that change how a run executes, never what it computes: any value resumes.
+EXECUTION_ONLY = ("dataset.reader_threads", "dataset.workers", "compile_cache")
 
 
 _ABSENT = object()

@@ -79,6 +79,8 @@ FIELDS: dict[str, Field] = {
     "deterministic": flag(False, "GPU: deterministic XLA reductions (slower)"),
     "shard_params": flag(False, "split params and optimizer state over the devices"),
     "profile_steps": text("", "'START,COUNT': a profiler trace of those steps ('' = off)"),
+    "compile_cache": text("auto", "compiled programs kept in: 'auto' ($JAX_COMPILATION_CACHE_DIR, "
+                          "else ~/.cache/research/jax), a folder, or 'off'"),
     "matmul_precision": choice("default", "precision of float32 matmuls and convolutions on "
                                "GPU/TPU", backend.MATMUL_PRECISIONS),
 }

@@ -12,12 +12,16 @@ How a process learns its place, in order:
   3. otherwise one process on its own devices: nothing to initialize.
 
 `any_process` is how processes agree on a host-side decision (stop for a
-preemption) that only some of them may have seen.
+preemption) that only some of them may have seen. `check_shared_workdir` makes
+sure, before anything is written, that all processes see one workdir: every
+process writes a token there and looks for everyone's (a node-local --workdir
+would otherwise leave process 0 training while the others wait forever).
 """
 
 import glob
 import importlib.util
 import os
+import socket
 
 import jax
 import numpy as np
@@ -93,3 +97,67 @@ def any_process(flag: bool) -> bool:
   from jax.experimental import multihost_utils
 
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+_TOKEN_PREFIX = ".shared-workdir-check-"
+_HOSTNAME_BYTES = 64
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """Stops every process of a multi-process run (UserError, exit 2) when they do not all
+  see the same `workdir`, naming each process's host and what it saw. Each process writes
+  a token file there (named by a nonce process 0 chooses) and reports which tokens it
+  finds; the tokens are removed again, and so are the folders the check made: it leaves
+  nothing behind. Collectives: every process calls it at the same point."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  count, me = jax.process_count(), jax.process_index()
+  created, folder = [], os.path.abspath(workdir)  # the folders it makes, leaf first
+  while not os.path.isdir(folder):
+    created.append(folder)
+    folder = os.path.dirname(folder)
+  # A collective: every process has looked before any makes a folder.
+  nonce = bytes(multihost_utils.broadcast_one_to_all(
+      np.frombuffer(os.urandom(8), np.uint8))).hex()
+  token = lambda index: os.path.join(workdir, f"{_TOKEN_PREFIX}{nonce}-{index}")
+  os.makedirs(workdir, exist_ok=True)
+  with open(token(me), "w") as f:
+    f.write(socket.gethostname())
+  multihost_utils.sync_global_devices("workdir tokens written")
+  seen = np.array([os.path.exists(token(index)) for index in range(count)])
+  host = np.frombuffer(socket.gethostname().encode()[:_HOSTNAME_BYTES].ljust(_HOSTNAME_BYTES),
+                       np.uint8)
+  path = np.frombuffer(os.path.abspath(workdir).encode()[:200].ljust(200), np.uint8)
+  seen_by, hosts, paths = (np.asarray(a) for a in multihost_utils.process_allgather(
+      (seen, host, path)))
+  multihost_utils.sync_global_devices("workdir tokens read")
+  os.remove(token(me))
+  if seen_by.all():  # one folder: process 0 removes what the check made, before anyone writes
+    multihost_utils.sync_global_devices("workdir tokens removed")
+    if me == 0:
+      _remove_empty(created)
+    multihost_utils.sync_global_devices("workdir checked")
+    return
+  _remove_empty(created)
+  text = lambda row: bytes(row).rstrip(b" ").decode(errors="replace")
+  views = "; ".join(
+      f"process {index} on {text(hosts[index])} ({text(paths[index])}) sees the token"
+      f"{'s' if seen_by[index].sum() != 1 else ''} of process"
+      f"{'es' if seen_by[index].sum() != 1 else ''} "
+      f"{', '.join(str(i) for i in np.flatnonzero(seen_by[index])) or 'none'}"
+      for index in range(count))
+  raise UserError(
+      f"--workdir={workdir} is not one folder shared by all {count} processes: {views}. A "
+      "multi-process run needs a workdir on storage every host mounts at the same path (NFS, "
+      "Filestore, gcsfuse), e.g. --workdir=/mnt/shared/runs/NAME; nothing was written.")
+
+
+def _remove_empty(folders: list[str]) -> None:
+  """Removes `folders` (leaf first) while they are empty: nothing left behind."""
+  for folder in folders:
+    try:
+      os.rmdir(folder)
+    except OSError:
+      return

@@ -150,11 +150,13 @@ def _run(argv) -> None:
                                " --xla_gpu_deterministic_ops=true").strip()
   import jax
 
-  from research import backend, distributed, train
+  from research import backend, compile_cache, distributed, train
 
   how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)  # before anything touches a device
   backend.check_accelerator_used(jax.default_backend(), _ALLOW_CPU.value)
+  distributed.check_shared_workdir(_WORKDIR.value)  # all processes see one workdir, or exit 2
+  compile_cache.set_up(config.get("compile_cache", compile_cache.AUTO))  # before any compile
   logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
                jax.process_count(), how, jax.devices())
   if _MODE.value == "eval":

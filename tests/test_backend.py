@@ -32,6 +32,9 @@ def test_backend_is_resolved_from_jax_and_pieces_are_binary_digits():
   # At most log2(longest chunk) + 1 lengths are ever compiled.
   lengths = {n for count in range(1, 938) for n in ACCELERATOR.piece_lengths(count)}
   assert lengths == {2**k for k in range(10)}
+  # `make bench` splits big batches into micro-batches on CPU only.
+  assert CPU.benchmark_microbatch(256, 64) == 64 and CPU.benchmark_microbatch(64, 64) == 0
+  assert CPU.benchmark_microbatch(256, 0) == 0 and ACCELERATOR.benchmark_microbatch(256, 64) == 0
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +157,58 @@ def test_a_present_accelerator_that_jax_does_not_use_stops_the_run(tmp_path, mon
   backend.check_accelerator_used("gpu", allow_cpu=False)  # JAX uses it
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   backend.check_accelerator_used("cpu", allow_cpu=False)  # chosen explicitly
+
+
+def _failing_plugin(folder) -> str:
+  """A JAX plugin (module of the `jax_plugins` namespace) whose start fails, as the CUDA
+  plugin's does on a machine with an old driver."""
+  plugin = folder / "jax_plugins" / "xla_cuda12"
+  plugin.mkdir(parents=True)
+  (plugin / "__init__.py").write_text(
+      "def initialize():\n  raise RuntimeError('CUDA driver version is insufficient')\n")
+  return str(folder)
+
+
+def test_launchers_platform_is_what_jax_will_use_not_whether_nvidia_smi_exists(tmp_path,
+                                                                              monkeypatch):
+  planned = lambda value: backend.planned_platform({"JAX_PLATFORMS": value})
+  assert [planned(v) for v in ("cpu", "cuda", "cuda,cpu", "gpu", "tpu")] == [
+      "cpu", "gpu", "gpu", "gpu", "tpu"]
+  assert planned("") == "cpu" and backend.installed_plugin("cuda") is None  # no plugin here
+  monkeypatch.syspath_prepend(_failing_plugin(tmp_path))  # found, not imported
+  assert planned("") == "gpu" and backend.installed_plugin("cuda") == "xla_cuda12"
+
+
+def test_a_plugin_that_is_installed_but_fails_is_named_with_its_reason(tmp_path, monkeypatch):
+  monkeypatch.setenv(backend.DEVICE_ROOT_ENV, _fake_root(tmp_path / "root", "dev/nvidia0"))
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.syspath_prepend(_failing_plugin(tmp_path / "site"))
+
+  def failed(platform=None):  # JAX's own words for a backend that failed to start
+    raise RuntimeError(f"Backend '{platform}' failed to initialize: CUDA_ERROR_SYSTEM_DRIVER_"
+                       "MISMATCH. Available backends are ['cpu']")
+
+  monkeypatch.setattr(jax, "devices", failed)
+  with pytest.raises(UserError) as refused:
+    backend.check_accelerator_used("cpu", allow_cpu=False)
+  message = str(refused.value)
+  assert "plugin (xla_cuda12) is installed, but it failed to start: Backend 'cuda' failed to " \
+         "initialize: CUDA_ERROR_SYSTEM_DRIVER_MISMATCH." in message
+  assert "not installed" not in message and "--allow_cpu" in message
+
+
+@pytest.mark.cpu_only
+def test_main_names_a_plugin_whose_initialize_fails(tmp_path):
+  """A real (stand-in) plugin package: JAX imports it and its initialize() fails."""
+  env = {backend.DEVICE_ROOT_ENV: _fake_root(tmp_path / "root", "dev/nvidia0"),
+         "JAX_PLATFORMS": "", "PYTHONPATH": os.pathsep.join(
+             [_failing_plugin(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+  result = run_main(tmp_path / "run", "--config=configs/default.py:smoke", env=env)
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert "plugin (xla_cuda12) is installed, but it failed to start" in last
+  assert "registered no 'cuda' backend" in last and "not installed" not in last
+  assert not (tmp_path / "run").exists()
 
 
 def test_no_accelerator_on_an_empty_root(tmp_path, monkeypatch):

@@ -285,17 +285,18 @@ def _fake_slurm(tmp_path) -> dict:
   starts SLURM_NTASKS local tasks with the variables a real job step has."""
   bin_dir = tmp_path / "slurm_bin"
   bin_dir.mkdir()
-  (bin_dir / "srun").write_text(textwrap.dedent("""\
+  (bin_dir / "srun").write_text(textwrap.dedent(f"""\
       #!/usr/bin/env bash
+      printf '%s\\n' "$@" > {str(tmp_path / 'srun_arguments')!r}
       while [[ "$1" == --* ]]; do shift; done
       pids=()
       for ((i = 0; i < SLURM_NTASKS; i++)); do  # tasks fill "nodes" of SLURM_NTASKS_PER_NODE
-        SLURM_PROCID=$i SLURM_LOCALID=$((i % ${SLURM_NTASKS_PER_NODE:-SLURM_NTASKS})) \
+        SLURM_PROCID=$i SLURM_LOCALID=$((i % ${{SLURM_NTASKS_PER_NODE:-SLURM_NTASKS}})) \
           SLURM_STEP_NODELIST=127.0.0.1 "$@" &
         pids+=("$!")
       done
       status=0
-      for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+      for pid in "${{pids[@]}}"; do wait "$pid" || status=$?; done
       exit "$status"
       """))
   (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\n")
@@ -523,8 +524,9 @@ def _devices(records) -> list[tuple]:
 
 
 def test_multiprocess_launcher_gives_each_process_its_own_gpus(tmp_path):
+  """JAX_PLATFORMS=cuda stands for a machine where JAX runs on its GPUs."""
   base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-  env = {**base, "PYTHON": _recording_python(tmp_path),
+  env = {**base, "PYTHON": _recording_python(tmp_path), "JAX_PLATFORMS": "cuda",
          "PATH": f"{_nvidia_smi(tmp_path, 4)}{os.pathsep}{os.environ['PATH']}"}
   run = lambda count, **extra: subprocess.run(
       ["bash", os.path.join(REPO, "launch", "multiprocess.sh"), str(count), "--workdir=x"],
@@ -546,15 +548,20 @@ def test_multiprocess_launcher_gives_each_process_its_own_gpus(tmp_path):
   assert result.returncode == 2
   assert "3 processes cannot share 4 GPUs (0 1 2 3) evenly" in result.stderr
   assert not list(tmp_path.glob("process*.json"))  # nothing started
-  # No GPU (no nvidia-smi): the CPU, every process with the environment it was given.
-  result = run(2, PATH=os.environ["PATH"])
-  assert result.returncode == 0, result.stderr
-  assert _devices(_processes(tmp_path, 2)) == [(None, None), (None, None)]
+  # JAX on the CPU, on this GPU machine (nvidia-smi lists 4): nothing split, any count,
+  # every process with the environment it was given; the same without a CUDA plugin.
+  for platform in ("cpu", ""):
+    result = run(3, JAX_PLATFORMS=platform)
+    assert result.returncode == 0, result.stderr
+    assert _devices(_processes(tmp_path, 3)) == [(None, None)] * 3
+    assert "gets GPU" not in result.stderr
 
 
 def test_slurm_launcher_gives_each_task_its_gpus_in_both_modes(tmp_path):
   """Stand-in srun and nvidia-smi; SLURM's CUDA_VISIBLE_DEVICES where it sets one."""
-  slurm = {**_fake_slurm(tmp_path), "PYTHON": _recording_python(tmp_path)}
+  slurm = {**_fake_slurm(tmp_path), "PYTHON": _recording_python(tmp_path),
+           "JAX_PLATFORMS": "cuda", "SLURM_CPUS_PER_TASK": "6", "SLURM_GPUS_PER_NODE": "h100:4"}
+  srun_arguments = lambda: (tmp_path / "srun_arguments").read_text().split("\n")[:4]
   slurm["PATH"] = f"{_nvidia_smi(tmp_path, 4)}{os.pathsep}{slurm['PATH']}"
   base = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
 
@@ -574,10 +581,14 @@ def test_slurm_launcher_gives_each_task_its_gpus_in_both_modes(tmp_path):
   assert records[0]["argv"] == ["-m", "research.main", "--config=configs/default.py",
                                 "--workdir=runs/x y"]
   assert "task 3 on" in result.stderr and "gets GPU(s) 3" in result.stderr
+  # srun is told each task's cores and GPUs, and leaves the GPU split to the tasks.
+  assert srun_arguments() == ["--kill-on-bad-exit=1", "--cpus-per-task=6", "--gpus-per-task=1",
+                              "--gpu-bind=none"]
   # A process per node: 2 nodes of one task, each owning the 4 GPUs SLURM gave the job.
   result = submit(2, 1, CUDA_VISIBLE_DEVICES="4,5,6,7")
   assert result.returncode == 0, result.stderr
   assert _devices(_processes(tmp_path, 2)) == [("4,5,6,7", "0,1,2,3")] * 2
+  assert srun_arguments() == ["--kill-on-bad-exit=1", "--cpus-per-task=6", "bash", "-c"]
   # Two tasks per node share them; a task SLURM bound to one GPU keeps it.
   result = submit(2, 2, CUDA_VISIBLE_DEVICES="4,5,6,7")
   assert _devices(_processes(tmp_path, 2)) == [("4,5", "0,1"), ("6,7", "0,1")]
@@ -586,6 +597,11 @@ def test_slurm_launcher_gives_each_task_its_gpus_in_both_modes(tmp_path):
   result = submit(3, 3)
   assert result.returncode == 2
   assert "3 tasks per node cannot share the 4 GPUs" in result.stderr
+  # JAX on the CPU of this GPU node: no task is given GPUs, only its cores.
+  result = submit(4, 4, JAX_PLATFORMS="cpu")
+  assert result.returncode == 0, result.stderr
+  assert _devices(_processes(tmp_path, 4)) == [(None, None)] * 4
+  assert srun_arguments() == ["--kill-on-bad-exit=1", "--cpus-per-task=6", "bash", "-c"]
 
 
 def test_tpu_vm_launcher_sets_up_python_on_its_image_and_runs_on_every_worker(tmp_path):

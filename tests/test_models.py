@@ -1,14 +1,35 @@
+"""The models and their layers: shapes, initializers, and each fast form against its plain one.
+
+Every comparison here is of float32 values at a stated precision: the module runs under
+`jax.default_matmul_precision("highest")` (full float32 products), since a backend's
+default is TF32 on NVIDIA GPUs and one bfloat16 pass on TPUs, which would move float32
+matmuls by ~1e-3 and fail tolerances of 1e-5 for reasons unrelated to the code tested.
+"""
+
 import functools
+import json
+import os
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from conftest import REPO
 
 from research.models.cnn import CNN
 from research.models.layers import Conv, max_pool_2x2
+
+
+@pytest.fixture(autouse=True)
+def full_float32_products():
+  """Full float32 matmuls and convolutions on every backend (see the module docstring)."""
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
 def test_seed_cnn_has_the_keras_parameter_count_and_output_shape():
@@ -312,3 +333,70 @@ def test_pool_stem_halves_the_resolution_of_every_stage():
   odd_input = jnp.zeros((1, 27, 27, 3))
   odd_variables = jax.eval_shape(odd.init, jax.random.key(0), odd_input)
   assert jax.eval_shape(odd.apply, odd_variables, odd_input).shape == (1, 10)
+
+
+# ---- BatchNorm statistics over devices: model.bn_sync ------------------------------
+
+_BN_SYNC_CHECK = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from research import mesh as mesh_lib
+from research.models import resnet
+
+jax.config.update("jax_default_matmul_precision", "highest")
+images = np.asarray(jax.random.normal(jax.random.key(1), (8, 8, 8, 3)))
+mesh = mesh_lib.make_mesh()
+
+def train_apply(bn_sync):
+  model = resnet.resnet8(num_classes=3, width=4, bn_sync=bn_sync)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  apply = jax.jit(lambda batch: model.apply(variables, batch, train=True, mutable=["batch_stats"]))
+  return lambda batch, sharded=True: jax.device_get(
+      apply(mesh_lib.global_batch(batch, mesh) if sharded else batch))
+
+one_device = train_apply("global")  # unsharded: the whole batch on the first device
+whole = one_device(images, sharded=False)
+shares = [one_device(images[2 * i:2 * i + 2], sharded=False) for i in range(4)]  # a device's
+local = train_apply("local")(images)
+difference = lambda a, b: float(max(np.abs(x - y).max() for x, y in
+                                    zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+print(json.dumps({
+    "devices": jax.device_count(),
+    "global_vs_one_device": difference(train_apply("global")(images), whole),
+    "local_vs_each_share": difference(local[0], np.concatenate([s[0] for s in shares])),
+    "local_vs_one_device": difference(local[0], whole[0]),
+    "local_running_vs_shares_mean": difference(
+        local[1], jax.tree.map(lambda *s: np.mean(s, 0), *[s[1] for s in shares])),
+    "same_tree": jax.tree.structure(local[1]) == jax.tree.structure(whole[1]),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_bn_sync_global_is_the_whole_batch_and_local_each_devices_own_on_4_devices():
+  """On 4 forced CPU devices, a batch of 8 (2 rows per device): "global" normalizes as one
+  device with the whole batch; "local" as each device alone with its 2 rows, and its
+  running averages are those of the 4 devices averaged."""
+  result = subprocess.run(
+      [sys.executable, "-c", _BN_SYNC_CHECK], cwd=REPO, capture_output=True, text=True,
+      timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                        "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads(result.stdout.strip().splitlines()[-1])
+  assert found["devices"] == 4 and found["same_tree"]
+  assert found["global_vs_one_device"] < 1e-5
+  assert found["local_vs_each_share"] < 1e-5 and found["local_running_vs_shares_mean"] < 1e-5
+  assert found["local_vs_one_device"] > 1e-2  # the two really differ
+
+
+def test_bn_sync_is_a_knob_of_the_batchnorm_models_only():
+  from research import models
+  from research.errors import UserError
+
+  assert models.defaults("resnet20")["bn_sync"] == "global"
+  assert "bn_sync" in models.MODELS["wide_resnet"].knobs
+  assert "bn_sync" not in models.MODELS["cnn"].knobs
+  config = {"name": "resnet8", "bn_sync": "per_device"}
+  with pytest.raises(UserError, match="model.bn_sync='per_device' is not accepted; use one of "
+                     "global, local"):
+    models.build(ml_collections.ConfigDict(config), 10)

@@ -170,7 +170,7 @@ def test_config_argument_puts_a_models_knobs_on_the_command_line():
   config = default.get_config("model=wide_resnet")
   assert config.model.to_dict() == {"name": "wide_resnet", "depth": 16, "width": 4,
                                     "dropout_rate": 0.0, "conv_impl": "auto",
-                                    "dtype": "float32"}
+                                    "dtype": "float32", "bn_sync": "global"}
   config.model.depth = 28  # what --config.model.depth=28 does on a locked config
   config.lock()
   with pytest.raises(AttributeError):

@@ -31,12 +31,16 @@ class Entry:
 
 
 # ResNets and the WideResNet (resnet.py, wide_resnet.py) declare their knobs here.
+_BN_SYNC = {"bn_sync": knobs.choice(knobs.OWN, "BatchNorm statistics: 'global' (the whole "
+                                    "batch's, all-reduced over devices) or 'local' (each "
+                                    "device's own)", resnet.BN_SYNCS)}
 _RESNET = {
     "width": knobs.integer(knobs.OWN, "channels of the first stage", low=1, high=65536),
     "stem": knobs.choice(knobs.OWN, "the first layers: 7x7/2 conv and max-pool (imagenet), "
                          "3x3/1 conv (cifar), or 3x3/1 conv and a 2x2 max-pool (pool)",
                          ("imagenet", "cifar", "pool")),
     **layers.CONV_KNOBS,
+    **_BN_SYNC,
 }
 _WIDE_RESNET = {
     "depth": knobs.integer(knobs.OWN, "layers, 6n+4 (10, 16, 22, 28, 40)", low=10, high=1000),
@@ -44,6 +48,7 @@ _WIDE_RESNET = {
                            low=1, high=65536),
     "dropout_rate": knobs.number(knobs.OWN, "dropout probability", **knobs.FRACTION),
     **layers.CONV_KNOBS,
+    **_BN_SYNC,
 }
 
 MODELS = {

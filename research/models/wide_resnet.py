@@ -2,7 +2,7 @@
 
 Pre-activation blocks (BN -> ReLU -> conv), three stages of (depth - 4) / 6
 blocks at 16k, 32k, 64k channels, optional dropout between the two convolutions
-of a block. BatchNorm statistics behave as in `resnet.py`.
+of a block. BatchNorm statistics behave as in `resnet.py` (`bn_sync` included).
 """
 
 import functools
@@ -39,6 +39,7 @@ class WideResNet(nn.Module):
   dropout_rate: float = 0.0
   conv_impl: str = "auto"  # "im2col" on CPU, "xla" on GPU/TPU
   dtype: jnp.dtype = jnp.float32
+  bn_sync: str = "global"  # or "local": each device's own BatchNorm statistics (resnet.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -1,0 +1,81 @@
+"""The persistent compilation cache (research/compile_cache.py): where it is, that a second
+run loads what the first compiled, that two runs can fill it at once, and that a damaged or
+unwritable cache costs a warning, never the run."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from conftest import REPO
+
+from research import compile_cache
+
+# One step and the evaluation: the run's three big programs (init, train loop, eval).
+RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=1",
+       "--config.log_every_steps=1"]
+
+
+def test_the_folder_comes_from_the_config_then_jax_variable_then_the_users_cache():
+  assert compile_cache.folder("off") is None
+  assert compile_cache.folder("/data/cache", {"JAX_COMPILATION_CACHE_DIR": "/x"}) == "/data/cache"
+  assert compile_cache.folder("auto", {"JAX_COMPILATION_CACHE_DIR": "/x"}) == "/x"
+  assert compile_cache.folder("auto", {"XDG_CACHE_HOME": "/c"}) == "/c/research/jax"
+  home = os.path.expanduser("~")
+  assert compile_cache.folder("auto", {}) == os.path.join(home, ".cache", "research", "jax")
+
+
+def test_an_unwritable_cache_is_a_warning_and_the_run_compiles_without_it(tmp_path, caplog):
+  (tmp_path / "file").write_text("not a folder")
+  try:
+    assert compile_cache.set_up(str(tmp_path / "file" / "cache")) is None
+    assert not jax.config.jax_enable_compilation_cache
+    assert jax.jit(lambda x: x + 1)(1) == 2  # compiles, without a cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+  assert "cannot be used" in caplog.text and "--config.compile_cache=off" in caplog.text
+
+
+def _start(workdir, cache):
+  return subprocess.Popen(
+      [sys.executable, "-m", "research.main", f"--workdir={workdir}", *RUN,
+       f"--config.compile_cache={cache}"], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _finish(process) -> str:
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode == 0, stderr[-3000:]
+  return stderr
+
+
+def _entries(cache) -> dict:
+  """{entry file: bytes of its access-time file}, which JAX rewrites on every read."""
+  return {path: open(path[:-len("cache")] + "atime", "rb").read()
+          for path in glob.glob(os.path.join(cache, "*-cache"))}
+
+
+@pytest.mark.slow
+def test_runs_fill_the_cache_together_load_it_and_survive_damaged_entries(tmp_path):
+  cache = tmp_path / "cache"
+  # Two runs write the empty cache at once (JAX locks each entry: no torn files).
+  for stderr in map(_finish, [_start(tmp_path / name, cache) for name in ("a", "b")]):
+    assert "Error reading persistent compilation cache" not in stderr
+  written = _entries(cache)
+  names = {os.path.basename(path).split("-")[0] for path in written}
+  assert {"jit_create_state", "jit_train_many", "jit_evaluate_all"} <= names
+  # A third, identical run reads every program and compiles none of them again.
+  stderr = _finish(_start(tmp_path / "c", cache))
+  read = _entries(cache)
+  assert read.keys() == written.keys()
+  assert all(read[path] != written[path] for path in written)
+  # Damaged entries (cut in half): JAX warns and compiles; the run ends the same.
+  for path in written:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  damaged = _finish(_start(tmp_path / "d", cache))
+  assert "Error reading persistent compilation cache entry" in damaged
+  fingerprint = lambda text: text.strip().splitlines()[-1].split("params ")[-1]
+  assert fingerprint(damaged) == fingerprint(stderr)
