@@ -397,6 +397,6 @@ def test_bn_sync_is_a_knob_of_the_batchnorm_models_only():
   assert "bn_sync" in models.MODELS["wide_resnet"].knobs
   assert "bn_sync" not in models.MODELS["cnn"].knobs
   config = {"name": "resnet8", "bn_sync": "per_device"}
-  with pytest.raises(UserError, match="model.bn_sync='per_device' is not accepted; use one of "
-                     "global, local"):
+  with pytest.raises(UserError, match="model.bn_sync='per_device' is not accepted: one of "
+                     "'global', 'local'"):
     models.build(ml_collections.ConfigDict(config), 10)
