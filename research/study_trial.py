@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Callable
 
+from research import backend
 from research.errors import UserError
 
 LOG_FILE = "trial.log"  # the child's stdout and stderr, every session appended
@@ -40,7 +41,11 @@ class Slot:
 
 
 def visible_gpus() -> list[str]:
-  """NVIDIA GPUs this process may use, without starting JAX (which would claim their memory)."""
+  """NVIDIA GPUs this process's trainers may use, without starting JAX (which would claim
+  their memory); none when JAX will not run on GPUs (JAX_PLATFORMS=cpu, or no CUDA plugin),
+  whatever nvidia-smi shows."""
+  if backend.planned_platform() != "gpu":
+    return []
   listed = os.environ.get("CUDA_VISIBLE_DEVICES")
   if listed is not None:
     return [gpu for gpu in (g.strip() for g in listed.split(",")) if gpu and gpu != "-1"]

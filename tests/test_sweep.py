@@ -169,7 +169,8 @@ def test_slurm_array_tasks_are_workers_of_one_study(tmp_path):
 def test_workers_get_devices_of_their_own(monkeypatch):
   from research import study_trial
 
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a 4-GPU node: whole GPUs each
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # JAX runs on the GPUs...
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # ... of a 4-GPU node: whole GPUs each
   slots = study_trial.device_slots(2)
   assert [slot.env["CUDA_VISIBLE_DEVICES"] for slot in slots] == ["0,1", "2,3"]
   assert [slot.cpus for slot in slots] == [(), ()]
@@ -177,6 +178,8 @@ def test_workers_get_devices_of_their_own(monkeypatch):
       "0", "1", "2", "3"]
   with pytest.raises(UserError, match="--workers=5 needs a GPU each, but this machine shows 4"):
     study_trial.device_slots(5)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # GPUs listed, but JAX on the CPU: cores each
+  assert study_trial.device_slots(2)[0].env.get("CUDA_VISIBLE_DEVICES") is None
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: a share of the cores each
   cores = sorted(os.sched_getaffinity(0))
   slots = study_trial.device_slots(len(cores))
