@@ -2,13 +2,12 @@
 
 import json
 import os
-import random
 import signal
 
 import numpy as np
 import pytest
 
-from conftest import interrupt_at_step, records, run_main
+from conftest import interrupt_at_step, last_train_step, records, run_main
 
 RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=240",
        "--config.log_every_steps=10", "--config.eval_every_steps=80",
@@ -31,23 +30,27 @@ def reference(tmp_path_factory):
   return workdir
 
 
+# Each signal lands mid-run, well before step 240 (a run that finished first would test
+# nothing): SIGKILL just after the checkpoint at 120, SIGTERM between checkpoints, SIGINT
+# after the evaluation at 80 and the checkpoint at 150.
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+@pytest.mark.parametrize("sig, at_step", [(signal.SIGKILL, 128), (signal.SIGTERM, 63),
+                                          (signal.SIGINT, 155)],
                          ids=["SIGKILL", "SIGTERM", "SIGINT"])
-def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path, sig):
-  at_step = random.Random(int(sig)).randrange(10, 230)
+def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path, sig, at_step):
   workdir = str(tmp_path / "run")
   code, stderr = interrupt_at_step(workdir, RUN, sig, at_step)
-  if code != 0:  # the run may have finished before the signal landed
-    if sig == signal.SIGKILL:
-      assert code == -signal.SIGKILL
-    else:
-      assert code == 128 + sig, stderr[-3000:]
-      assert "Preempted" in stderr and "checkpoint at step" in stderr
+  assert code != 0, "the run finished before the signal: nothing was interrupted"
+  if sig == signal.SIGKILL:
+    assert code == -signal.SIGKILL
+  else:
+    assert code == 128 + sig, stderr[-3000:]
+    assert "Preempted" in stderr and "checkpoint at step" in stderr
+  stopped = last_train_step(workdir)
+  assert at_step <= stopped < 240, stopped
   resumed = run_main(workdir, *RUN)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  if code != 0:
-    assert "Resumed from checkpoint step" in resumed.stderr
+  assert "Resumed from checkpoint step" in resumed.stderr
   assert records(workdir) == records(reference)
   for a, b in zip(_final_params(workdir).values(), _final_params(reference).values()):
     for name in a:
