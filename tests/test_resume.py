@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -20,6 +21,31 @@ def _final_params(workdir):
   directory = os.path.join(workdir, "checkpoints", "240", "state")
   state = ocp.StandardCheckpointer().restore(directory)
   return state["params"]
+
+
+def _finished_run(tmp_path_factory, name, steps):
+  workdir = str(tmp_path_factory.mktemp(name))
+  result = run_main(workdir, *RUN[:1], f"--config.num_train_steps={steps}", *RUN[2:])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def run_of_90_steps(tmp_path_factory):
+  """A finished 90-step run (checkpoints 30, 60, 80, 90): tests copy it before changing it."""
+  return _finished_run(tmp_path_factory, "ninety", 90)
+
+
+@pytest.fixture(scope="module")
+def run_of_30_steps(tmp_path_factory):
+  """A finished 30-step run, only read: the source of fine-tuning and restoring tests."""
+  return _finished_run(tmp_path_factory, "thirty", 30)
+
+
+def _copy(workdir, tmp_path) -> str:
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, symlinks=True)
+  return copy
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +83,8 @@ def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path
       np.testing.assert_array_equal(a[name], b[name])
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-  workdir = str(tmp_path / "run")
-  short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
-  assert run_main(workdir, *short).returncode == 0
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(run_of_90_steps, tmp_path):
+  workdir = _copy(run_of_90_steps, tmp_path)
   data_dir = os.path.join(workdir, "checkpoints", "90", "state", "ocdbt.process_0", "d")
   for name in os.listdir(data_dir):
     path = os.path.join(data_dir, name)
@@ -74,10 +98,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert "90" in os.listdir(os.path.join(workdir, "checkpoints"))  # written again
 
 
-def test_eval_mode_evaluates_a_chosen_step_without_training(tmp_path):
-  workdir = str(tmp_path / "run")
-  short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
-  assert run_main(workdir, *short).returncode == 0
+def test_eval_mode_evaluates_a_chosen_step_without_training(run_of_90_steps, tmp_path):
+  workdir = _copy(run_of_90_steps, tmp_path)
   before = records(workdir)
   result = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=60")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -90,9 +112,8 @@ def test_eval_mode_evaluates_a_chosen_step_without_training(tmp_path):
   assert missing.returncode == 2 and "one of the steps [60, 80, 90]" in missing.stderr
 
 
-def test_init_from_another_run_and_head_reinitialization(tmp_path):
-  source = str(tmp_path / "source")
-  assert run_main(source, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+def test_init_from_another_run_and_head_reinitialization(run_of_30_steps, tmp_path):
+  source = run_of_30_steps
   fine_tuned = run_main(str(tmp_path / "fine_tuned"), *RUN[:1], "--config.num_train_steps=10",
                         f"--config.init_from={source}")
   assert fine_tuned.returncode == 0, fine_tuned.stderr[-3000:]
@@ -105,7 +126,7 @@ def test_two_fresh_runs_are_bitwise_equal(reference, tmp_path):
   assert records(workdir) == records(reference)
 
 
-def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_path):
+def test_restoring_into_a_different_model_names_the_mismatching_parameters(run_of_30_steps):
   import jax
   import optax
 
@@ -113,8 +134,7 @@ def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_p
   from research.errors import UserError
   from research.models.cnn import CNN
 
-  workdir = str(tmp_path / "run")
-  assert run_main(workdir, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  workdir = run_of_30_steps
   wider = CNN(num_classes=10, conv_features=(48, 64))
   abstract = jax.eval_shape(lambda: train.create_state(wider, optax.adam(1e-3), (28, 28, 1), 0))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -126,7 +146,7 @@ def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_p
   assert "Traceback" not in message
 
 
-def test_init_from_reinitializes_the_head_only_when_asked(tmp_path):
+def test_init_from_reinitializes_the_head_only_when_asked(run_of_30_steps):
   import jax
   import optax
 
@@ -134,8 +154,7 @@ def test_init_from_reinitializes_the_head_only_when_asked(tmp_path):
   from research.errors import UserError
   from research.models.cnn import CNN
 
-  source = str(tmp_path / "source")
-  assert run_main(source, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  source = run_of_30_steps
   five_classes = train.create_state(CNN(num_classes=5), optax.adam(1e-3), (28, 28, 1), 0)
   with pytest.raises(UserError) as error:
     checkpoint.initialize_from(five_classes, source, num_classes=5, reinit_head=False)
