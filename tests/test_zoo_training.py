@@ -1,5 +1,6 @@
-"""Every model of the zoo trains a few steps on real Fashion-MNIST batches (the deeper
-ResNets are in test_zoo_deep.py: a file of their own, so the two run side by side)."""
+"""Every model of the zoo trains a few steps on real Fashion-MNIST batches: the quick ones
+here; the ResNets, compile-bound and so slow, in test_zoo_resnets.py and test_zoo_deep.py
+(files of their own, so that `make test`'s workers run them side by side)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import pytest
 
 from test_zoo import SMALL_KNOBS, _model, _quick_jit, _train
 
-# Deeper siblings of resnet20 / resnet18 (same blocks, more of them): compile-bound, so slow.
+# Compile-bound, so slow: the ResNets of test_zoo_resnets.py, and their deeper siblings
+# (same blocks, more of them) of test_zoo_deep.py.
+RESNETS = {"resnet14", "resnet18", "resnet20", "wide_resnet"}
 DEEP = {"resnet32", "resnet56", "resnet34", "resnet50"}
 
 
@@ -27,6 +30,6 @@ def trains_a_few_steps(fashion_mnist, name):
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", sorted(set(SMALL_KNOBS) - DEEP))
+@pytest.mark.parametrize("name", sorted(set(SMALL_KNOBS) - RESNETS - DEEP))
 def test_every_model_trains_a_few_steps_on_real_batches(fashion_mnist, name):
   trains_a_few_steps(fashion_mnist, name)
