@@ -22,7 +22,7 @@ def test_make_bench_trains_and_measures_every_recipe(tmp_path):
   command = [sys.executable, "-m", "research.benchmark", "--recipes=seed,seed_bf16,resnet20",
              "--batch_sizes=32", f"--out={out}",
              *[f"--train_flag={flag}" for flag in QUICK_TRAINING]]
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out / "bench.json") as f:
     results = json.load(f)

@@ -29,7 +29,7 @@ def test_make_bench_compare_runs_ours_and_the_keras_reference(tmp_path):
              f"--keras_python={sys.executable}", "--peers=keras", "--rounds=1", "--epochs=2",
              "--batch_sizes=32", "--throughput_steps=10", f"--out={out}",
              *[f"--train_flag={flag}" for flag in QUICK_TRAINING]]
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out / "bench_compare.json") as f:
     report = json.load(f)
