@@ -18,7 +18,7 @@ def _prepare(data_dir, *flags):
   command = [sys.executable, "-m", "research.prepare_data", "--dataset=fashion_mnist",
              f"--data_dir={data_dir}", *flags]
   # Offline: the files must come from Debian's package, never from a download.
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800,
                         env={**os.environ, prepare_data.OFFLINE_ENV: "1"})
 
 
