@@ -14,7 +14,8 @@ ACCEL_INSTALL := $(if $(ACCEL_LOCK),-c $(ACCEL_LOCK) 'jax[$(ACCEL)]')
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 # Two workers (the machine's two cores); a test file stays on one worker, so its
-# module-wide fixtures (a trained workdir, say) are built once.
+# module-wide fixtures (a trained workdir, say) are built once. Compiled programs are
+# shared by every test and run through JAX's compilation cache (tests/conftest.py).
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: train test test-fast data postgres bench bench-compare bench-input check-accelerator clean
@@ -75,10 +76,12 @@ postgres:
 train: data
 	$(BIN)/python -m research.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# The bench-compare test runs the Keras reference of $(SHARED)/bench.
 test: data postgres
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	SHARED_BENCH=$(SHARED)/bench $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Skips the slow end-to-end tests (CI runs them).
+# A quick signal while working: skips the tests marked slow (end-to-end runs, the
+# compile-bound ResNets, the benchmarks), which `make test` runs.
 test-fast: data postgres
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 

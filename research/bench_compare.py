@@ -31,6 +31,7 @@ _TORCH = flags.DEFINE_string("torch_python", "build/bench-env/torch/bin/python",
 _SHARED = flags.DEFINE_string("shared", "../shared/bench", "Folder of keras_seed.py, torch_seed.py.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per training run (>= 2: epoch 1 compiles).")
+_PEERS = flags.DEFINE_list("peers", ["keras", "torch"], "Which references run: keras, torch.")
 _STEPS = flags.DEFINE_integer("throughput_steps", 100, "Timed steps per batch size (peers).")
 
 
@@ -52,6 +53,7 @@ def _run(command: list[str]) -> tuple[list[dict], float]:
 # bfloat16 matmul operands (float32 accumulation), the one change of arithmetic.
 OURS = {"ours (JAX)": "seed", "ours (JAX, bf16)": "seed_bf16"}  # name: benchmark.RECIPES key
 PEERS = ("Keras/TF", "PyTorch")
+PEER_FLAGS = {"keras": "Keras/TF", "torch": "PyTorch"}  # --peers value: name
 
 
 def ours(epochs: int, recipe: str) -> dict:
@@ -73,11 +75,19 @@ def peer(python: str, script: str, epochs: int) -> dict:
 
 def main(argv):
   del argv
+  unknown = set(_PEERS.value) - set(PEER_FLAGS)
+  if unknown:
+    print(f"error: --peers={','.join(_PEERS.value)} is not accepted: name keras, torch or both, "
+          "e.g. --peers=keras", file=sys.stderr)
+    sys.exit(2)
+  peers = [PEER_FLAGS[key] for key in PEER_FLAGS if key in _PEERS.value]
   contestants = {
       **{name: functools.partial(ours, _EPOCHS.value, recipe) for name, recipe in OURS.items()},
       "Keras/TF": lambda: peer(_KERAS.value, "keras_seed.py", _EPOCHS.value),
       "PyTorch": lambda: peer(_TORCH.value, "torch_seed.py", _EPOCHS.value),
   }
+  contestants = {name: run for name, run in contestants.items()
+                 if name in OURS or name in peers}
   names = list(contestants)
   rounds = []
   for index in range(_ROUNDS.value):
@@ -90,13 +100,15 @@ def main(argv):
 
   throughput = {name: {} for name in contestants}
   batches = ",".join(benchmark.BATCH_SIZES.value)
-  for row in _run([_TORCH.value, os.path.join(_SHARED.value, "torch_seed.py"), "--bench", batches,
-                   "--steps", str(_STEPS.value), "--windows", "3"])[0]:
-    throughput["PyTorch"][row["batch"]] = row["median_window_img_per_s"]
-  for row in _run([_KERAS.value, os.path.join(benchmark.REPO, "research", "peers",
-                                              "keras_throughput.py"),
-                   "--batches", batches, "--steps", str(_STEPS.value)])[0]:
-    throughput["Keras/TF"][row["batch"]] = row["images_per_sec"]
+  if "PyTorch" in peers:
+    for row in _run([_TORCH.value, os.path.join(_SHARED.value, "torch_seed.py"), "--bench",
+                     batches, "--steps", str(_STEPS.value), "--windows", "3"])[0]:
+      throughput["PyTorch"][row["batch"]] = row["median_window_img_per_s"]
+  if "Keras/TF" in peers:
+    for row in _run([_KERAS.value, os.path.join(benchmark.REPO, "research", "peers",
+                                                "keras_throughput.py"),
+                     "--batches", batches, "--steps", str(_STEPS.value)])[0]:
+      throughput["Keras/TF"][row["batch"]] = row["images_per_sec"]
   for name, recipe in OURS.items():
     config_file, overrides = benchmark.RECIPES[recipe]
     for batch in benchmark.BATCH_SIZES.value:
@@ -119,7 +131,7 @@ def main(argv):
 def markdown(report: dict) -> str:
   rounds = report["rounds"]
   names = list(rounds[0])
-  pairs = [(peer_name, mine) for mine in OURS for peer_name in PEERS]
+  pairs = [(peer_name, mine) for mine in OURS for peer_name in PEERS if peer_name in names]
   lines = [f"Seed recipe (batch 32, Adam), {report['epochs']} epochs per run, {len(rounds)} "
            f"interleaved rounds, {report['cpu_count']} CPU cores, {report['date']}.", "",
            "| round | " + " | ".join(f"{n} s/epoch" for n in names) + " | " +

@@ -39,6 +39,9 @@ _EPOCHS = flags.DEFINE_integer("resnet_epochs", 2,
 OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
 MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
                                    "batches larger than this, on CPU only (0: none).")
+TRAIN_FLAGS = flags.DEFINE_multi_string(
+    "train_flag", [], "A --config.FIELD=VALUE flag added to every training run, after the "
+    "recipe's (repeatable): a quick bench, e.g. --train_flag=--config.num_epochs=2.")
 _MEASURE = flags.DEFINE_string("measure", None, "Internal: the JSON of one measurement to run "
                                "in this (child) process; prints RESULT {json}.")
 
@@ -128,7 +131,7 @@ def training_run(config_file: str, overrides: list[str]) -> dict:
   """Runs `research.main` in a subprocess; returns epoch times, accuracy, peak RSS."""
   with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
     command = [sys.executable, "-m", "research.main", f"--config={config_file}",
-               f"--workdir={workdir}", *overrides]
+               f"--workdir={workdir}", *overrides, *TRAIN_FLAGS.value]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)

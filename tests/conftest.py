@@ -20,6 +20,35 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+def _share_compiled_programs() -> None:
+  """JAX's persistent compilation cache for this test process, its xdist workers and every
+  run they start (they inherit the environment): the smoke runs compile the same programs
+  dozens of times, and a cached program is the one XLA would build again (the key holds
+  the program, the XLA flags, the backend and JAX's version), so bits do not change.
+
+  One folder per `pytest` session, made by the process collecting first (the controller
+  under xdist: its workers inherit the variable), so a fresh clone pays every compile once.
+  JAX_COMPILATION_CACHE_DIR set beforehand is used instead and kept (re-runs then start warm).
+  """
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="research-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    owner = os.getpid()
+    # Removed by the process that made it (workers and runs exit before the controller).
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+  # Cache every program, however quick to compile or small: the defaults (at least 1 s of
+  # compiling) would skip most of the smoke programs.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+_share_compiled_programs()
+
+
 def pytest_collection_modifyitems(config, items):
   """Skips `cpu_only` tests when JAX's backend is not the CPU (research/backend.py)."""
   marked = [item for item in items if item.get_closest_marker("cpu_only")]

@@ -2,13 +2,13 @@
 
 import json
 import os
-import random
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
-from conftest import interrupt_at_step, records, run_main
+from conftest import interrupt_at_step, last_train_step, records, run_main
 
 RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=240",
        "--config.log_every_steps=10", "--config.eval_every_steps=80",
@@ -23,6 +23,31 @@ def _final_params(workdir):
   return state["params"]
 
 
+def _finished_run(tmp_path_factory, name, steps):
+  workdir = str(tmp_path_factory.mktemp(name))
+  result = run_main(workdir, *RUN[:1], f"--config.num_train_steps={steps}", *RUN[2:])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def run_of_90_steps(tmp_path_factory):
+  """A finished 90-step run (checkpoints 30, 60, 80, 90): tests copy it before changing it."""
+  return _finished_run(tmp_path_factory, "ninety", 90)
+
+
+@pytest.fixture(scope="module")
+def run_of_30_steps(tmp_path_factory):
+  """A finished 30-step run, only read: the source of fine-tuning and restoring tests."""
+  return _finished_run(tmp_path_factory, "thirty", 30)
+
+
+def _copy(workdir, tmp_path) -> str:
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy, symlinks=True)
+  return copy
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -31,33 +56,35 @@ def reference(tmp_path_factory):
   return workdir
 
 
+# Each signal lands mid-run, well before step 240 (a run that finished first would test
+# nothing): SIGKILL just after the checkpoint at 120, SIGTERM between checkpoints, SIGINT
+# after the evaluation at 80 and the checkpoint at 150.
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+@pytest.mark.parametrize("sig, at_step", [(signal.SIGKILL, 128), (signal.SIGTERM, 63),
+                                          (signal.SIGINT, 155)],
                          ids=["SIGKILL", "SIGTERM", "SIGINT"])
-def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path, sig):
-  at_step = random.Random(int(sig)).randrange(10, 230)
+def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path, sig, at_step):
   workdir = str(tmp_path / "run")
   code, stderr = interrupt_at_step(workdir, RUN, sig, at_step)
-  if code != 0:  # the run may have finished before the signal landed
-    if sig == signal.SIGKILL:
-      assert code == -signal.SIGKILL
-    else:
-      assert code == 128 + sig, stderr[-3000:]
-      assert "Preempted" in stderr and "checkpoint at step" in stderr
+  assert code != 0, "the run finished before the signal: nothing was interrupted"
+  if sig == signal.SIGKILL:
+    assert code == -signal.SIGKILL
+  else:
+    assert code == 128 + sig, stderr[-3000:]
+    assert "Preempted" in stderr and "checkpoint at step" in stderr
+  stopped = last_train_step(workdir)
+  assert at_step <= stopped < 240, stopped
   resumed = run_main(workdir, *RUN)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  if code != 0:
-    assert "Resumed from checkpoint step" in resumed.stderr
+  assert "Resumed from checkpoint step" in resumed.stderr
   assert records(workdir) == records(reference)
   for a, b in zip(_final_params(workdir).values(), _final_params(reference).values()):
     for name in a:
       np.testing.assert_array_equal(a[name], b[name])
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-  workdir = str(tmp_path / "run")
-  short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
-  assert run_main(workdir, *short).returncode == 0
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(run_of_90_steps, tmp_path):
+  workdir = _copy(run_of_90_steps, tmp_path)
   data_dir = os.path.join(workdir, "checkpoints", "90", "state", "ocdbt.process_0", "d")
   for name in os.listdir(data_dir):
     path = os.path.join(data_dir, name)
@@ -71,10 +98,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert "90" in os.listdir(os.path.join(workdir, "checkpoints"))  # written again
 
 
-def test_eval_mode_evaluates_a_chosen_step_without_training(tmp_path):
-  workdir = str(tmp_path / "run")
-  short = RUN[:1] + ["--config.num_train_steps=90", *RUN[2:]]
-  assert run_main(workdir, *short).returncode == 0
+def test_eval_mode_evaluates_a_chosen_step_without_training(run_of_90_steps, tmp_path):
+  workdir = _copy(run_of_90_steps, tmp_path)
   before = records(workdir)
   result = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=60")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -87,9 +112,8 @@ def test_eval_mode_evaluates_a_chosen_step_without_training(tmp_path):
   assert missing.returncode == 2 and "one of the steps [60, 80, 90]" in missing.stderr
 
 
-def test_init_from_another_run_and_head_reinitialization(tmp_path):
-  source = str(tmp_path / "source")
-  assert run_main(source, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+def test_init_from_another_run_and_head_reinitialization(run_of_30_steps, tmp_path):
+  source = run_of_30_steps
   fine_tuned = run_main(str(tmp_path / "fine_tuned"), *RUN[:1], "--config.num_train_steps=10",
                         f"--config.init_from={source}")
   assert fine_tuned.returncode == 0, fine_tuned.stderr[-3000:]
@@ -102,7 +126,7 @@ def test_two_fresh_runs_are_bitwise_equal(reference, tmp_path):
   assert records(workdir) == records(reference)
 
 
-def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_path):
+def test_restoring_into_a_different_model_names_the_mismatching_parameters(run_of_30_steps):
   import jax
   import optax
 
@@ -110,8 +134,7 @@ def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_p
   from research.errors import UserError
   from research.models.cnn import CNN
 
-  workdir = str(tmp_path / "run")
-  assert run_main(workdir, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  workdir = run_of_30_steps
   wider = CNN(num_classes=10, conv_features=(48, 64))
   abstract = jax.eval_shape(lambda: train.create_state(wider, optax.adam(1e-3), (28, 28, 1), 0))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -123,7 +146,7 @@ def test_restoring_into_a_different_model_names_the_mismatching_parameters(tmp_p
   assert "Traceback" not in message
 
 
-def test_init_from_reinitializes_the_head_only_when_asked(tmp_path):
+def test_init_from_reinitializes_the_head_only_when_asked(run_of_30_steps):
   import jax
   import optax
 
@@ -131,8 +154,7 @@ def test_init_from_reinitializes_the_head_only_when_asked(tmp_path):
   from research.errors import UserError
   from research.models.cnn import CNN
 
-  source = str(tmp_path / "source")
-  assert run_main(source, *RUN[:1], "--config.num_train_steps=30", *RUN[2:]).returncode == 0
+  source = run_of_30_steps
   five_classes = train.create_state(CNN(num_classes=5), optax.adam(1e-3), (28, 28, 1), 0)
   with pytest.raises(UserError) as error:
     checkpoint.initialize_from(five_classes, source, num_classes=5, reinit_head=False)

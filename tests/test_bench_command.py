@@ -1,0 +1,43 @@
+"""`make bench` end to end at smoke size: the command the Makefile runs, with every
+recipe's real training run and throughput measurement, the training shrunk by flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# The training runs on 1,280 examples: 40 steps an epoch at batch 32, 10 at the ResNet's
+# 128, so a log line (every 10 steps) lands on every epoch end, which the bench times.
+QUICK_TRAINING = ["--config.dataset.train_split=train[:1280]", "--config.num_epochs=2",
+                  "--config.log_every_steps=10", "--config.dataset.eval_split=test[:1000]"]
+
+
+@pytest.mark.slow
+def test_make_bench_trains_and_measures_every_recipe(tmp_path):
+  out = tmp_path / "build"
+  command = [sys.executable, "-m", "research.benchmark", "--recipes=seed,seed_bf16,resnet20",
+             "--batch_sizes=32", f"--out={out}",
+             *[f"--train_flag={flag}" for flag in QUICK_TRAINING]]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / "bench.json") as f:
+    results = json.load(f)
+  assert list(results["recipes"]) == ["seed", "seed_bf16", "resnet20"]
+  assert results["machine"]["cpu_count"] == os.cpu_count()
+  for name, recipe in results["recipes"].items():
+    run = recipe["training"]
+    assert len(run["epoch_seconds"]) == 2, (name, run)  # both epochs timed
+    assert 0 < run["median_epoch_seconds"] and 0.1 < run["test_accuracy"] <= 1, (name, run)
+    assert run["peak_rss_mb"] > 100
+    [row] = recipe["throughput"]
+    assert row["batch_size"] == 32 and row["images_per_sec"] > 0
+    assert row["flops_per_image"] > 0 and row["gflops_per_sec"] > 0
+  table = (out / "bench.md").read_text()
+  assert table.strip() == result.stdout.strip()
+  rows = [line for line in table.splitlines() if line.startswith("| ") and "recipe" not in line]
+  assert [row.split("|")[1].strip() for row in rows] == ["seed", "seed_bf16", "resnet20"]
+  assert "n/a" not in table
