@@ -94,7 +94,7 @@ def registry_fields(section: str, name: str) -> dict:
   defaults ({} for a name the registry does not know: `SECTION.name` fails on its own)."""
   registry = REGISTRY_SECTIONS[section]
   known = models.MODELS if section == "model" else optim.OPTIMIZERS
-  if name not in known:
+  if not isinstance(name, str) or name not in known:
     return {}
   common = optim.COMMON if section == "optimizer" else {}
   return {f"{section}.{knob}": field

@@ -134,7 +134,7 @@ def fields(name: str) -> dict:
 
 
 def _lookup(name: str) -> Entry:
-  if name not in OPTIMIZERS:
+  if not isinstance(name, str) or name not in OPTIMIZERS:
     raise UserError(f"optimizer.name={name!r} is unknown. Known optimizers: "
                     f"{', '.join(OPTIMIZERS)}.")
   return OPTIMIZERS[name]
@@ -271,7 +271,7 @@ def build_schedule(schedule_config, learning_rate: float, steps_per_epoch: float
                    total_steps: int):
   """A float (constant, no warmup) or an optax schedule over `total_steps` updates."""
   name = schedule_config.name
-  if name not in SCHEDULES:
+  if not isinstance(name, str) or name not in SCHEDULES:
     raise UserError(f"schedule.name={name!r} is unknown. Known schedules: {', '.join(SCHEDULES)}.")
   entry = SCHEDULES[name]
   declared = schedule_fields()

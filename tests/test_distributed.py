@@ -10,9 +10,10 @@ gradient of a batch is one sum over 32 examples; with eight devices each device
 sums its 4 examples and an all-reduce adds the eight partial sums (across
 processes, through gloo over TCP). Float32 addition is not associative, so the
 parameters differ in their last bits after the first step, and training
-amplifies the difference slowly. Measured here (relative, per-step train loss):
-at most 1e-6 by step 40, 2e-5 by step 60. RTOL = 1e-3 leaves room for other
-CPUs and XLA versions and still catches a real mismatch: a wrong, missing or
+amplifies the difference slowly. Measured (relative, per-step train loss): on an AMD
+Zen 5 (AVX-512) at most 1e-6 by step 40 and 2e-5 by step 60; on a Zen 3 (AVX2 only)
+1.9e-3 by step 55. RTOL = 5e-3 leaves room for other CPUs and XLA versions and
+still catches a real mismatch: a wrong, missing or
 duplicated shard of a batch means other examples, and the losses part by
 percents within a few steps.
 """
@@ -31,7 +32,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_main
 
-RTOL = 1e-3
+RTOL = 5e-3
 TEST_EXAMPLES = 10000
 # 96 divides by 1, 4 and 8 devices but not into 10000: the last eval batch is padded.
 COMMON = ["--config=configs/default.py:smoke", "--config.log_every_steps=1",
@@ -52,8 +53,13 @@ def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, ti
 
 
 def _records(workdir, split):
+  """metrics.jsonl's records of `split`: "train", or "eval" for the evaluations (named by
+  their split, e.g. test[:1000])."""
+  from research.run_log import is_evaluation
+
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if r["split"] == split]
+    return [r for r in map(json.loads, f)
+            if (is_evaluation(r) if split == "eval" else r["split"] == split)]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -64,7 +70,7 @@ def _assert_same_training(workdir, reference, steps):
   losses, expected = _losses(workdir), _losses(reference)
   assert sorted(losses) == list(steps), "one train line per step, written once (process 0 only)"
   np.testing.assert_allclose([losses[s] for s in steps], [expected[s] for s in steps], rtol=RTOL)
-  tests, expected_tests = _records(workdir, "test"), {r["step"]: r for r in _records(reference, "test")}
+  tests, expected_tests = _records(workdir, "eval"), {r["step"]: r for r in _records(reference, "eval")}
   assert tests
   for record in tests:
     assert record["num_examples"] == TEST_EXAMPLES  # every example once, padding masked out
@@ -199,7 +205,7 @@ def test_eight_device_checkpoint_resumes_on_one_device(one_device, eight_devices
   assert "1 device(s)" in result.stderr
   # Steps 41-60 continue the 8-device run as the uninterrupted 1-device run went on.
   _assert_same_training(workdir, one_device, range(1, 61))
-  assert [r["step"] for r in _records(workdir, "test")] == [20, 40, 60]
+  assert [r["step"] for r in _records(workdir, "eval")] == [20, 40, 60]
 
 
 # ---- Restore and init_from across device counts -------------------------------
@@ -235,8 +241,8 @@ def _run_on(devices: int, processes: int = 1):
 def _check_move(source, source_flags, tmp_path, run, devices: int, *fine_tune_flags):
   """The source's final parameters arrive unchanged on the target layout, by resume
   and by init_from."""
-  fingerprint = _records(source, "test")[-1]["params_fingerprint"]
-  step = _records(source, "test")[-1]["step"]
+  fingerprint = _records(source, "eval")[-1]["params_fingerprint"]
+  step = _records(source, "eval")[-1]["step"]
   resumed = str(tmp_path / "resumed")
   shutil.copytree(source, resumed)
   result = run(resumed, *source_flags)
@@ -250,7 +256,7 @@ def _check_move(source, source_flags, tmp_path, run, devices: int, *fine_tune_fl
   assert result.returncode == 0, result.stderr[-5000:]
   assert f"Initialized from {source} (params {fingerprint})" in result.stderr
   assert f"{devices} device(s)" in result.stderr
-  assert _records(fine_tuned, "test")[-1]["num_examples"] == 200
+  assert _records(fine_tuned, "eval")[-1]["num_examples"] == 200
 
 
 def test_four_device_checkpoint_restores_and_initializes_on_one_device(four_devices, tmp_path):

@@ -37,6 +37,6 @@ def test_fashion_mnist_resnet_recipe_trains_and_learns(tmp_path):
                     "--config.num_train_steps=30", "--config.eval_every_steps=30",
                     "--config.log_every_steps=10", "--config.dataset.eval_split=test[:1000]")
   assert result.returncode == 0, result.stderr[-3000:]
-  test = [r for r in records(workdir) if r["split"] == "test"]
+  test = [r for r in records(workdir) if r["split"] == "test[:1000]"]
   assert test[-1]["step"] == 30 and test[-1]["num_examples"] == 1000
   assert test[-1]["accuracy"] > 0.3  # chance is 0.1

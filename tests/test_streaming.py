@@ -133,7 +133,7 @@ def test_report_reads_a_streamed_eval_split_in_chunks(stream_reference, fashion_
   np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), test_split.labels[:1000])
   # The report's confusion matrix of the stream run's checkpoint agrees with its own evaluation.
   evaluation = report.evaluate_checkpoint(stream_reference, "latest")
-  final = json.load(open(os.path.join(stream_reference, "run.json")))["final_metrics"]["test"]
+  final = json.load(open(os.path.join(stream_reference, "run.json")))["final_metrics"]["test[:1000]"]
   assert evaluation["counts"].sum() == 1000
   assert evaluation["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
 
@@ -170,7 +170,7 @@ def test_memory_path_trains_exactly_like_the_stream(stream_reference, tmp_path):
   final = train.train_and_evaluate(_config(**{"dataset.input": "memory"}), workdir)
   assert records(workdir) == records(stream_reference)
   assert final["num_examples"] == 1000
-  tests = [r for r in records(stream_reference) if r["split"] == "test"]
+  tests = [r for r in records(stream_reference) if r["split"] == "test[:1000]"]
   assert [r["step"] for r in tests] == [20, 40, 60, 80]
   assert all(r["num_examples"] == 1000 for r in tests)
   assert _meta(stream_reference, 80)["input"]["next_step"] == 80
@@ -247,11 +247,12 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
   two_processes = records(workdir)
   expected = {(r["step"], r["split"]): r for r in records(stream_reference)}
   assert [(r["step"], r["split"]) for r in two_processes] == [
-      (10, "train"), (20, "train"), (20, "test"), (30, "train"), (40, "train"), (40, "test")]
+      (10, "train"), (20, "train"), (20, "test[:1000]"), (30, "train"), (40, "train"),
+      (40, "test[:1000]")]
   for record in two_processes:
     reference = expected[(record["step"], record["split"])]
     np.testing.assert_allclose(record["loss"], reference["loss"], rtol=1e-3)
-    if record["split"] == "test":
+    if record["split"] == "test[:1000]":
       assert record["num_examples"] == 1000
       assert abs(record["accuracy"] - reference["accuracy"]) <= 2e-3  # two argmax flips
 

@@ -82,7 +82,8 @@ def _resumes(plan, path):
 def test_random_bytes_appended_to_the_journal(journal_study, caplog):
   plan, path = journal_study
   size = os.path.getsize(path)
-  garbage = os.urandom(300).replace(b"\n", b"\xfe") + b"\n" + os.urandom(40) + b"\n{\"x\": 1"
+  noise = lambda size: os.urandom(size).replace(b"\n", b"\xfe")  # no line break of its own
+  garbage = noise(300) + b"\n" + noise(40) + b"\n{\"x\": 1"
   with open(path, "ab") as f:
     f.write(garbage)
   with caplog.at_level(logging.WARNING):

@@ -72,7 +72,7 @@ MODELS = {
 
 
 def _lookup(name: str) -> Entry:
-  if name not in MODELS:
+  if not isinstance(name, str) or name not in MODELS:
     raise UserError(f"model.name={name!r} is unknown. Known models: {', '.join(MODELS)}.")
   return MODELS[name]
 
