@@ -57,13 +57,6 @@ def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
   return model, tx, init_fn, abstract_state
 
 
-def input_functions(config, source):
-  """(train_input(images, key), eval_input(images)): uint8 batches -> model input, with
-  the config's augmentations (training only) and normalization, as `source` (the
-  run's data source) provides them."""
-  return source.input_functions(config.augment)
-
-
 def make_evaluator(model, batches, eval_input=None):
   """Returns evaluate(state) -> metrics over every example of the split that
   `batches()` (a data source's `eval_batches`) pads into batches, each example once."""
@@ -174,7 +167,7 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
 
   # ---- Compiled steps and their input ----------------------------------------
   state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  train_input, eval_input = input_functions(config, source)
+  train_input, eval_input = source.input_functions(config.augment)
 
   def compile_steps(loop):  # steps.train_many or steps.train_on_batches: the same train_step
     return jax.jit(functools.partial(
@@ -323,7 +316,7 @@ def _evaluate_checkpoint(config, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh()
   model, _, _, abstract_state = build_model_and_state(config, info, mesh)
   state, _ = checkpointer.restore(abstract_state, step)
-  eval_input = input_functions(config, source)[1]
+  eval_input = source.input_functions(config.augment)[1]
   metrics = make_evaluator(model, source.eval_batches(mesh, config.eval_batch_size),
                            eval_input)(state)
   checkpointer.close()
