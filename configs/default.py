@@ -2,7 +2,7 @@
 
 Conv32-pool-Conv64-pool-Dense64-Dense10 (121,930 parameters), Glorot-uniform
 kernels and zero biases, pixels in [0, 1], softmax cross-entropy, Keras's Adam
-(`adam_keras`: epsilon 1e-7 on the uncorrected sqrt(v), see research/optim.py) at
+(`adam_keras`: epsilon 1e-7 on the uncorrected sqrt(v), see research/run/optim.py) at
 1e-3, batch 32, 10 epochs, a seeded shuffle every epoch, full test evaluation after
 every epoch.
 
@@ -22,7 +22,8 @@ optimizer's knobs (at their defaults) in the config, so `--config.model.width=32
 
 import ml_collections
 
-from research import models, optim
+from research import models
+from research.run import optim
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = "cnn"
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam_keras"  # Keras's form of Adam (research/optim.py)
+  config.optimizer.name = "adam_keras"  # Keras's form of Adam (research/run/optim.py)
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 0.0  # on kernels only; see research/optim.py
+  config.optimizer.weight_decay = 0.0  # on kernels only; see research/run/optim.py
   config.optimizer.grad_clip_norm = 0.0  # 0 = no clipping
   config.optimizer.grad_accum_steps = 1  # k > 1: one update per k batches
 
-  # Every schedule's knobs at their declared defaults (research/optim.py `SCHEDULES`):
+  # Every schedule's knobs at their declared defaults (research/run/optim.py `SCHEDULES`):
   # warmup_steps/epochs, boundaries_epochs/steps and decay_factor (piecewise),
   # end_learning_rate_factor (cosine). Names: constant | cosine | warmup_cosine | piecewise |
   # one_cycle.

@@ -10,7 +10,7 @@ lax convolutions (`conv_impl=xla`, the fast choice on accelerators).
 Expected: about 0.77 top-1 on the validation split (the references' figure for this
 recipe). NOT MEASURED HERE: no run of this config on ImageNet has been made in this
 repository, on any hardware. Data: imagenet2012 must be prepared in TFDS (manual
-download). It is streamed (`dataset.input="stream"`, research/stream_input.py): every
+download). It is streamed (`dataset.input="stream"`, research/data/stream_input.py): every
 host reads its rows of each batch from the array_record files, and `dataset.workers`
 processes (-1: one per core) decode them per example with the standard crops from the
 original image: training the Inception crop (8-100% of the area, aspect 3/4-4/3,

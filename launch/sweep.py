@@ -8,12 +8,12 @@
       --sweep='optimizer.name=adam,sgd;optimizer.learning_rate=1e-3,3e-4'   # a grid
 
 The space (`--space`/`--sweep`, or a file: `--space_file`/`--sweep_file`, one entry
-per line) is described in research/search_space.py; it is checked against the
+per line) is described in research/studies/search_space.py; it is checked against the
 config before anything is written. Each trial trains with `python -m research.main`
 into WORKDIR/trials/trial-NNNN on `--train_split` and reports every evaluation on
 `--select_split` to the study, whose pruner may stop it; flags after `--` go to every
 trial. At the end the chosen trial alone is evaluated on `--test_split`, and
-WORKDIR gets results.csv/.md, plots and TensorBoard HParams (research/study_results.py).
+WORKDIR gets results.csv/.md, plots and TensorBoard HParams (research/studies/study_results.py).
 
 Running the same command again resumes the study. `--workers=K` runs K trials at
 once here; `--storage=postgresql://...` (or a journal file on shared storage) lets
@@ -63,7 +63,8 @@ def _space_text() -> tuple[str, str]:
 
 def make_plan(extra: list[str]):
   """Checks the whole command line, writing nothing; returns the study's Plan."""
-  from research import command_line, search_space, study, study_storage
+  from research.config import command_line
+  from research.studies import search_space, study, study_storage
   from research.errors import UserError
 
   if not FLAGS.config or not FLAGS.workdir:
@@ -166,7 +167,7 @@ def parse_command_line(argv: list[str], flag_values=None) -> list[str]:
 def _check_splits(dataset_config) -> None:
   """Each split names part of the dataset (opened, not read): a typo fails now, not after
   the last trial."""
-  from research import data_source
+  from research.data import data_source
   from research.errors import UserError
 
   for flag in ("train_split", "select_split", "test_split"):
@@ -203,7 +204,7 @@ def run(argv) -> int:
   base_env = dict(os.environ)  # the trainers' environment: they pick their own devices
   # This process never computes: JAX stays off the accelerators that the trainers use.
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from research import study, study_results, study_storage, study_trial
+  from research.studies import study, study_results, study_storage, study_trial
   from research.errors import UserError
 
   plan = make_plan(argv[1:])
@@ -285,7 +286,7 @@ def _define_flags(flag_values=None) -> None:
                       "configs/default.py or configs/default.py:model=cnn.", **own)
   flags.DEFINE_string("workdir", None, "The study's folder: storage, trials/, results.", **own)
   flags.DEFINE_string("space", "", "Search space: 'FIELD=SPEC;FIELD=SPEC' "
-                      "(research/search_space.py).", **own)
+                      "(research/studies/search_space.py).", **own)
   flags.DEFINE_string("sweep", "", "The same as --space (a grid: 'key=v1,v2;key2=v3,v4').",
                       **own)
   flags.DEFINE_string("space_file", "", "A file with one FIELD=SPEC entry per line.", **own)

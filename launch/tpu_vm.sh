@@ -12,7 +12,7 @@
 #      python3.11 and python3.11-venv come from the deadsnakes PPA), then `make
 #      data ACCEL=tpu` with $TPU_PYTHON (default python3.11): the pinned TPU wheels of
 #      requirements-tpu.lock (see docs/accelerators.md);
-#   4. run `python -m research.main ARGS` on all workers at once: research.distributed
+#   4. run `python -m research.main ARGS` on all workers at once: research.run.distributed
 #      sees a Cloud TPU VM and calls jax.distributed.initialize(), which reads the
 #      slice's workers from the TPU metadata;
 #   5. copy runs/ back from worker 0 (if the run wrote there) and delete the slice,

@@ -1,29 +1,29 @@
 """Image classification research codebase in JAX/Flax.
 
-Where things live:
-  main.py          command line entry point (flags -> train.train_and_evaluate)
-  command_line.py  flag parsing: every flag mistake becomes one clear UserError
-  workdir_lock.py  one training run per workdir (WORKDIR/run.lock)
-  train.py         the training loop: set-up, restore, compiled steps, eval, checkpoints
-  steps.py         pure loss / train-step / eval-step functions
-  data_source.py   the data source chosen once from config.dataset (memory or stream)
-  data.py          dataset metadata, epoch order, the in-memory form, padded eval batches
-  stream_input.py  the streamed form: batches decoded in worker processes while training
-  stream_examples.py, image_crops.py  what a worker computes: examples, ImageNet crops
-  augment.py       on-device augmentation and normalization inside the train step
-  prepare_data.py  getting a TFDS dataset prepared (offline sources first)
-  models/          the model zoo, chosen by `config.model.name`
-  optim.py         optimizers and schedules, chosen by `config.optimizer.name` / `config.schedule.name`
-  checkpoint.py    Orbax checkpoints: save, resume, best-by-metric
-  run_log.py       metrics.jsonl, TensorBoard and console progress (bars in a terminal)
-  run_info.py      run.json: config, code and library versions, devices, times, results
-  profiling.py     jax.profiler trace of chosen steps (config.profile_steps)
-  classifier.py    a trained workdir's model as images -> class probabilities
-  report.py        python -m research.report: curves, confusion matrix, comparisons
-  predict.py       python -m research.predict: top-k classes of image files
-  config_checks.py validation and resolution of a config before anything runs
-  mesh.py          the device mesh; batch and parameter shardings
-  distributed.py   joining jax.distributed (flags, SLURM, Cloud TPU VM)
+Folders by job; each folder's `__init__.py` maps its modules. A folder imports only
+the ground floor and the folders listed above it here (tests/test_layout.py checks both
+the maps and the direction):
+
+  models/     the model zoo, chosen by `config.model.name`
+  data/       datasets, preparing them, the in-memory and streamed input, augmentation
+  run/        one training run, start to end: the loop, steps, optimizers, checkpoints, logs
+  config/     the command line, every config field, and the checks before a run starts
+  tools/      commands that read or measure runs: report, predict, benchmarks, checks
+  studies/    hyperparameter studies on Optuna
+  peers/      the Keras and PyTorch scripts `make bench-compare` runs; never imported
+
+The ground floor, used by every folder:
+
+  main.py     `python -m research.main`: flags -> config checks -> run.train.train_and_evaluate
+  errors.py   UserError and TrainingFailure: mistakes and failures reported in one line
+  knobs.py    a config field's declaration, made next to the code that reads it
+  backend.py  where a run executes (CPU or accelerator forms), decided once
+  mesh.py     the device mesh and how host arrays become global arrays on it
+  metrics.py  the evaluation metrics, each entry all a metric needs
+
+Commands kept at the top so that `python -m research.NAME` stays short; each runs the
+module named in it: bench_compare.py, bench_input.py, benchmark.py, check_accelerator.py,
+command_line.py, predict.py, prepare_data.py, report.py.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """A config field's declaration: its kind, the values it accepts, its default and meaning.
 
 Declared next to the code that reads it: each model (research/models/), optimizer and
-schedule (research/optim.py) and metric (research/metrics.py) lists its own knobs as
-`Field`s, and research/config_schema.py, the command-line help, validation and the
+schedule (research/run/optim.py) and metric (research/metrics.py) lists its own knobs as
+`Field`s, and research/config/config_schema.py, the command-line help, validation and the
 study's space checks are built from those declarations. A registry knob's default is
 the code's own (the module field's or the optax argument's default): `OWN` stands for it
 in the declaration, and the registry fills it in, so it is never written twice.

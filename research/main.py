@@ -2,7 +2,7 @@
 
 Every config field can be overridden with `--config.FIELD=VALUE`; a config file
 can take an argument: `--config=configs/default.py:smoke`. The work happens in
-`research.train`; this file parses flags, reports the set-up and turns user
+`research.run.train`; this file parses flags, reports the set-up and turns user
 mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
 """
 
@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from research import command_line
+from research.config import command_line
 from research.errors import TrainingFailure, UserError, end_within
 
 # --config (a config file, default configs/default.py) is defined by
@@ -28,7 +28,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors.
 _ALLOW_CPU = flags.DEFINE_bool(
     "allow_cpu", False, "Train on the CPU although this machine has a GPU or TPU that JAX "
     "does not use (its accelerator wheels not installed: see docs/accelerators.md).")
-# Multi-process runs (see research/distributed.py): all three, or none on one host,
+# Multi-process runs (see research/run/distributed.py): all three, or none on one host,
 # SLURM or a Cloud TPU VM.
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0 of a multi-process run.")
@@ -88,7 +88,8 @@ def _set_up_logging(verbose: bool) -> None:
 def _stored_config(workdir: str, command_config):
   """The config a workdir was trained with; only `eval.*` comes from the command line.
   A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
-  from research import config_checks, workdir_layout
+  from research.config import config_checks
+  from research.run import workdir_layout
 
   workdir_layout.check(workdir, writing=False)
   stored = config_checks.workdir_config(workdir, repair=False)
@@ -150,7 +151,8 @@ def _run(argv) -> None:
                                " --xla_gpu_deterministic_ops=true").strip()
   import jax
 
-  from research import backend, compile_cache, distributed, train
+  from research import backend
+  from research.run import compile_cache, distributed, train
 
   how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)  # before anything touches a device

@@ -77,11 +77,11 @@ def fashion_mnist():
   """(info, train, test) of the real dataset, prepared from Debian's files if needed."""
   import ml_collections
 
-  from research import data
+  from research.data import datasets
 
   config = ml_collections.ConfigDict(
       {"name": "fashion_mnist", "data_dir": "", "train_split": "train", "eval_split": "test"})
-  return data.load(config)
+  return datasets.load(config)
 
 
 def run_main(workdir, *flags, timeout=600, env=None):

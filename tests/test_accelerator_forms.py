@@ -10,7 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from research import data, models, steps, train
+from research import models
+from research.data import datasets
+from research.run import steps, train
 from research.models import layers
 
 CONV_MODELS = [name for name, entry in models.MODELS.items() if "conv_impl" in entry.knobs]
@@ -76,7 +78,7 @@ def test_xla_convolutions_give_the_im2col_outputs_and_gradients_in_float32(name)
 @pytest.fixture(scope="module")
 def small_split(fashion_mnist):
   _, train_split, _ = fashion_mnist
-  return data.Split(train_split.images[:8192], train_split.labels[:8192])
+  return datasets.Split(train_split.images[:8192], train_split.labels[:8192])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -84,7 +86,7 @@ def test_a_short_run_in_the_accelerator_form_stays_finite_and_learns(small_split
   model = _model("cnn", "xla", dtype)
   tx = optax.adam(3e-3)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
-  indices = data.batch_indices(0, 0, 60, 64, len(small_split))
+  indices = datasets.batch_indices(0, 0, 60, 64, len(small_split))
   state, metrics = run(train.create_state(model, tx, (28, 28, 1), 0), small_split.images,
                        small_split.labels, indices)
   losses = np.asarray(metrics["loss"])

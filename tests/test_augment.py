@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from research import augment, data, models, steps, train
+from research import models
+from research.data import augment, datasets
+from research.run import steps, train
 
 
 def _config(**fields):
@@ -64,7 +66,7 @@ def test_normalization_and_the_default_input_match_the_seed_preprocessing(fashio
   plain = augment.make_train_input(_config())(images, jax.random.key(0))
   np.testing.assert_array_equal(plain, steps.preprocess(images))
   np.testing.assert_array_equal(augment.make_eval_input()(images), steps.preprocess(images))
-  mean, std = data.normalization("fashion_mnist")
+  mean, std = datasets.normalization("fashion_mnist")
   standardized = np.asarray(augment.make_eval_input(mean, std)(fashion_mnist[1].images[:20000]))
   assert abs(standardized.mean()) < 0.02 and abs(standardized.std() - 1) < 0.02
 
@@ -78,7 +80,7 @@ def test_augmented_training_is_reproducible_step_by_step(fashion_mnist):
   run = jax.jit(functools.partial(
       steps.train_many, apply_fn=model.apply, tx=tx,
       train_input=augment.make_train_input(_config(crop_padding=2, flip=True))))
-  indices = data.batch_indices(0, 0, 6, 16, len(train_split))
+  indices = datasets.batch_indices(0, 0, 6, 16, len(train_split))
   start = train.create_state(model, tx, (28, 28, 1), seed=0)
   whole, _ = run(start, train_split.images, train_split.labels, indices)
   half, _ = run(start, train_split.images, train_split.labels, indices[:3])

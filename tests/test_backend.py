@@ -13,7 +13,9 @@ import optax
 import pytest
 
 from conftest import run_main
-from research import backend, data, data_source, mesh as mesh_lib, run_info, steps, train
+from research import backend, mesh as mesh_lib
+from research.data import datasets, data_source
+from research.run import run_info, steps, train
 from research.errors import UserError
 from research.models.cnn import CNN
 
@@ -41,7 +43,7 @@ def test_backend_is_resolved_from_jax_and_pieces_are_binary_digits():
 def small_run(fashion_mnist):
   """A small CNN, its optimizer, a 4,096-example split and the jitted train_many."""
   _, train_split, _ = fashion_mnist
-  split = data.Split(train_split.images[:4096], train_split.labels[:4096])
+  split = datasets.Split(train_split.images[:4096], train_split.labels[:4096])
   model, tx = CNN(num_classes=10, conv_features=(4, 8), dense_features=16), optax.adam(1e-3)
   train_many = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx),
                        donate_argnums=0)
@@ -83,7 +85,7 @@ def test_accelerator_form_compiles_a_loop_with_a_known_trip_count(small_run):
   model, tx, split, _ = small_run
   state = train.create_state(model, tx, (28, 28, 1), 0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
-  indices = jnp.asarray(data.batch_indices(0, 0, 8, 32, len(split)))
+  indices = jnp.asarray(datasets.batch_indices(0, 0, 8, 32, len(split)))
   images, labels = jnp.asarray(split.images), jnp.asarray(split.labels)
   # The accelerator form: the trip count is the indices' row count, known to XLA.
   static = _while_loops(run.lower(state, images, labels, indices).compile().as_text())
@@ -115,7 +117,7 @@ def test_matmul_precision_reaches_every_dot_and_convolution(precision, expected)
 
 def test_matmul_precision_is_validated_and_recorded_in_run_json(tmp_path):
   from configs import default
-  from research import config_checks
+  from research.config import config_checks
 
   config = default.get_config()
   config.matmul_precision = "tf32"
@@ -266,7 +268,7 @@ def test_make_installs_the_accelerators_lock_and_refuses_unknown_targets():
 
 
 def test_prepare_data_names_the_missing_original_files(tmp_path):
-  from research import prepare_data
+  from research.data import prepare_data
 
   (tmp_path / "gz").mkdir()
   (tmp_path / "gz" / "train-images-idx3-ubyte.gz").touch()

@@ -1,4 +1,4 @@
-"""`make bench-input` (research/bench_input.py) at smoke size: photographs prepared through
+"""`make bench-input` (research/tools/bench_input.py) at smoke size: photographs prepared through
 TFDS's array_record path, and every run of the table measured and printed."""
 
 import os

@@ -4,7 +4,7 @@
 from absl import flags
 import pytest
 
-from research import benchmark
+from research.tools import benchmark
 
 
 @pytest.mark.cpu_only
@@ -27,7 +27,7 @@ def test_throughput_counts_the_models_flops_not_the_fast_forms(fashion_mnist):
 
 
 def test_side_by_side_table_gives_every_peer_to_ours_ratio_and_its_median():
-  from research import bench_compare
+  from research.tools import bench_compare
 
   def result(seconds):
     return {"steady_epoch_s": seconds, "first_epoch_s": seconds + 1, "test_accuracy": 0.9,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from research import checkpoint
+from research.run import checkpoint
 from research.errors import UserError
 
 # Orbax's remaining reads of a step it failed to read end, when collected, as "coroutine
@@ -71,7 +71,9 @@ SMALL_RUN = ["--config.num_train_steps=20", "--config.checkpoint_every_steps=5",
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, fashion_mnist):
   """(workdir, abstract state, {step: params fingerprint}) of a finished 20-step run."""
-  from research import command_line, mesh as mesh_lib, train
+  from research import mesh as mesh_lib
+  from research.config import command_line
+  from research.run import train
 
   workdir = str(tmp_path_factory.mktemp("small") / "run")
   config = command_line.parse_config(SMALL_RUN, "configs/default.py:smoke")
@@ -176,7 +178,7 @@ def test_a_read_only_reader_skips_a_damaged_step_without_moving_it(small_run, tm
 @pytest.mark.parametrize("content", [b'{"batch_size": 3', b"", b"\xff\xfe garbage", b"[]"])
 def test_a_damaged_config_json_is_rebuilt_from_the_newest_checkpoint(small_run, tmp_path, caplog,
                                                                      content):
-  from research import command_line, config_checks
+  from research.config import command_line, config_checks
 
   source, _, _ = small_run
   workdir = str(tmp_path / "run")
@@ -199,7 +201,7 @@ def test_a_damaged_config_json_is_rebuilt_from_the_newest_checkpoint(small_run, 
 
 
 def test_a_damaged_config_json_without_checkpoints_is_a_clear_refusal(small_run, tmp_path):
-  from research import command_line, config_checks
+  from research.config import command_line, config_checks
 
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -248,7 +250,7 @@ def test_eval_mode_with_a_damaged_config_json_uses_the_checkpoints_config(small_
 def test_init_from_a_cnn_run_into_an_mlp_says_the_architectures_differ(small_run):
   import optax
 
-  from research import train
+  from research.run import train
   from research.models.mlp import MLP
 
   source, _, _ = small_run

@@ -2,7 +2,7 @@
 
 import pytest
 
-from research import command_line
+from research.config import command_line
 from research.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""The persistent compilation cache (research/compile_cache.py): where it is, that a second
+"""The persistent compilation cache (research/run/compile_cache.py): where it is, that a second
 run loads what the first compiled, that two runs can fill it at once, and that a damaged or
 unwritable cache costs a warning, never the run."""
 
@@ -11,7 +11,7 @@ import jax
 import pytest
 from conftest import REPO
 
-from research import compile_cache
+from research.run import compile_cache
 
 # One step and the evaluation: the run's three big programs (init, train loop, eval).
 RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=1",

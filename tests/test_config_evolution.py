@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from research import command_line, config_checks, config_schema, train
+from research.config import command_line, config_checks, config_schema
+from research.run import train
 from research.errors import UserError
 from research.knobs import integer
 

@@ -1,4 +1,4 @@
-"""The ImageNet crops of streamed datasets (research/image_crops.py) against references.
+"""The ImageNet crops of streamed datasets (research/data/image_crops.py) against references.
 
 A generated JPEG of known layout (a smooth colour ramp, 500 x 375 like an ImageNet
 photograph): training crops stay inside it and together cover all of it, with the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from research import data, image_crops
+from research.data import datasets, image_crops
 
 HEIGHT, WIDTH = 375, 500
 
@@ -82,7 +82,7 @@ def test_eval_crop_equals_resize_then_centre_crop(ramp_jpeg, size, tolerance):
   level at 224; at 64 (a quarter-scale DCT decode) within `tolerance`."""
   box = image_crops.centre_box(HEIGHT, WIDTH, 0.875, size)
   crop = image_crops.decode_box(ramp_jpeg, box, size, 3)
-  resized = data.resize_and_centre_crop(_full_decode(ramp_jpeg), round(size / 0.875))
+  resized = datasets.resize_and_centre_crop(_full_decode(ramp_jpeg), round(size / 0.875))
   offset = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
   reference = resized[offset[0]:offset[0] + size, offset[1]:offset[1] + size]
   assert crop.shape == reference.shape == (size, size, 3)

@@ -77,7 +77,7 @@ def test_a_checksum_mismatch_keeps_the_users_files_and_removes_the_rest(tmp_path
 
 
 def test_a_dataset_that_needs_a_manual_download():
-  from research import prepare_data
+  from research.data import prepare_data
   from research.errors import UserError
 
   with pytest.raises(UserError) as error:

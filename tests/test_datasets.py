@@ -3,7 +3,7 @@
 CIFAR-10 is prepared by TFDS's own `cifar10` builder from generated files in the
 original binary format (only the download is replaced by a local folder); a JPEG
 dataset of varying image sizes stands in for imagenette / imagenet2012. Both are
-then read back by `research.data` exactly as real data would be, and the recipes
+then read back by `research.data.datasets` exactly as real data would be, and the recipes
 in configs/ train on them.
 """
 
@@ -18,7 +18,8 @@ from PIL import Image
 from tensorflow_datasets.image_classification import cifar
 
 from conftest import run_main
-from research import data, train
+from research.data import datasets
+from research.run import train
 from research.errors import UserError
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -80,7 +81,7 @@ def _dataset_config(name, data_dir, **fields):
 
 def test_cifar10_in_the_real_format_reads_back_exactly(cifar10_dir):
   data_dir, written = cifar10_dir
-  info, train_split, test_split = data.load(_dataset_config("cifar10", data_dir))
+  info, train_split, test_split = datasets.load(_dataset_config("cifar10", data_dir))
   assert info.image_shape == (32, 32, 3) and info.num_classes == 10
   assert info.class_names == tuple(LABEL_NAMES)
   assert len(train_split) == 40 and len(test_split) == 8
@@ -99,8 +100,8 @@ def test_validation_hold_out_is_carved_from_train(cifar10_dir):
   data_dir, _ = cifar10_dir
   config = _dataset_config("cifar10", data_dir, train_split="train[:75%]",
                            eval_split="train[75%:]")
-  _, train_part, held_out = data.load(config)
-  _, whole, _ = data.load(_dataset_config("cifar10", data_dir))
+  _, train_part, held_out = datasets.load(config)
+  _, whole, _ = datasets.load(_dataset_config("cifar10", data_dir))
   assert len(train_part) == 30 and len(held_out) == 10
   np.testing.assert_array_equal(np.concatenate([train_part.images, held_out.images]), whole.images)
 
@@ -108,20 +109,20 @@ def test_validation_hold_out_is_carved_from_train(cifar10_dir):
 def test_unknown_dataset_and_split_fail_with_what_is_accepted(cifar10_dir):
   data_dir, _ = cifar10_dir
   with pytest.raises(UserError, match="not a TFDS dataset"):
-    data.load(_dataset_config("cifar_ten", data_dir))
+    datasets.load(_dataset_config("cifar_ten", data_dir))
   with pytest.raises(UserError, match="Accepted: a split name"):
-    data.load(_dataset_config("cifar10", data_dir, eval_split="validation"))
+    datasets.load(_dataset_config("cifar10", data_dir, eval_split="validation"))
 
 
 def test_normalization_constants_exist_for_the_supported_datasets():
   for name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012",
                "imagenette/320px-v2"):
-    mean, std = data.normalization(name)
+    mean, std = datasets.normalization(name)
     assert mean.shape == std.shape and np.all(std > 0)
   with pytest.raises(UserError, match="No normalization constants"):
-    data.normalization("emnist")
-  split = data.Split(np.full((4, 2, 2, 3), 51, np.uint8), np.zeros(4, np.int32))
-  mean, _ = data.normalization("emnist", split)  # measured when the data is at hand
+    datasets.normalization("emnist")
+  split = datasets.Split(np.full((4, 2, 2, 3), 51, np.uint8), np.zeros(4, np.int32))
+  mean, _ = datasets.normalization("emnist", split)  # measured when the data is at hand
   np.testing.assert_allclose(mean, 0.2, atol=1e-6)
 
 
@@ -169,8 +170,8 @@ def jpeg_dir(tmp_path_factory):
 
 def test_jpeg_dataset_of_varying_sizes_is_decoded_and_resized(jpeg_dir):
   with pytest.raises(UserError, match="set --config.dataset.image_size"):
-    data.load(_dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation"))
-  info, train_split, evaluation = data.load(
+    datasets.load(_dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation"))
+  info, train_split, evaluation = datasets.load(
       _dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation", image_size=16))
   assert info.image_shape == (16, 16, 3) and info.num_classes == 3
   assert train_split.images.shape == (24, 16, 16, 3) and evaluation.images.shape == (6, 16, 16, 3)

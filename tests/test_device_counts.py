@@ -87,10 +87,11 @@ import importlib, json, sys
 sys.path.insert(0, "tests")
 from test_device_counts import smoke_size
 from test_recipes import RECIPES
-from research import data, train
+from research.data import datasets
+from research.run import train
 # The JPEG stand-in has no published statistics; a streamed dataset is never read whole
 # to measure them: give it imagenet2012's, as the recipe has for the real one.
-data.NORMALIZATION["many_jpeg_images"] = data.NORMALIZATION["imagenet2012"]
+datasets.NORMALIZATION["many_jpeg_images"] = datasets.NORMALIZATION["imagenet2012"]
 data_dirs, root = json.loads(sys.argv[1]), sys.argv[2]
 done = {}
 for module, arg in RECIPES:
@@ -139,7 +140,8 @@ import importlib, json, sys
 import jax
 sys.path.insert(0, "tests")
 from test_recipes import RECIPES
-from research import config_checks, mesh
+from research import mesh
+from research.config import config_checks
 for module, arg in RECIPES:
   config = importlib.import_module(f"configs.{module}").get_config(arg)
   config_checks.validate(config)
@@ -211,7 +213,7 @@ def test_memory_check_sizes_splits_from_the_metadata_and_device_statistics(monke
   import jax
   import ml_collections
 
-  from research import memory_fit, prepare_data
+  from research.data import memory_fit, prepare_data
   from research.errors import UserError
 
   builder = prepare_data.ensure_prepared("fashion_mnist")

@@ -55,7 +55,7 @@ def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, ti
 def _records(workdir, split):
   """metrics.jsonl's records of `split`: "train", or "eval" for the evaluations (named by
   their split, e.g. test[:1000])."""
-  from research.run_log import is_evaluation
+  from research.run.run_log import is_evaluation
 
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f)
@@ -171,7 +171,8 @@ def test_shard_params_splits_params_and_optimizer_state_over_the_devices():
   program = textwrap.dedent("""\
       import functools, jax
       from configs.default import get_config
-      from research import mesh, models, optim, train
+      from research import mesh, models
+      from research.run import optim, train
       config = get_config()
       make_state = functools.partial(train.create_state, models.build(config.model, 10),
                                      optim.build_optimizer(config.optimizer), (28, 28, 1))

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from conftest import run_main, tree_digest
-from research import command_line, config_checks
+from research.config import command_line, config_checks
 from research.errors import UserError
 
 SMOKE = "--config=configs/default.py:smoke"
@@ -132,7 +132,8 @@ def test_attention_heads_that_do_not_divide_the_width():
   import jax.numpy as jnp
   import ml_collections
 
-  from research import config_checks, models
+  from research import models
+  from research.config import config_checks
   from research.errors import UserError
 
   model_config = ml_collections.ConfigDict({**models.defaults("vit_ti"), "name": "vit_ti",
@@ -172,7 +173,7 @@ def test_dataset_missing_offline_names_the_ways_to_get_it(tmp_path):
     ("no_such_dataset", "is not a TFDS dataset"),
 ])
 def test_malformed_dataset_names(tmp_path, name, fragment):
-  from research import prepare_data
+  from research.data import prepare_data
 
   with pytest.raises(UserError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
     prepare_data.builder_for(name, str(tmp_path))

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from research import (checkpoint, command_line, config_checks, metrics, models, optim, run_log,
-                      study, train)
+from research import metrics, models
+from research.config import command_line, config_checks
+from research.run import checkpoint, optim, run_log, train
+from research.studies import study
 from research.errors import UserError
 
 

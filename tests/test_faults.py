@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_main, tree_digest
-from research import prepare_data, workdir_lock
+from research.data import prepare_data
+from research.run import workdir_layout, workdir_lock
 from research.errors import UserError
 
 SMOKE = "--config=configs/default.py:smoke"
@@ -303,7 +304,7 @@ def test_failed_checkpoint_write_message_when_a_tmpfs_cannot_be_mounted(tmp_path
   the tmpfs test above is skipped."""
   import jax.numpy as jnp
 
-  from research import checkpoint, steps
+  from research.run import checkpoint, steps
 
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
   state = steps.TrainState(step=jnp.int32(5), params={"w": jnp.ones((4,))}, model_state={},
@@ -329,7 +330,7 @@ def test_failed_checkpoint_write_message_when_a_tmpfs_cannot_be_mounted(tmp_path
 WRITER = """
 import sys
 import jax.numpy as jnp
-from research import checkpoint, steps
+from research.run import checkpoint, steps
 
 ckpt = checkpoint.Checkpointer(sys.argv[1], keep=2)
 for step in range(1, 100000):
@@ -344,7 +345,7 @@ def test_sigkill_during_a_save_leaves_each_step_complete_or_absent(tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from research import checkpoint, steps
+  from research.run import checkpoint, steps
 
   workdir = str(tmp_path / "run")
   directory = os.path.join(workdir, "checkpoints")
@@ -390,7 +391,8 @@ TINY_RUN = ["--config.num_train_steps=2", "--config.log_every_steps=1",
 @pytest.fixture(scope="module")
 def finished_workdir(tmp_path_factory):
   """A finished 2-step run (config.json, run.json, metrics.jsonl, tensorboard/, checkpoints/)."""
-  from research import command_line, train
+  from research.config import command_line
+  from research.run import train
 
   workdir = str(tmp_path_factory.mktemp("finished") / "run")
   train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"), workdir)
@@ -399,7 +401,7 @@ def finished_workdir(tmp_path_factory):
 
 def _wrong_kind(workdir, name):
   """Puts the wrong kind of thing at WORKDIR/name; what was there is kept beside it."""
-  from research import workdir_layout
+  from research.run import workdir_layout
 
   path = os.path.join(workdir, name)
   if os.path.lexists(path):
@@ -412,10 +414,12 @@ def _wrong_kind(workdir, name):
   return "is a folder, but a run keeps a file there"
 
 
-@pytest.mark.parametrize("name", sorted(__import__("research.workdir_layout").workdir_layout.ENTRIES))
+@pytest.mark.parametrize("name", sorted(workdir_layout.ENTRIES))
 def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finished_workdir,
                                                                          tmp_path, name):
-  from research import command_line, main, train
+  from research import main
+  from research.config import command_line
+  from research.run import train
 
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_workdir, workdir, symlinks=True)
@@ -436,7 +440,8 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
 
 
 def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
-  from research import command_line, train
+  from research.config import command_line
+  from research.run import train
 
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_workdir, workdir)
@@ -510,7 +515,7 @@ def test_a_folder_without_permission_is_one_line(finished_workdir, tmp_path, tar
 VANISHING_FOLDER = """
 import os, shutil, sys
 import jax.numpy as jnp
-from research import checkpoint, steps
+from research.run import checkpoint, steps
 from research.errors import UserError
 
 ckpt = checkpoint.Checkpointer(sys.argv[1])

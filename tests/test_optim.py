@@ -10,7 +10,9 @@ import optax
 import pytest
 
 from configs import default
-from research import data, models, optim, steps, train
+from research import models
+from research.data import datasets
+from research.run import optim, steps, train
 from research.errors import UserError
 
 
@@ -44,7 +46,7 @@ def test_every_optimizer_trains_on_real_batches(fashion_mnist, name):
   model, tx = _mlp(), _build(config, total_steps=40)
   state = train.create_state(model, tx, (28, 28, 1), seed=0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
-  indices = data.batch_indices(0, 0, 40, 64, len(train_split))
+  indices = datasets.batch_indices(0, 0, 40, 64, len(train_split))
   state, metrics = run(state, train_split.images, train_split.labels, indices)
   losses = np.asarray(metrics["loss"])
   assert np.all(np.isfinite(losses))
@@ -202,7 +204,7 @@ def test_k_micro_batches_equal_one_step_on_the_k_times_larger_batch(fashion_mnis
   accumulated_tx = _build(_optimizer_config(name, learning_rate=0.1, weight_decay=1e-3,
                                             grad_accum_steps=k))
   plain_tx = _build(config)
-  indices = data.batch_indices(0, 0, 2 * k, batch, len(train_split))  # two updates
+  indices = datasets.batch_indices(0, 0, 2 * k, batch, len(train_split))  # two updates
 
   state = train.create_state(model, accumulated_tx, (28, 28, 1), seed=0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=accumulated_tx))

@@ -1,4 +1,4 @@
-"""research.predict: top-k classes for image files; clear per-file errors for the rest."""
+"""research.tools.predict: top-k classes for image files; clear per-file errors for the rest."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from research.predict import ImageRefused, Limits, load_image
+from research.tools.predict import ImageRefused, Limits, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (28, 28, 1)

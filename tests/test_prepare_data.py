@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tree_digest
-from research import data, prepare_data
+from research.data import datasets, prepare_data
 
 
 def _prepare(data_dir, *flags):
@@ -37,7 +37,7 @@ def test_prepare_data_prepares_fashion_mnist_offline_then_finds_it_prepared(fash
 
   config = ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": str(data_dir),
                                       "train_split": "train", "eval_split": "test"})
-  info, train, test = data.load(config)
+  info, train, test = datasets.load(config)
   _, suite_train, suite_test = fashion_mnist
   assert info.num_classes == 10 and info.image_shape == (28, 28, 1)
   for mine, suites in [(train, suite_train), (test, suite_test)]:

@@ -23,7 +23,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, run_main, tree_digest
-from research import command_line, config_checks, config_schema, data, prepare_data, predict
+from research.config import command_line, config_checks, config_schema
+from research.data import datasets, prepare_data
+from research.tools import predict
 from research.errors import UserError
 
 SMOKE = "--config=configs/default.py:smoke"
@@ -83,12 +85,13 @@ def test_random_overrides_parse_and_validate_or_say_why(overrides):
     assert _clear(str(e), overrides), (overrides, str(e))
 
 
-# ---- Every field of every config, from the one table (research/config_schema.py) -----------
+# ---- Every field of every config, from the one table (research/config/config_schema.py) -----------
 
 def _arguments(config_file: str) -> list[str]:
   """The arguments a config file accepts, read from its own refusal of an unknown one
   ("accepted: 'smoke', 'model=NAME'"), so a new argument is covered without editing this."""
-  from research import models, optim
+  from research import models
+  from research.run import optim
 
   found, problem = command_line._load_config(f"{config_file}:no-such-argument")
   assert found is None and "accepted" in problem, problem
@@ -122,7 +125,8 @@ def test_every_config_and_argument_has_table_entries_and_validates():
 
 
 def test_table_defaults_are_the_defaults_and_every_registry_knob_has_an_entry():
-  from research import models, optim
+  from research import models
+  from research.run import optim
 
   defaults = command_line.parse_config([], "configs/default.py")
   declared = config_schema.fields_for(defaults)
@@ -145,7 +149,7 @@ def test_a_field_without_a_table_entry_is_refused():
 
   config = command_line.parse_config([]).to_dict()
   config["augment"]["mixup"] = 0.2  # a config file that grew a field the table lacks
-  with pytest.raises(UserError, match="augment.mixup .* has no entry in research/config_schema.py"):
+  with pytest.raises(UserError, match="augment.mixup .* has no entry in research/config/config_schema.py"):
     config_checks.validate(ml_collections.ConfigDict(config))
 
 
@@ -377,7 +381,7 @@ def test_random_bytes_in_a_prepared_dataset_load_or_say_why(prepared_dir, victim
       f.write(content)
     config = ml_collections.ConfigDict({"name": "fashion_mnist", "data_dir": folder})
     try:
-      info, split = data.load_split(config, "test")
+      info, split = datasets.load_split(config, "test")
     except UserError as e:
       assert str(e)
     else:

@@ -6,7 +6,7 @@ import os
 import ml_collections
 import pytest
 
-from research import config_checks
+from research.config import config_checks
 from conftest import records, run_main
 
 # (config module, argument) for every variant the recipes accept.

@@ -1,4 +1,4 @@
-"""research.report: learning curves, confusion matrix, Markdown summary, comparisons."""
+"""research.tools.report: learning curves, confusion matrix, Markdown summary, comparisons."""
 
 import csv
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from research import report
+from research.tools import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

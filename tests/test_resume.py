@@ -130,7 +130,8 @@ def test_restoring_into_a_different_model_names_the_mismatching_parameters(run_o
   import jax
   import optax
 
-  from research import checkpoint, mesh as mesh_lib, train
+  from research import mesh as mesh_lib
+  from research.run import checkpoint, train
   from research.errors import UserError
   from research.models.cnn import CNN
 
@@ -150,7 +151,7 @@ def test_init_from_reinitializes_the_head_only_when_asked(run_of_30_steps):
   import jax
   import optax
 
-  from research import checkpoint, train
+  from research.run import checkpoint, train
   from research.errors import UserError
   from research.models.cnn import CNN
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from configs import default
-from research import profiling, run_info
+from research.run import profiling, run_info
 from research.errors import UserError
 
 REQUIRED = {"workdir", "status", "config", "seed", "code", "versions", "devices", "dataset",
@@ -101,7 +101,7 @@ def test_real_run_writes_run_json_and_profile(trained_workdir):
 def test_damaged_metrics_lines_are_dropped_and_the_records_kept(tmp_path):
   """Random bytes in metrics.jsonl (a flaky disk) cost those lines only: readers skip them,
   and a resumed RunLog keeps every good record up to its step."""
-  from research import run_log
+  from research.run import run_log
 
   good = [{"step": step, "epoch": 0.1, "split": "train", "loss": 1.0 / step} for step in (1, 2, 3)]
   with open(tmp_path / "metrics.jsonl", "wb") as f:

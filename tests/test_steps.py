@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from research import data, models, steps, train
+from research import models
+from research.data import datasets
+from research.run import steps, train
 from research.models.cnn import CNN
 
 
@@ -20,7 +22,7 @@ def test_loss_falls_over_a_few_steps_on_real_batches(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.adam(1e-3)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
-  indices = data.batch_indices(0, 0, 60, 32, len(train_split))
+  indices = datasets.batch_indices(0, 0, 60, 32, len(train_split))
   state, metrics = run(_state(model, tx), train_split.images, train_split.labels, indices)
   losses = np.asarray(metrics["loss"])
   assert int(state.step) == 60
@@ -30,7 +32,7 @@ def test_loss_falls_over_a_few_steps_on_real_batches(fashion_mnist):
 def test_train_many_equals_single_steps(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.adam(1e-3)
-  indices = data.batch_indices(0, 0, 4, 32, len(train_split))
+  indices = datasets.batch_indices(0, 0, 4, 32, len(train_split))
   many, _ = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))(
       _state(model, tx), train_split.images, train_split.labels, indices)
   one = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
@@ -47,7 +49,7 @@ def test_one_compiled_loop_runs_chunks_of_any_length(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.adam(1e-3)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
-  indices = data.batch_indices(0, 0, 5, 32, len(train_split))
+  indices = datasets.batch_indices(0, 0, 5, 32, len(train_split))
   state = _state(model, tx)
   for count in (3, 2):  # steps 0-2, then 3-4, through 5 rows with the rest unused
     rows = np.pad(indices[int(state.step):int(state.step) + count], ((0, 5 - count), (0, 0)))
@@ -66,7 +68,7 @@ def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   model = CNN(num_classes=10)
   state = _state(model, optax.adam(1e-3))
   evaluate = jax.jit(functools.partial(steps.evaluate_all, apply_fn=model.apply))
-  totals = evaluate(state.params, state.model_state, *data.padded_for_eval(test_split, batch_size))
+  totals = evaluate(state.params, state.model_state, *datasets.padded_for_eval(test_split, batch_size))
   assert float(totals["count"]) == 10000
   # The same totals as one unpadded pass over the whole split.
   logits = model.apply({"params": state.params}, steps.preprocess(test_split.images))
@@ -77,7 +79,7 @@ def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
 def test_microbatched_step_matches_one_whole_batch(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.sgd(0.1)
-  row = data.batch_indices(0, 0, 1, 64, len(train_split))[0]
+  row = datasets.batch_indices(0, 0, 1, 64, len(train_split))[0]
   images, labels = train_split.images[row], train_split.labels[row]
   results = []
   for microbatches in (1, 4):
@@ -125,7 +127,7 @@ def test_a_step_without_micro_batches_is_unchanged_by_per_micro_batch_keys(fashi
   model = models.build(ml_collections.ConfigDict(
       {"name": "mlp", "hidden_features": (32,), "dropout_rate": 0.5}), 10)
   tx = optax.sgd(0.1)
-  row = data.batch_indices(0, 0, 1, 32, len(train_split))[0]
+  row = datasets.batch_indices(0, 0, 1, 32, len(train_split))[0]
   images, labels = train_split.images[row], train_split.labels[row]
   state = _state(model, tx)
   new_state, _ = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))(

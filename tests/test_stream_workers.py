@@ -1,4 +1,4 @@
-"""Streamed input decoded in worker processes (config.dataset.workers, research/stream_input.py).
+"""Streamed input decoded in worker processes (config.dataset.workers, research/data/stream_input.py).
 
 The worker count changes nothing computed: the same batches with threads (0) and with
 1, 2 or 4 processes, Inception crops included; a worker killed mid-run is reported as
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import interrupt_at_step, records, run_main
-from research import data, data_source, mesh as mesh_lib, stream_input
+from research import mesh as mesh_lib
+from research.data import datasets, data_source, stream_input
 from research.errors import TrainingFailure
 from test_datasets import _dataset_config, jpeg_dir  # noqa: F401 (a fixture)
 from test_streaming import RUN, _final_params
@@ -42,7 +43,7 @@ def test_the_worker_count_changes_no_batch(jpeg_dir):
   source = _source(jpeg_dir)
   images, labels = _batches(source, workers=0)  # threads in this process
   np.testing.assert_array_equal(labels, source.train.read(
-      data.batch_indices(5, 0, 6, 8, 24).ravel(), "centre")[1].reshape(6, 8))
+      datasets.batch_indices(5, 0, 6, 8, 24).ravel(), "centre")[1].reshape(6, 8))
   for workers in (1, 2, 4):
     other_images, other_labels = _batches(source, workers)
     np.testing.assert_array_equal(other_images, images, err_msg=f"{workers} workers")

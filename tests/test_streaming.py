@@ -1,4 +1,4 @@
-"""The streaming input path (config.dataset.input="stream", research/stream_input.py).
+"""The streaming input path (config.dataset.input="stream", research/data/stream_input.py).
 
 Real data only: the prepared Fashion-MNIST, and a TFDS dataset of JPEGs of varying
 sizes generated here (test_datasets.TinyJpegImages). Stream and memory runs must
@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, interrupt_at_step, records, run_main
-from research import (config_checks, data, data_source, mesh as mesh_lib, stream_input,
-                      train)
+from research import mesh as mesh_lib
+from research.config import config_checks
+from research.data import datasets, data_source, stream_input
+from research.run import train
 from research.errors import UserError
 from test_datasets import _dataset_config, jpeg_dir  # noqa: F401,F811 (a fixture)
 
@@ -96,7 +98,7 @@ def test_stream_batches_are_the_memory_batches(fashion_mnist):
     assert [len(images) for images, _, _ in pieces] == [4, 1]
     images = np.concatenate([np.asarray(images) for images, _, _ in pieces])
     labels = np.concatenate([np.asarray(labels) for _, labels, _ in pieces])
-    indices = data.batch_indices(3, 1873, 5, 32, len(train_split))
+    indices = datasets.batch_indices(3, 1873, 5, 32, len(train_split))
     np.testing.assert_array_equal(images, train_split.images[indices])
     np.testing.assert_array_equal(labels, train_split.labels[indices])
     assert stream.position == 1878
@@ -124,7 +126,7 @@ def test_stream_eval_reads_every_example_exactly_once(fashion_mnist):
 
 
 def test_report_reads_a_streamed_eval_split_in_chunks(stream_reference, fashion_mnist):
-  from research import report
+  from research.tools import report
 
   _, _, test_split = fashion_mnist
   chunks = list(report.eval_examples(_fashion_mnist_config(eval_split="test[:1000]"), chunk=300))
@@ -262,10 +264,10 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
 
 def test_jpegs_of_varying_sizes_stream_in_the_memory_order_with_centre_crops(jpeg_dir):
   """Without the Inception crop, training and evaluation take the evaluation crop of
-  the original image (research/image_crops.py; its geometry: tests/test_crops.py)."""
+  the original image (research/data/image_crops.py; its geometry: tests/test_crops.py)."""
   config = _dataset_config("tiny_jpeg_images", jpeg_dir, eval_split="validation", image_size=16,
                            input="stream")
-  _, memory_train, _ = data.load(config)
+  _, memory_train, _ = datasets.load(config)
   source = data_source.from_config(config)
   assert source.info.image_shape == (16, 16, 3)
   mesh = mesh_lib.make_mesh()
@@ -273,7 +275,7 @@ def test_jpegs_of_varying_sizes_stream_in_the_memory_order_with_centre_crops(jpe
                                     start_step=0, log_every=6, crop="centre")
   (images, labels, _), = stream.batches(0, 6)  # 2 epochs of 3 steps
   stream.close()
-  indices = data.batch_indices(0, 0, 6, 8, 24)
+  indices = datasets.batch_indices(0, 0, 6, 8, 24)
   np.testing.assert_array_equal(np.asarray(labels), memory_train.labels[indices])
   np.testing.assert_array_equal(np.asarray(images)[1],
                                 source.train.read(indices[1], "centre")[0])
@@ -290,7 +292,7 @@ def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
   from research import models
 
   # A streamed dataset is never read whole, so its mean and std are never measured.
-  monkeypatch.setitem(data.NORMALIZATION, "tiny_jpeg_images", data.NORMALIZATION["imagenet2012"])
+  monkeypatch.setitem(datasets.NORMALIZATION, "tiny_jpeg_images", datasets.NORMALIZATION["imagenet2012"])
 
   config = imagenet_resnet50.get_config()
   assert config.dataset.input == "stream"
@@ -319,7 +321,7 @@ def test_unknown_input_kind_is_refused_with_the_accepted_ones():
 
 
 def test_damaged_shard_while_streaming_names_the_file_and_the_fix(fashion_mnist, tmp_path):
-  from research import prepare_data
+  from research.data import prepare_data
 
   prepared = os.fspath(prepare_data.builder_for("fashion_mnist", None).data_path)
   version_dir = tmp_path / "fashion_mnist" / os.path.basename(prepared)

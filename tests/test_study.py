@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from research import search_space, study, study_results
-from research.study_trial import Slot
+from research.studies import search_space, study, study_results
+from research.studies.study_trial import Slot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/default.py:smoke"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from research import search_space, study, study_storage
+from research.studies import search_space, study, study_storage
 from research.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +172,7 @@ def test_an_unreachable_database_is_one_line_and_writes_nothing(tmp_path):
 
 WORKER = textwrap.dedent("""
     import json, sys, time
-    from research import search_space, study
+    from research.studies import search_space, study
     plan = study.Plan(**{**json.loads(sys.argv[1]),
                          "params": tuple(search_space.parse(json.loads(sys.argv[1])["params"]))})
     opened = study.Study(plan)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from research import search_space
+from research.studies import search_space
 from research.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ def test_slurm_array_tasks_are_workers_of_one_study(tmp_path):
 
 
 def test_workers_get_devices_of_their_own(monkeypatch):
-  from research import study_trial
+  from research.studies import study_trial
 
   monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # JAX runs on the GPUs...
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # ... of a 4-GPU node: whole GPUs each

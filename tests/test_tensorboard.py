@@ -116,7 +116,7 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
   short ends its file, and the first file keeps its name (it sorts before new ones)."""
   from tensorboardX import SummaryWriter
 
-  from research import run_log
+  from research.run import run_log
 
   directory = tmp_path / "tensorboard"
   first = SummaryWriter(str(directory), filename_suffix=".a")
@@ -143,7 +143,7 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
 
 
 def test_evaluations_are_tagged_by_the_split_they_name_and_old_records_read_as_before():
-  from research import run_log
+  from research.run import run_log
 
   new = {"step": 5, "split": "train[90%:]", "kind": "eval", "accuracy": 0.5, "elapsed": 1.0}
   old = {"step": 5, "split": "test", "accuracy": 0.5, "elapsed": 1.0}  # before splits were named

@@ -1,4 +1,4 @@
-"""Every process of a multi-process run must see one workdir (research.distributed).
+"""Every process of a multi-process run must see one workdir (research.run.distributed).
 
 Two real processes joined by jax.distributed on 127.0.0.1, as launch/multiprocess.sh
 starts them, but each given its own --workdir, as a node-local path on a cluster would

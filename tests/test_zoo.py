@@ -18,7 +18,9 @@ import numpy as np
 import optax
 import pytest
 
-from research import data, models, steps, train
+from research import models
+from research.data import datasets
+from research.run import steps, train
 from research.errors import UserError
 
 # Each entry's own smoke knobs (research/models/__init__.py) keep compile and step times to
@@ -45,7 +47,7 @@ def _train(model, train_split, num_steps=3, batch_size=16, tx=None):
   # One compiled program for the initial state, not one per operation of model.init.
   state = _quick_jit(lambda: train.create_state(model, tx, (28, 28, 1), seed=0))
   run = functools.partial(steps.train_many, apply_fn=model.apply, tx=tx)
-  indices = data.batch_indices(0, 0, num_steps, batch_size, len(train_split))
+  indices = datasets.batch_indices(0, 0, num_steps, batch_size, len(train_split))
   return state, _quick_jit(run, state, train_split.images, train_split.labels, indices)
 
 
@@ -106,7 +108,8 @@ def test_batchnorm_statistics_update_in_training_and_stay_frozen_in_evaluation(f
 
 _TWO_DEVICE_SCRIPT = textwrap.dedent("""
     import functools, jax, numpy as np, optax, ml_collections
-    from research import mesh as mesh_lib, models, steps, train
+    from research import mesh as mesh_lib, models
+    from research.run import steps, train
     assert jax.device_count() == 2
     model = models.build(ml_collections.ConfigDict({"name": "resnet8", "width": 4}), 10)
     tx = optax.sgd(0.1)

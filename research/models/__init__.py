@@ -9,6 +9,13 @@ the model's code, as `KNOBS` in its file; their defaults are the module's own fi
 defaults. The config schema, validation and the tests are built from these entries,
 so adding a model is one file and one line below (docs/extending.md).
 `dtype` is the compute dtype ("float32" or "bfloat16"); parameters stay float32.
+
+  layers.py        the building blocks: Conv in its CPU and accelerator forms, dense, pooling
+  cnn.py           the seed CNN of the Keras tutorial (the default) and its width/depth knobs
+  mlp.py           a multilayer perceptron
+  resnet.py        ResNets with BatchNorm, CIFAR-style and ImageNet-style
+  wide_resnet.py   Wide ResNet
+  vit.py           Vision Transformer
 """
 
 import dataclasses

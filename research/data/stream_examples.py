@@ -1,12 +1,12 @@
 """What one input worker computes: a step's training batch, or an evaluation batch.
 
-These objects are pickled into grain's worker processes (research/stream_input.py),
+These objects are pickled into grain's worker processes (research/data/stream_input.py),
 so they import no JAX and hold only what the work needs: the split's TFDS data
 source (undecoded: the image bytes), the order and the crop settings. Each example
-is read and decoded on its own (research/image_crops.py); a worker stacks one
+is read and decoded on its own (research/data/image_crops.py); a worker stacks one
 batch and hands it to the trainer through shared memory.
 
-Determinism: the batch of step s holds `data.batch_indices(seed, s)` (the in-memory
+Determinism: the batch of step s holds `datasets.batch_indices(seed, s)` (the in-memory
 path's very order), and the crop of the example in global row r of step s is drawn
 from `np.random.default_rng([seed, s, r])`. Nothing depends on which worker, how
 many workers or which process computes it.
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from research import data, image_crops
+from research.data import datasets, image_crops
 from research.errors import UserError
 
 CROPS = ("inception", "centre", "none")  # training crop: random, the eval crop, or none
@@ -78,7 +78,7 @@ class TrainStep:
   rows: np.ndarray  # the global rows of each batch this process reads
 
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    indices = data.batch_indices(self.seed, int(step), 1, self.batch_size, len(self.reader))[0]
+    indices = datasets.batch_indices(self.seed, int(step), 1, self.batch_size, len(self.reader))[0]
     seeds = [(self.seed, int(step), int(row)) for row in self.rows]
     return self.reader.read(indices[self.rows], self.crop, seeds)
 

@@ -4,7 +4,7 @@
 the final evaluation metrics. Running it again on the same workdir resumes from
 the newest complete checkpoint (or says the run is finished).
 
-Input: one data source, chosen from `config.dataset` once (research/data_source.py:
+Input: one data source, chosen from `config.dataset` once (research/data/data_source.py:
 whole splits on the devices, or batches decoded by input workers); the loop only
 asks its feed for the next chunk of steps.
 """
@@ -21,15 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from research import (backend as backend_lib, checkpoint, config_checks, data, data_source,
-                      distributed, mesh as mesh_lib, metrics as metrics_lib, models, optim,
-                      profiling, run_info, steps, workdir_lock)
+from research import backend as backend_lib, mesh as mesh_lib, metrics as metrics_lib, models
+from research.config import config_checks
+from research.data import datasets, data_source
+from research.run import checkpoint, distributed, optim, profiling, run_info, steps, workdir_lock
 from research.errors import TrainingFailure
-from research import run_log as run_log_lib
-from research.run_log import Progress, RunLog, console, evaluation_line
+from research.run import run_log as run_log_lib
+from research.run.run_log import Progress, RunLog, console, evaluation_line
 
 
-def build_model_and_state(config, info: data.DatasetInfo, mesh, plan=None):
+def build_model_and_state(config, info: datasets.DatasetInfo, mesh, plan=None):
   """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`);
   shared by training, evaluation, reports and predictions. `plan` (the run's
   Schedule) sets the learning-rate schedule's length; the state's structure does

@@ -2,8 +2,8 @@
 
 `from_config(dataset_config, eval_split=..., train=...)` is the one loader of every job
 (training, evaluating a checkpoint, reports, predictions, benchmarks). It returns a
-`MemorySource` (research/data.py: splits decoded once, held on the devices) or a
-`StreamSource` (research/stream_input.py: batches decoded by worker processes while
+`MemorySource` (research/data/datasets.py: splits decoded once, held on the devices) or a
+`StreamSource` (research/data/stream_input.py: batches decoded by worker processes while
 the devices train); both offer the same things and nothing above this module asks
 which it holds:
 
@@ -15,10 +15,10 @@ which it holds:
   eval_batches         a callable yielding padded, masked eval batches (global arrays)
   eval_examples        the eval split as host arrays, in chunks (reports)
 
-The two forms see the same example order (`data.batch_indices`). Where they differ
+The two forms see the same example order (`datasets.batch_indices`). Where they differ
 is the crops: in memory, images are stored at `image_size` (shorter side, centre
 crop) and the Inception crop is taken on the device; streamed, the crops come from
-the original image in the workers (research/image_crops.py) and the device only
+the original image in the workers (research/data/image_crops.py) and the device only
 flips and normalizes.
 """
 
@@ -29,7 +29,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from research import augment, data, mesh as mesh_lib, prepare_data, stream_input
+from research import mesh as mesh_lib
+from research.data import augment, datasets, prepare_data, stream_input
 from research.errors import UserError
 
 INPUTS = ("memory", "stream")  # config.dataset.input
@@ -65,7 +66,7 @@ def _joined(pieces: list) -> dict:
   return jax.tree.map(lambda *values: np.concatenate(values), *jax.device_get(pieces))
 
 
-def memory_feed(train_many, split: data.Split, mesh, *, seed: int, batch_size: int, rows: int,
+def memory_feed(train_many, split: datasets.Split, mesh, *, seed: int, batch_size: int, rows: int,
                 where) -> Feed:
   """`split` on the devices; each compiled call of `train_many` gathers its batches by index.
 
@@ -79,7 +80,7 @@ def memory_feed(train_many, split: data.Split, mesh, *, seed: int, batch_size: i
 
   def chunk(state, step, stop):
     started = time.perf_counter()  # input time: host work before the compiled calls
-    indices = data.batch_indices(seed, step, stop - step, batch_size, len(split))
+    indices = datasets.batch_indices(seed, step, stop - step, batch_size, len(split))
     if not where.static_trip_counts:
       indices = np.pad(indices, ((0, rows - len(indices)), (0, 0)))
       batch_indices = mesh_lib.global_batch(indices, mesh, batch_axis=1)
@@ -105,9 +106,9 @@ class MemorySource:
   def __init__(self, dataset_config, eval_split: str, train: bool):
     self.config = dataset_config
     if train:
-      self.info, self.train, self.eval = data.load(_with_eval_split(dataset_config, eval_split))
+      self.info, self.train, self.eval = datasets.load(_with_eval_split(dataset_config, eval_split))
     else:
-      self.info, self.eval = data.load_split(dataset_config, eval_split)
+      self.info, self.eval = datasets.load_split(dataset_config, eval_split)
       self.train = None
     self.num_train = len(self.train) if self.train is not None else 0
     self.num_eval = len(self.eval)
@@ -121,7 +122,7 @@ class MemorySource:
   def train_feed(self, compile_steps, mesh, *, seed: int, batch_size: int, plan, start_step: int,
                  where, augment_config=None) -> Feed:
     """The dataset on the devices; each compiled call gathers its batches by index."""
-    from research import steps
+    from research.run import steps
 
     del start_step, augment_config  # the order is a function of (seed, step); crops on device
     return memory_feed(compile_steps(steps.train_many), self.train, mesh, seed=seed,
@@ -133,7 +134,7 @@ class MemorySource:
     multiple of the device count; the extra rows are masked padding."""
     batch_size = mesh_lib.rounded_to_devices(batch_size, mesh)
     arrays = [mesh_lib.global_batch(a, mesh, batch_axis=1)
-              for a in data.padded_for_eval(self.eval, batch_size)]
+              for a in datasets.padded_for_eval(self.eval, batch_size)]
     return lambda: [arrays]
 
   def eval_examples(self, chunk: int = 1000):
@@ -148,7 +149,7 @@ class StreamSource:
   def __init__(self, dataset_config, eval_split: str, train: bool):
     self.config = dataset_config
     builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
-    self.info, _ = data.dataset_info(builder, dataset_config)
+    self.info, _ = datasets.dataset_info(builder, dataset_config)
     self._order_name = builder.info.full_name
     self.train = (stream_input.open_split(builder, dataset_config, dataset_config.train_split,
                                           self.info.image_shape) if train else None)
@@ -176,7 +177,7 @@ class StreamSource:
                  where, augment_config=None) -> Feed:
     """Batches read ahead by the workers; one compiled call per piece of a chunk (pieces
     divide log_every, so few lengths are compiled)."""
-    from research import steps
+    from research.run import steps
 
     del where  # the pieces' lengths are fixed by the byte budget, on every backend
     train_on_batches = compile_steps(steps.train_on_batches)
@@ -208,25 +209,25 @@ class StreamSource:
       yield self.eval.read(range(start, min(start + chunk, self.num_eval)), "centre")
 
 
-def normalization(dataset_config, info: data.DatasetInfo, train: data.Split | None = None):
+def normalization(dataset_config, info: datasets.DatasetInfo, train: datasets.Split | None = None):
   """(mean, std) per channel, or (None, None) without `normalize`: the dataset's constants;
   for a dataset without constants, measured on `train` (read here in memory mode; a
   streamed dataset is never read whole, so it is refused)."""
   if not dataset_config.get("normalize", False):
     return None, None
-  if info.name.split("/")[0] in data.NORMALIZATION:
-    return data.normalization(info.name)
+  if info.name.split("/")[0] in datasets.NORMALIZATION:
+    return datasets.normalization(info.name)
   if dataset_config.get("input", "memory") == "stream":
     raise UserError(f"No normalization constants for dataset {info.name!r} (known: "
-                    f"{', '.join(data.NORMALIZATION)}), and a streamed dataset is not read "
+                    f"{', '.join(datasets.NORMALIZATION)}), and a streamed dataset is not read "
                     "whole to measure them: set --config.dataset.normalize=False, or "
                     "--config.dataset.input=memory if it fits in memory.")
   if train is None:
-    train = data.load_split(dataset_config, dataset_config.train_split)[1]
-  return data.normalization(info.name, train)
+    train = datasets.load_split(dataset_config, dataset_config.train_split)[1]
+  return datasets.normalization(info.name, train)
 
 
-def eval_input(dataset_config, info: data.DatasetInfo):
+def eval_input(dataset_config, info: datasets.DatasetInfo):
   """images -> model input as evaluation makes it, from the config alone (predictions)."""
   return augment.make_eval_input(*normalization(dataset_config, info))
 
@@ -239,7 +240,7 @@ def _with_eval_split(dataset_config, eval_split: str):
   return config
 
 
-def info(dataset_config) -> data.DatasetInfo:
+def info(dataset_config) -> datasets.DatasetInfo:
   """The dataset's metadata alone (shape, classes): nothing decoded."""
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
-  return data.dataset_info(builder, dataset_config)[0]
+  return datasets.dataset_info(builder, dataset_config)[0]

@@ -1,6 +1,6 @@
 """One trial of a study: `python -m research.main` in the trial's workdir, watched.
 
-A worker (research/study.py) runs each trial as a child process on the devices
+A worker (research/studies/study.py) runs each trial as a child process on the devices
 of its slot. While the child trains, `run` reads each new evaluation from the
 child's metrics.jsonl and hands it to `report` (the study's pruner answers); when
 told to stop it sends SIGTERM, and the trainer checkpoints and exits at the next
@@ -102,8 +102,8 @@ class Outcome:
 
 
 def evaluations(workdir: str) -> list[dict]:
-  """The evaluation records (each names its split; research/run_log.py) written so far."""
-  from research.run_log import is_evaluation
+  """The evaluation records (each names its split; research/run/run_log.py) written so far."""
+  from research.run.run_log import is_evaluation
 
   found = []
   try:
@@ -138,7 +138,7 @@ def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dic
   os.makedirs(workdir, exist_ok=True)
   log_path = os.path.join(workdir, LOG_FILE)
   env = {**(base_env if base_env is not None else os.environ), **slot.env}
-  wrapper = [sys.executable, "-m", "research.study_trial", f"--parent={os.getpid()}",
+  wrapper = [sys.executable, "-m", "research.studies.study_trial", f"--parent={os.getpid()}",
              f"--cpus={','.join(map(str, slot.cpus))}", "--", *command]
   with open(log_path, "ab") as log:
     log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
@@ -220,7 +220,7 @@ def _failure_reason(log_path: str, session_start: int, status: int) -> str:
 
 
 def _become_trainer(argv: list[str]) -> None:
-  """`python -m research.study_trial --parent=PID --cpus=0,1 -- COMMAND...`: the
+  """`python -m research.studies.study_trial --parent=PID --cpus=0,1 -- COMMAND...`: the
   kernel sends SIGTERM when the worker dies, the cores are pinned, then COMMAND runs."""
   separator = argv.index("--")
   options = dict(arg[2:].split("=", 1) for arg in argv[1:separator])

@@ -9,7 +9,7 @@ Augmentations (config.augment), applied in this order, each per example:
   random_resized_crop  a crop of 8%-100% of the area, aspect 3/4-4/3, resized back to
                        the input size (the Inception / ImageNet crop), for datasets in
                        memory; streamed datasets take it from the original image in the
-                       input workers (research/image_crops.py) instead;
+                       input workers (research/data/image_crops.py) instead;
   crop_padding=p       zero-pad p pixels on every side, crop back at a random offset
                        (the CIFAR crop);
   flip                 mirror left-right with probability 1/2.

@@ -1,6 +1,6 @@
 """Decoding one stored image into the crop the model sees (streamed datasets only).
 
-Runs per example inside the input workers (research/stream_examples.py); imports no
+Runs per example inside the input workers (research/data/stream_examples.py); imports no
 JAX. The geometry is the standard ImageNet one (Szegedy et al.; the Flax ImageNet
 example; big_vision's `decode_jpeg_and_inception_crop`), taken from the ORIGINAL
 image, never from a resized copy:
@@ -9,7 +9,7 @@ image, never from a resized copy:
               and aspect (width / height) log-uniform in ASPECT_RANGE; the first that
               fits is taken at a uniform position, else the evaluation crop (the
               references' fallback); the box is resized to image_size (bilinear,
-              antialiased). The flip stays on the device (research/augment.py).
+              antialiased). The flip stays on the device (research/data/augment.py).
   evaluation  the shorter side resized to image_size / crop_fraction (0.875: 256 for
               224), then the centre image_size square.
 

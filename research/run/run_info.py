@@ -20,8 +20,8 @@ import sys
 import jax
 from absl import logging
 
-from research import checkpoint
-from research import run_log
+from research.run import checkpoint
+from research.run import run_log
 
 RUN_FILE = "run.json"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets", "numpy")
@@ -68,7 +68,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def summarize_metrics(records: list[dict]) -> dict:
   """{"final": {split: last record}, "best": the evaluation with the highest accuracy}.
-  Evaluations are keyed by the split they name (research/run_log.py)."""
+  Evaluations are keyed by the split they name (research/run/run_log.py)."""
   final = {}
   for record in records:
     final[record.get("split")] = record

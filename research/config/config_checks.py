@@ -12,7 +12,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from research import config_schema, models, optim, profiling
+from research import models
+from research.config import config_schema
+from research.run import optim, profiling
 from research.errors import UserError
 
 MAX_STEPS = config_schema.MAX_INT32  # TrainState.step is an int32
@@ -96,7 +98,7 @@ def check_fields(config) -> None:
       optim.check(config.optimizer, None)  # names the optimizer's knobs
     if field is None:
       raise UserError(f"The config field {name} (= {value!r}) has no entry in "
-                      "research/config_schema.py, nor is it a knob a model, optimizer or "
+                      "research/config/config_schema.py, nor is it a knob a model, optimizer or "
                       "schedule declares, so its values cannot be checked: declare it (kind, "
                       "range, default, meaning), or remove the field from the config.")
     if field.problem(value):
@@ -273,7 +275,7 @@ def workdir_config(workdir: str, repair: bool) -> dict | None:
   rebuilt config replaces it (the damaged file is kept beside it, as config.json.unreadable).
   A UserError when no checkpoint holds one either.
   """
-  from research import checkpoint  # the checkpoints are only read when config.json is damaged
+  from research.run import checkpoint  # the checkpoints are only read when config.json is damaged
 
   path = os.path.join(workdir, "config.json")
   if not os.path.lexists(path):

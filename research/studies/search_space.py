@@ -164,7 +164,7 @@ def check(params: list[Param], config_file: str, fixed: list[str]) -> None:
   `fixed` are the --config.FIELD=VALUE flags every trial gets. A refused value is
   reported with the entry it came from, in one line.
   """
-  from research import command_line, config_checks  # JAX: only where a space is checked
+  from research.config import command_line, config_checks  # JAX: only where a space is checked
 
   base = command_line.parse_config(fixed, config_file)
   config_checks.validate(base)  # the settings every trial shares

@@ -3,7 +3,7 @@
 A study lives in a folder (STUDY_DIR): its Optuna storage (by default the journal
 file STUDY_DIR/study.journal; or any Optuna RDB URL such as PostgreSQL, or a journal
 file on shared storage, for workers on many machines), one workdir per trial
-under STUDY_DIR/trials/, and the results (research/study_results.py).
+under STUDY_DIR/trials/, and the results (research/studies/study_results.py).
 
 Exactly once. The study's creator enqueues its N trials up front as waiting
 trials (a grid: one per point; random and TPE: empty ones whose parameters the
@@ -41,7 +41,8 @@ import warnings
 
 from absl import logging
 
-from research import metrics, search_space, study_trial
+from research import metrics
+from research.studies import search_space, study_trial
 from research.errors import UserError
 
 JOURNAL_FILE = "study.journal"
@@ -93,8 +94,8 @@ def split_flags(train_split: str, select_split: str) -> list[str]:
 
 def make_storage(plan: Plan):
   """The Optuna storage named by --storage (a database URL or a journal file), by default
-  the journal file in the study folder (nothing to start): research/study_storage.py."""
-  from research import study_storage
+  the journal file in the study folder (nothing to start): research/studies/study_storage.py."""
+  from research.studies import study_storage
 
   if study_storage.is_url(plan.storage):
     return study_storage.open_database(plan.storage, plan.heartbeat_seconds)

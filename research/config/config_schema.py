@@ -8,7 +8,7 @@ in configs/ with every argument), so a new field cannot go unchecked.
 
 Where the entries come from: the fields of the run itself (dataset, batches, lengths,
 periodic actions) are declared in `FIELDS` below; the knobs of the chosen model
-(research/models/), optimizer and schedule (research/optim.py) are declared by those
+(research/models/), optimizer and schedule (research/run/optim.py) are declared by those
 entries, next to their code, and joined in by `fields_for`. Nothing here repeats them.
 A field a config leaves out is fine (configs may omit optional fields); only the fields
 present are checked. Relations between fields (num_epochs or num_train_steps, batch
@@ -17,7 +17,9 @@ divisible by the device count, a schedule's boundaries) stay in config_checks.py
 
 import dataclasses
 
-from research import backend, data_source, metrics, models, optim, stream_input
+from research import backend, metrics, models
+from research.data import data_source, stream_input
+from research.run import optim
 from research.knobs import (MAX_INT32, FRACTION as _FRACTION, Field, choice, flag, integer,
                             number, text)
 
@@ -48,7 +50,7 @@ FIELDS: dict[str, Field] = {
                                     "image's area", low=0.0, high=1.0, above=0.0),
     # ---- model (name; the knobs come from the registry in research/models/__init__.py)
     "model.name": choice("cnn", "which model of the zoo", models.MODELS),
-    # ---- optimizer (common fields; each optimizer's knobs come from research/optim.py)
+    # ---- optimizer (common fields; each optimizer's knobs come from research/run/optim.py)
     "optimizer.name": choice("adam_keras", "which optax optimizer", optim.OPTIMIZERS),
     # ---- schedule
     "schedule.name": choice("constant", "learning-rate schedule", optim.SCHEDULES),

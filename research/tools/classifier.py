@@ -3,8 +3,8 @@
 `Classifier(workdir, step)` rebuilds the model from WORKDIR/config.json the way
 training does (`train.build_model_and_state`), restores one checkpoint read-only
 ("latest", "best" or a step) and knows the dataset's shape and class names
-(from run.json, else from the TFDS data). `research.predict` classifies files
-with it; `research.report` its confusion matrix.
+(from run.json, else from the TFDS data). `research.tools.predict` classifies files
+with it; `research.tools.report` its confusion matrix.
 """
 
 import json
@@ -21,7 +21,10 @@ class Classifier:
   def __init__(self, workdir: str, step: str = "latest"):
     import jax
 
-    from research import checkpoint, config_checks, data_source, mesh as mesh_lib, train
+    from research import mesh as mesh_lib
+    from research.config import config_checks
+    from research.data import data_source
+    from research.run import checkpoint, train
 
     config_path = os.path.join(workdir, "config.json")
     try:
@@ -66,11 +69,12 @@ class Classifier:
 
 def dataset_info(workdir: str, config):
   """The dataset's shape and class names: from run.json, else from the TFDS data."""
-  from research import data, data_source, run_info
+  from research.data import datasets, data_source
+  from research.run import run_info
 
   recorded = (run_info.read(workdir) or {}).get("dataset")
   if recorded:
-    return data.DatasetInfo(name=recorded["name"], image_shape=tuple(recorded["image_shape"]),
+    return datasets.DatasetInfo(name=recorded["name"], image_shape=tuple(recorded["image_shape"]),
                             num_classes=recorded["num_classes"],
                             class_names=tuple(recorded["class_names"]))
   return data_source.info(config.dataset)

@@ -20,7 +20,7 @@ import time
 import jax
 from absl import logging
 
-from research import distributed, workdir_layout
+from research.run import distributed, workdir_layout
 from research.errors import UserError
 
 LOCK_FILE = "run.lock"

@@ -1,6 +1,6 @@
 """A study's Optuna storage, opened from --storage: a database URL or a journal file.
 
-Part of research/study.py's set-up. A database URL is checked before anything is
+Part of research/studies/study.py's set-up. A database URL is checked before anything is
 written: its kind (scheme) must be one SQLAlchemy and Optuna serve, its driver
 installed, its server reachable with the login given; each failure is one line
 (UserError). A bare `postgresql://` uses psycopg2, the driver installed with the

@@ -1,7 +1,7 @@
 """The results of a study, written into its folder (STUDY_DIR):
 
   results.csv, results.md   one row per trial, best first; every number names its split
-  results_curves.png        learning curves of the top trials (research/report.py)
+  results_curves.png        learning curves of the top trials (research/tools/report.py)
   optimization_history.png  Optuna's objective against trials
   param_importances.png     Optuna's parameter importances (fANOVA), once two trials finished
   hparams/                  TensorBoard's HParams dashboard: `tensorboard --logdir STUDY_DIR`
@@ -14,8 +14,11 @@ import os
 import shutil
 import warnings
 
-from research import metrics, report, run_info, run_log, search_space
-from research.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
+from research import metrics
+from research.run import run_info, run_log
+from research.studies import search_space
+from research.tools import report
+from research.studies.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
 
 TOP_CURVES = 5
 

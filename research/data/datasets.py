@@ -11,8 +11,8 @@ Fashion-MNIST, CIFAR) fit in memory many times over, so a split is read once
 from TFDS into uint8 arrays (cached beside the data) and put on the devices; the
 compiled train step gathers each batch from there by index. `load` refuses,
 before decoding anything, a dataset that would not fit (memory_fit.py). The
-streamed form is research/stream_input.py; the training loop sees either only
-through research/data_source.py.
+streamed form is research/data/stream_input.py; the training loop sees either only
+through research/data/data_source.py.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ import re
 import numpy as np
 from absl import logging
 
-from research import prepare_data
+from research.data import prepare_data
 from research.errors import UserError
 
 
@@ -46,7 +46,7 @@ class Split:
 
 def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
   """Returns (info, train split, eval split), preparing the dataset if needed."""
-  from research import memory_fit  # imports JAX; input workers import this module without
+  from research.data import memory_fit  # imports JAX; input workers import this module without
 
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   info, image_size = dataset_info(builder, dataset_config)
@@ -61,7 +61,7 @@ def load(dataset_config) -> tuple[DatasetInfo, Split, Split]:
 
 def load_split(dataset_config, split: str) -> tuple[DatasetInfo, Split]:
   """Returns (info, one split), e.g. for evaluating a checkpoint on `split`."""
-  from research import memory_fit
+  from research.data import memory_fit
 
   builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
   info, image_size = dataset_info(builder, dataset_config)

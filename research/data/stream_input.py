@@ -2,7 +2,7 @@
 
 `config.dataset.input="stream"` is for datasets that do not fit in memory
 (imagenet2012 is ~190 GB of pixels at 224 px). The host holds a few batches,
-never a split. The training loop sees it only through research/data_source.py:
+never a split. The training loop sees it only through research/data/data_source.py:
 `TrainStream.batches(step, stop)` hands the chunk of steps it is about to run to
 the compiled `steps.train_on_batches`; evaluation iterates `EvalStream`.
 
@@ -11,7 +11,7 @@ Workers. Decoding runs in `config.dataset.workers` processes (grain's
 threads of the trainer process (grain's `ReadOptions`, `reader_threads`; the old
 form, cheap to start, for small data and tests). One grain element is this
 process's rows of one step's batch: a worker reads and decodes its examples one
-by one (research/stream_examples.py, research/image_crops.py), stacks them and
+by one (research/data/stream_examples.py, research/data/image_crops.py), stacks them and
 hands the batch over through shared memory; the trainer's main thread only
 takes finished batches and gives them to the devices. Worker w computes steps
 w, w+n, ...; grain interleaves them back in order, so the batches do not depend
@@ -19,7 +19,7 @@ on the worker count. A worker that dies (killed, out of memory) is reported as
 a TrainingFailure within seconds (grain watches its exit code); the checkpoints
 are untouched and the same command resumes.
 
-Order. The batch of global step s holds `data.batch_indices(seed, s, 1, batch, n)`:
+Order. The batch of global step s holds `datasets.batch_indices(seed, s, 1, batch, n)`:
 the indices the in-memory path gathers on the devices. Crops are drawn per
 example from (seed, step, row) (stream_examples.py), so a step's batch depends
 on (seed, step) alone.
@@ -59,9 +59,10 @@ import grain
 import numpy as np
 from absl import flags, logging
 
-from research import data, mesh as mesh_lib
+from research import mesh as mesh_lib
+from research.data import datasets
 from research.errors import TrainingFailure, UserError
-from research.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
+from research.data.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
 
 # At most this much global batch data per compiled call. Several steps in one call are
 # stacked on the host, a copy of every batch on the trainer's main thread; from this size
@@ -83,9 +84,9 @@ def open_split(builder, dataset_config, split: str, image_shape) -> ExampleReade
     raise UserError(f"--config.dataset.min_crop_area={area_range[0]} is above "
                     f"--config.dataset.max_crop_area={area_range[1]}: the Inception crop's "
                     "area range must run from the smaller to the larger (e.g. 0.08 and 1.0).")
-  source = data.open_split(builder, split, decoders={"image": tfds.decode.SkipDecoding()})
+  source = datasets.open_split(builder, split, decoders={"image": tfds.decode.SkipDecoding()})
   return ExampleReader(
-      source=source, damaged_message=data.damaged_message(builder, split),
+      source=source, damaged_message=datasets.damaged_message(builder, split),
       image_shape=tuple(image_shape), resize=bool(dataset_config.get("image_size", 0)),
       crop_fraction=float(dataset_config.get("crop_fraction", 0.875)),
       area_range=area_range)
