@@ -203,7 +203,7 @@ def run(argv) -> int:
   base_env = dict(os.environ)  # the trainers' environment: they pick their own devices
   # This process never computes: JAX stays off the accelerators that the trainers use.
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from research import study, study_results, study_storage, study_trial
+  from research import command_line, study, study_results, study_storage, study_trial
   from research.errors import UserError
 
   plan = make_plan(argv[1:])
@@ -221,8 +221,8 @@ def run(argv) -> int:
           f", {len(slots)} worker(s): {'; '.join(s.description for s in slots)}.")
     for param in plan.params:
       print(f"  {param.describe()}")
-    print("Each trial: " + shlex.join(["python", "-m", "research.main", f"--config={plan.config_file}",
-                                       "--workdir=" + plan.trial_workdir(0), *plan.fixed]) + " ...")
+    print("Each trial: " + shlex.join(command_line.main_command(
+        plan.config_file, plan.trial_workdir(0), plan.fixed, python="python")) + " ...")
     return 0
   # A database is reached (or refused, in one line) before the study folder is made.
   storage = study.make_storage(plan) if study_storage.is_url(plan.storage) else None

@@ -30,6 +30,8 @@ import time
 
 from absl import app, flags
 
+from research import command_line
+
 _RECIPES = flags.DEFINE_list("recipes", ["seed"], "Which recipes to benchmark: seed "
                              "(configs/default.py), seed_bf16 (the same, model.dtype=bfloat16), "
                              "resnet20 (configs/fashion_mnist_resnet.py with ResNet-20).")
@@ -123,15 +125,10 @@ def load_config(config_file: str, overrides: dict):
   return config
 
 
-def as_flags(overrides: dict) -> list[str]:
-  return [f"--config.{key}={value}" for key, value in overrides.items()]
-
-
 def training_run(config_file: str, overrides: list[str]) -> dict:
   """Runs `research.main` in a subprocess; returns epoch times, accuracy, peak RSS."""
   with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-    command = [sys.executable, "-m", "research.main", f"--config={config_file}",
-               f"--workdir={workdir}", *overrides, *TRAIN_FLAGS.value]
+    command = command_line.main_command(config_file, workdir, [*overrides, *TRAIN_FLAGS.value])
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -273,7 +270,7 @@ def main(argv):
   results = {"machine": in_child("machine"), "recipes": {}}
   for name in _RECIPES.value:
     config_file, overrides = RECIPES[name]
-    run_overrides = as_flags(overrides)
+    run_overrides = command_line.override_flags(overrides)
     if name == "resnet20":
       run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
     rows = [in_child("throughput", config_file, {**overrides, **microbatch_overrides(int(b), results["machine"]["platform"])},

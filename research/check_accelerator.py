@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from research import benchmark
+from research import benchmark, command_line
 
 _DATA = flags.DEFINE_string("data", "/usr/share/datasets/fashion-mnist",
                             "Folder of Fashion-MNIST's four original .gz files.")
@@ -88,8 +88,7 @@ def seconds_without_compile(records: list[dict]) -> float | None:
 def train(config: str, overrides: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
   """`python -m research.main` on a fresh workdir -> (the process, metrics.jsonl records)."""
   with tempfile.TemporaryDirectory(prefix="check-") as workdir:
-    result = _run([sys.executable, "-m", "research.main", f"--config={config}",
-                   f"--workdir={workdir}", *overrides])
+    result = _run(command_line.main_command(config, workdir, overrides))
     records = []
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
       with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -116,7 +115,7 @@ def _shrunk(smoke: bool, steps: int) -> list[str]:
 def seed_recipe(recipe: str, label: str, smoke: bool) -> Row:
   config, overrides = benchmark.RECIPES[recipe]
   batch = 32
-  result, records = train(config, [*benchmark.as_flags(overrides),
+  result, records = train(config, [*command_line.override_flags(overrides),
                                    f"--config.num_epochs={EPOCHS}", *_shrunk(smoke, 40)])
   if result.returncode != 0:
     return Row(label, False, notes=_last_line(result))

@@ -34,14 +34,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
 
 from absl import logging
 
-from research import metrics, search_space, study_trial
+from research import command_line, metrics, search_space, study_trial
 from research.errors import UserError
 
 JOURNAL_FILE = "study.journal"
@@ -271,13 +270,11 @@ class Study:
     workdir = plan.trial_workdir(slot_number)
     trial.set_user_attr("workdir", os.path.relpath(workdir, plan.root))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}:{slot.description}")
-    command = [sys.executable, "-m", "research.main", f"--config={plan.config_file}",
-               f"--workdir={workdir}", *plan.fixed,
-               *(f"--config.{key}={search_space.as_flag_value(value)}"
-                 for key, value in values.items())]
+    command = command_line.main_command(plan.config_file, workdir,
+                                        [*plan.fixed, *command_line.override_flags(values)])
     trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
     name = f"trial {trial.number} (slot {slot_number}, {slot.description})"
-    print(f"{name}: {', '.join(f'{k}={search_space.as_flag_value(v)}' for k, v in values.items())}"
+    print(f"{name}: {', '.join(f'{k}={command_line.flag_value(v)}' for k, v in values.items())}"
           f" -> {workdir}", flush=True)
 
     lost = threading.Event()  # another worker took this trial for dead (a missed heartbeat)
@@ -344,10 +341,9 @@ class Study:
       workdir = os.path.join(plan.root, best.user_attrs["workdir"])
       print(f"Chosen: trial {best.number} ({plan.objective} {best.value:.4f} on "
             f"{plan.select_split}); evaluating it on {plan.test_split}, once.", flush=True)
-      command = [sys.executable, "-m", "research.main", "--mode=eval",
-                 f"--config={plan.config_file}", f"--workdir={workdir}",
-                 f"--config.eval.split={plan.test_split}",
-                 "--config.eval.checkpoint_step=latest"]
+      command = command_line.main_command(
+          plan.config_file, workdir, command_line.override_flags(
+              {"eval.split": plan.test_split, "eval.checkpoint_step": "latest"}), mode="eval")
       # On the devices of one worker: those the trial trained on.
       result = subprocess.run(command, capture_output=True, text=True, env=base_env)
       if result.returncode != 0:

@@ -14,7 +14,7 @@ import os
 import shutil
 import warnings
 
-from research import metrics, report, run_info, run_log, search_space
+from research import command_line, metrics, report, run_info, run_log
 from research.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
 
 TOP_CURVES = 5
@@ -47,7 +47,7 @@ def rows(study) -> list[dict]:
     value = trial.value if trial.value is not None else (
         intermediate[max(intermediate)] if intermediate else None)
     row = {"trial": trial.number, "state": trial.state.name.lower(),
-           **{p.key: search_space.as_flag_value(trial.params[p.key]) if p.key in trial.params
+           **{p.key: command_line.flag_value(trial.params[p.key]) if p.key in trial.params
               else "" for p in plan.params},
            objective_column: value,
            # every other registered metric, at the trial's last evaluation
