@@ -127,6 +127,8 @@ def load_config(config_file: str, overrides: dict):
 
 def training_run(config_file: str, overrides: list[str]) -> dict:
   """Runs `research.main` in a subprocess; returns epoch times, accuracy, peak RSS."""
+  from research import run_log
+
   with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
     command = command_line.main_command(config_file, workdir, [*overrides, *TRAIN_FLAGS.value])
     start = time.perf_counter()
@@ -137,8 +139,7 @@ def training_run(config_file: str, overrides: list[str]) -> dict:
     stderr = process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
       raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f]
+    records = run_log.read_records(os.path.join(workdir, run_log.METRICS_FILE))
   return {"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
           **epoch_times(records)}
 
@@ -150,11 +151,10 @@ def epoch_times(records: list[dict]) -> dict:
   train = [r for r in records if not run_log.is_evaluation(r)]
   ends = [r["train_seconds"] for r in train if float(r["epoch"]).is_integer()]
   epochs = [b - a for a, b in zip([0.0] + ends, ends)]
-  test = run_log.evaluations(records)
   return {"epoch_seconds": epochs,
           "first_epoch_seconds": epochs[0] if epochs else None,
           "median_epoch_seconds": statistics.median(epochs[1:]) if len(epochs) > 1 else None,
-          "test_accuracy": test[-1]["accuracy"] if test else None}
+          "test_accuracy": run_log.final_evaluation(records).get("accuracy")}
 
 
 def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:

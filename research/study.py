@@ -30,7 +30,6 @@ in STUDY_DIR).
 
 import dataclasses
 import fcntl
-import json
 import os
 import socket
 import subprocess
@@ -40,7 +39,7 @@ import warnings
 
 from absl import logging
 
-from research import command_line, metrics, search_space, study_trial
+from research import command_line, metrics, run_log, search_space, study_trial
 from research.errors import UserError
 
 JOURNAL_FILE = "study.journal"
@@ -291,7 +290,7 @@ class Study:
                               heartbeat=lambda: self.heartbeat.beat(trial_id),
                               stop_requested=lambda: stop.is_set() or lost.is_set(),
                               poll_seconds=plan.poll_seconds, base_env=base_env)
-    last = outcome.evaluations[-1] if outcome.evaluations else {}
+    last = run_log.final_evaluation(outcome.evaluations)
     if lost.is_set() or self.storage.get_trial(trial_id).state.is_finished():
       print(f"{name}: was taken for dead by another worker (missed heartbeats) and is retried "
             "there; this worker stopped its trainer.", flush=True)
@@ -350,8 +349,11 @@ class Study:
         lines = [line for line in result.stderr.splitlines() if line.strip()] or ["no output"]
         raise UserError(f"Evaluating the chosen trial {best.number} on {plan.test_split} "
                         f"failed (exit status {result.returncode}): {lines[-1]}")
-      with open(os.path.join(workdir, "eval.jsonl")) as f:
-        record = json.loads(f.read().splitlines()[-1])
+      results = os.path.join(workdir, run_log.EVAL_FILE)
+      record = run_log.final_evaluation(run_log.read_records(results), plan.test_split)
+      if not record:
+        raise UserError(f"Evaluating the chosen trial {best.number} on {plan.test_split} "
+                        f"wrote no result for it to {results}.")
       done = {"trial": best.number, "split": plan.test_split, "step": record["step"],
               **{name: record.get(name) for name in metrics.METRICS},  # every metric
               "num_examples": record["num_examples"]}
