@@ -4,9 +4,9 @@ Records: training ones say `"split": "train"`; evaluations name the split they r
 (`"split": "test"`, or `"train[90%:]"` for a study's validation hold-out) and carry
 `"kind": "eval"`. Records written before evaluations were named say `"split": "test"`
 and have no kind; `is_evaluation` reads both, and the lines of eval.jsonl (`--mode=eval`).
-`read_records` and `final_evaluation` are how every other module reads them back.
-TensorBoard tags are `SPLIT/METRIC`, the
-split spelt in TensorBoard's tag alphabet (`split_tag`).
+TensorBoard tags are `SPLIT/METRIC`, the split spelt in TensorBoard's tag alphabet
+(`split_tag`). `read_records` and `final_evaluation` are how every other module reads the
+records back.
 
 Only process 0 writes. On resume, metrics.jsonl is cut back to the restored
 step first, so the file reads exactly as if the run had never stopped; then the
