@@ -82,7 +82,7 @@ def test_bench_parent_leaves_every_device_to_its_children(tmp_path):
   import subprocess
   import sys
 
-  script = ("import sys\nfrom absl import flags\nfrom research import benchmark\n"
+  script = ("import sys\nfrom absl import flags\nfrom research.tools import benchmark\n"
             f"flags.FLAGS(['bench', '--recipes=', '--out={tmp_path}'])\nbenchmark.main([])\n"
             "assert 'jax' not in sys.modules, 'the parent imported jax'\n")
   result = subprocess.run([sys.executable, "-c", script], cwd=benchmark.REPO,

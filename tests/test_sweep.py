@@ -114,6 +114,32 @@ def test_dry_run_lists_the_plan(tmp_path):
   assert not (tmp_path / "study").exists()
 
 
+def test_the_command_reads_its_flags_once_and_hands_them_on(tmp_path, monkeypatch):
+  """Behind the entry point no function reads absl's global FLAGS or sys.argv: two studies
+  planned in one process from flags of their own, with a sys.argv that says neither."""
+  from absl import flags
+
+  from launch import sweep
+
+  monkeypatch.setattr(sys, "argv", ["launch.sweep", "--trials=99"])
+  plans, options = [], []
+  for trials in ("3", "4"):
+    defined = flags.FlagValues()
+    sweep._define_flags(defined)
+    extra = sweep.parse_command_line(
+        ["launch.sweep", f"--config={SMOKE}", f"--workdir={tmp_path / 'study'}",
+         "--space=seed=int(0,9)", f"--trials={trials}", "--", "--config.num_epochs=1"],
+        defined)[1:]
+    options.append(sweep.read_options(defined))
+    plans.append(sweep.make_plan(options[-1], extra))
+    defined(["launch.sweep", "--trials=7"])  # a later parse: the options read stay as read
+  assert [plan.trials for plan in plans] == [3, 4]
+  assert [found.trials for found in options] == [3, 4]
+  assert plans[0].fixed[-1] == "--config.num_epochs=1" and plans[0].search == "tpe"
+  assert "trials" not in flags.FLAGS  # importing the command defines no global flag
+  assert not (tmp_path / "study").exists()
+
+
 def test_slurm_refuses_without_sbatch(tmp_path):
   result = _sweep(tmp_path / "study", "--sweep=seed=0,1", "--launcher=slurm", "--array=2",
                   env={"PATH": os.path.dirname(sys.executable)})

@@ -42,14 +42,15 @@ OVERRIDES = st.lists(st.tuples(st.sampled_from(NAMES), VALUES), min_size=1, max_
 
 
 def _plan_or_refuse(argv: list[str], monkeypatch, capsys) -> str:
-  """'' when the command plans the study (dry run), else its one-line refusal."""
+  """'' when the command plans the study (dry run), else its one-line refusal. The flags
+  are the test's own: the command's functions read no global ones."""
   defined = flags.FlagValues()
   sweep._define_flags(defined)
-  monkeypatch.setattr(sweep, "FLAGS", defined)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # run() sets it; restored after the test
   monkeypatch.setattr(sweep.logging, "set_verbosity", lambda level: None)  # the test's own
   try:
-    sweep.run(sweep.parse_command_line(["launch.sweep", *argv]))
+    extra = sweep.parse_command_line(["launch.sweep", *argv], defined)[1:]
+    sweep.run(sweep.read_options(defined), extra, argv)
     capsys.readouterr()
     return ""
   except UserError as e:

@@ -53,7 +53,7 @@ def test_processes_given_different_workdirs_stop_at_once_and_write_nothing(tmp_p
 
 
 def test_processes_sharing_a_workdir_pass_and_leave_no_token(tmp_path):
-  check = ("import sys; from research import distributed; "
+  check = ("import sys; from research.run import distributed; "
            "args = dict(a[2:].split('=') for a in sys.argv[1:]); "
            "distributed.initialize(args['coordinator_address'], int(args['num_processes']), "
            "int(args['process_id'])); distributed.check_shared_workdir(args['workdir']); "

@@ -1,15 +1,23 @@
-"""Parses `research.main`'s command line; every mistake becomes one clear UserError.
+"""`research.main`'s command line: parsed (every mistake one clear UserError) and built.
 
 absl and ml_collections report a mistyped `--config.optimzer.lr` with a
 KeyError traceback and a wrong type with "FATAL Flags parsing error" and exit
 status 1. `parse` runs the same parsers and turns each failure into a message
 that names the flag, the value given and what is accepted (main prints it and
 exits with status 2). `parse_config` gives tests the same path in-process.
+
+Programs that start runs (study trials, benchmarks, the accelerator check) build the
+command with `main_command`, and config values with `override_flags`, so every run is
+started with text these parsers read back to the same config.
 """
 
 import difflib
+import math
+import numbers
 import os
 import re
+import sys
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 from absl import flags
@@ -58,6 +66,61 @@ def parse_config(overrides: list[str], config_file: str = DEFAULT_CONFIG):
   flag_values = flags.FlagValues()
   parse(["research.main", f"--config={config_file}", *overrides], flag_values)
   return flag_values["config"].value
+
+
+def main_command(config_file: str, workdir: str, overrides: Iterable[str] = (), *,
+                 mode: str | None = None, python: str = sys.executable) -> list[str]:
+  """`python -m research.main [--mode=MODE] --config=CONFIG_FILE --workdir=WORKDIR
+  OVERRIDES...` as an argv. `overrides` are --config.FIELD=VALUE flags (`override_flags`
+  writes them from values), kept in order: the last one given for a field wins (but a
+  tuple field given twice gets both, joined: ml_collections' repeated tuple flags). They
+  come after --config, as ml_collections requires."""
+  return [python, "-m", "research.main", *([f"--mode={mode}"] if mode else []),
+          f"--config={config_file}", f"--workdir={workdir}", *overrides]
+
+
+def override_flags(values: Mapping[str, Any]) -> list[str]:
+  """{"optimizer.learning_rate": 3e-4, ...} -> ["--config.optimizer.learning_rate=0.0003", ...]."""
+  return [f"--config.{field}={flag_value(value)}" for field, value in values.items()]
+
+
+def flag_value(value) -> str:
+  """The text of --config.FIELD=TEXT that the field's parser reads back as `value`: text
+  as given (what a user types, e.g. '(16, 32)' for a tuple field), True/False, integers,
+  floats with every digit (repr), tuples and lists as Python literals (ml_collections
+  reads them with ast.literal_eval)."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (tuple, list)):
+    return _literal(tuple(value))
+  return _scalar(value)
+
+
+def _scalar(value) -> str:
+  if type(value).__module__ == "numpy" and hasattr(value, "item"):
+    value = value.item()  # a NumPy scalar (Optuna, a config built with NumPy): its Python value
+  if isinstance(value, bool):
+    return str(value)
+  if isinstance(value, numbers.Integral):
+    return str(value)
+  if isinstance(value, numbers.Real):
+    return repr(float(value))
+  raise TypeError(f"{value!r} ({type(value).__name__}) has no --config.FIELD=VALUE form: "
+                  "give a str, bool, int, float, tuple or list.")
+
+
+def _literal(value) -> str:
+  """`value` as a Python literal that ast.literal_eval reads back."""
+  if isinstance(value, str):
+    return repr(value)
+  if isinstance(value, (tuple, list)):
+    items = [_literal(item) for item in value]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+  if (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+      and not math.isfinite(value)):
+    raise ValueError(f"{value!r} inside a tuple has no literal form (ast.literal_eval reads "
+                     "no inf or nan).")
+  return _scalar(value)
 
 
 def _explain(error: Exception, argv: list[str], flag_values: flags.FlagValues) -> str:
@@ -171,8 +234,6 @@ def describe(config) -> str:
 def main(argv: list[str]) -> None:
   """`python -m research.command_line [--config=FILE[:ARG]] [--config.FIELD=VALUE ...]`:
   prints every field of that config with what it accepts and means."""
-  import sys
-
   try:
     flag_values = flags.FlagValues()
     parse(argv, flag_values)
@@ -257,6 +318,4 @@ def _last_line(error: BaseException) -> str:
 
 
 if __name__ == "__main__":
-  import sys
-
   main(sys.argv)

@@ -3,8 +3,10 @@
 Records: training ones say `"split": "train"`; evaluations name the split they ran on
 (`"split": "test"`, or `"train[90%:]"` for a study's validation hold-out) and carry
 `"kind": "eval"`. Records written before evaluations were named say `"split": "test"`
-and have no kind; `is_evaluation` reads both. TensorBoard tags are `SPLIT/METRIC`, the
-split spelt in TensorBoard's tag alphabet (`split_tag`).
+and have no kind; `is_evaluation` reads both, and the lines of eval.jsonl (`--mode=eval`).
+TensorBoard tags are `SPLIT/METRIC`, the split spelt in TensorBoard's tag alphabet
+(`split_tag`). `read_records` and `final_evaluation` are how every other module reads the
+records back.
 
 Only process 0 writes. On resume, metrics.jsonl is cut back to the restored
 step first, so the file reads exactly as if the run had never stopped; then the
@@ -26,6 +28,7 @@ import numpy as np
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"  # one line per `--mode=eval` (train.evaluate_checkpoint)
 
 
 class RunLog:
@@ -93,14 +96,23 @@ EVALUATION = "eval"
 
 
 def is_evaluation(record: dict) -> bool:
-  """An evaluation record, of today's form or of a workdir written before splits were named."""
+  """An evaluation record: today's form, a line of eval.jsonl (it names the checkpoint it
+  evaluated), or a record of a workdir written before splits were named."""
   if "kind" in record:
     return record["kind"] == EVALUATION
-  return record.get("split") == "test"
+  return "checkpoint" in record or record.get("split") == "test"
 
 
 def evaluations(records: list[dict]) -> list[dict]:
   return [record for record in records if is_evaluation(record)]
+
+
+def final_evaluation(records: list[dict], split: str | None = None) -> dict:
+  """The last evaluation among `records` (`read_records`), of `split` when one is named
+  (by the name the run gave it, e.g. "test[:1000]"); {} when there is none."""
+  found = [record for record in evaluations(records)
+           if split is None or record.get("split") == split]
+  return found[-1] if found else {}
 
 
 def split_tag(split: str) -> str:

@@ -229,7 +229,3 @@ def distributions(params: list[Param]) -> dict:
       found[param.key] = optuna.distributions.CategoricalDistribution(param.values)
   return found
 
-
-def as_flag_value(value) -> str:
-  """An Optuna parameter value as the text of --config.FIELD=VALUE."""
-  return repr(value) if isinstance(value, float) else str(value)

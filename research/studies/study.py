@@ -30,11 +30,9 @@ in STUDY_DIR).
 
 import dataclasses
 import fcntl
-import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -42,6 +40,8 @@ import warnings
 from absl import logging
 
 from research import metrics
+from research.config import command_line
+from research.run import run_log
 from research.studies import search_space, study_trial
 from research.errors import UserError
 
@@ -272,13 +272,11 @@ class Study:
     workdir = plan.trial_workdir(slot_number)
     trial.set_user_attr("workdir", os.path.relpath(workdir, plan.root))
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}:{slot.description}")
-    command = [sys.executable, "-m", "research.main", f"--config={plan.config_file}",
-               f"--workdir={workdir}", *plan.fixed,
-               *(f"--config.{key}={search_space.as_flag_value(value)}"
-                 for key, value in values.items())]
+    command = command_line.main_command(plan.config_file, workdir,
+                                        [*plan.fixed, *command_line.override_flags(values)])
     trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
     name = f"trial {trial.number} (slot {slot_number}, {slot.description})"
-    print(f"{name}: {', '.join(f'{k}={search_space.as_flag_value(v)}' for k, v in values.items())}"
+    print(f"{name}: {', '.join(f'{k}={command_line.flag_value(v)}' for k, v in values.items())}"
           f" -> {workdir}", flush=True)
 
     lost = threading.Event()  # another worker took this trial for dead (a missed heartbeat)
@@ -295,7 +293,7 @@ class Study:
                               heartbeat=lambda: self.heartbeat.beat(trial_id),
                               stop_requested=lambda: stop.is_set() or lost.is_set(),
                               poll_seconds=plan.poll_seconds, base_env=base_env)
-    last = outcome.evaluations[-1] if outcome.evaluations else {}
+    last = run_log.final_evaluation(outcome.evaluations)
     if lost.is_set() or self.storage.get_trial(trial_id).state.is_finished():
       print(f"{name}: was taken for dead by another worker (missed heartbeats) and is retried "
             "there; this worker stopped its trainer.", flush=True)
@@ -345,18 +343,20 @@ class Study:
       workdir = os.path.join(plan.root, best.user_attrs["workdir"])
       print(f"Chosen: trial {best.number} ({plan.objective} {best.value:.4f} on "
             f"{plan.select_split}); evaluating it on {plan.test_split}, once.", flush=True)
-      command = [sys.executable, "-m", "research.main", "--mode=eval",
-                 f"--config={plan.config_file}", f"--workdir={workdir}",
-                 f"--config.eval.split={plan.test_split}",
-                 "--config.eval.checkpoint_step=latest"]
+      command = command_line.main_command(
+          plan.config_file, workdir, command_line.override_flags(
+              {"eval.split": plan.test_split, "eval.checkpoint_step": "latest"}), mode="eval")
       # On the devices of one worker: those the trial trained on.
       result = subprocess.run(command, capture_output=True, text=True, env=base_env)
       if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()] or ["no output"]
         raise UserError(f"Evaluating the chosen trial {best.number} on {plan.test_split} "
                         f"failed (exit status {result.returncode}): {lines[-1]}")
-      with open(os.path.join(workdir, "eval.jsonl")) as f:
-        record = json.loads(f.read().splitlines()[-1])
+      results = os.path.join(workdir, run_log.EVAL_FILE)
+      record = run_log.final_evaluation(run_log.read_records(results), plan.test_split)
+      if not record:
+        raise UserError(f"Evaluating the chosen trial {best.number} on {plan.test_split} "
+                        f"wrote no result for it to {results}.")
       done = {"trial": best.number, "split": plan.test_split, "step": record["step"],
               **{name: record.get(name) for name in metrics.METRICS},  # every metric
               "num_examples": record["num_examples"]}

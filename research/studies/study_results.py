@@ -15,8 +15,8 @@ import shutil
 import warnings
 
 from research import metrics
+from research.config import command_line
 from research.run import run_info, run_log
-from research.studies import search_space
 from research.tools import report
 from research.studies.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
 
@@ -44,17 +44,17 @@ def rows(study) -> list[dict]:
   for trial, retries in latest_attempts(study):
     workdir = os.path.join(plan.root, trial.user_attrs.get("workdir", ""))
     summary = report.summary_row(workdir) if trial.user_attrs.get("workdir") else {}
-    evaluations = (run_log.evaluations(run_info.read_metrics(workdir))
-                   if trial.user_attrs.get("workdir") else [])
+    last = (run_log.final_evaluation(run_info.read_metrics(workdir))
+            if trial.user_attrs.get("workdir") else {})
     intermediate = trial.intermediate_values
     value = trial.value if trial.value is not None else (
         intermediate[max(intermediate)] if intermediate else None)
     row = {"trial": trial.number, "state": trial.state.name.lower(),
-           **{p.key: search_space.as_flag_value(trial.params[p.key]) if p.key in trial.params
+           **{p.key: command_line.flag_value(trial.params[p.key]) if p.key in trial.params
               else "" for p in plan.params},
            objective_column: value,
            # every other registered metric, at the trial's last evaluation
-           **{f"{name} ({plan.select_split})": evaluations[-1].get(name) if evaluations else None
+           **{f"{name} ({plan.select_split})": last.get(name)
               for name in metrics.METRICS if name != plan.objective},
            test_column: test.get(plan.objective) if test.get("trial") == trial.number else None,
            "evaluations": len(intermediate), "step": summary.get("step"),

@@ -102,24 +102,15 @@ class Outcome:
 
 
 def evaluations(workdir: str) -> list[dict]:
-  """The evaluation records (each names its split; research/run/run_log.py) written so far."""
-  from research.run.run_log import is_evaluation
+  """The evaluation records (each names its split; research/run/run_log.py) written so far; a
+  line still being written is not one yet."""
+  from research.run import run_log
 
-  found = []
   try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        if not line.endswith("\n"):
-          break  # being written
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and is_evaluation(record):
-          found.append(record)
-  except OSError:
-    pass
-  return found
+    return run_log.evaluations(run_log.read_records(os.path.join(workdir,
+                                                                 run_log.METRICS_FILE)))
+  except OSError:  # unreadable for now: the next poll looks again
+    return []
 
 
 def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dict], bool],

@@ -22,6 +22,7 @@ import time
 
 from absl import app, flags
 
+from research.config import command_line
 from research.tools import benchmark
 
 _KERAS = flags.DEFINE_string("keras_python", "build/bench-env/tf/bin/python",
@@ -58,8 +59,8 @@ PEER_FLAGS = {"keras": "Keras/TF", "torch": "PyTorch"}  # --peers value: name
 
 def ours(epochs: int, recipe: str) -> dict:
   config_file, overrides = benchmark.RECIPES[recipe]
-  run = benchmark.training_run(config_file,
-                               [f"--config.num_epochs={epochs}", *benchmark.as_flags(overrides)])
+  run = benchmark.training_run(config_file, command_line.override_flags(
+      {"num_epochs": epochs, **overrides}))
   return {"steady_epoch_s": run["median_epoch_seconds"], "first_epoch_s": run["first_epoch_seconds"],
           "test_accuracy": run["test_accuracy"], "peak_rss_mb": run["peak_rss_mb"]}
 

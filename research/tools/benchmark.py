@@ -30,6 +30,8 @@ import time
 
 from absl import app, flags
 
+from research.config import command_line
+
 _RECIPES = flags.DEFINE_list("recipes", ["seed"], "Which recipes to benchmark: seed "
                              "(configs/default.py), seed_bf16 (the same, model.dtype=bfloat16), "
                              "resnet20 (configs/fashion_mnist_resnet.py with ResNet-20).")
@@ -123,15 +125,12 @@ def load_config(config_file: str, overrides: dict):
   return config
 
 
-def as_flags(overrides: dict) -> list[str]:
-  return [f"--config.{key}={value}" for key, value in overrides.items()]
-
-
 def training_run(config_file: str, overrides: list[str]) -> dict:
   """Runs `research.main` in a subprocess; returns epoch times, accuracy, peak RSS."""
+  from research.run import run_log
+
   with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-    command = [sys.executable, "-m", "research.main", f"--config={config_file}",
-               f"--workdir={workdir}", *overrides, *TRAIN_FLAGS.value]
+    command = command_line.main_command(config_file, workdir, [*overrides, *TRAIN_FLAGS.value])
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -140,8 +139,7 @@ def training_run(config_file: str, overrides: list[str]) -> dict:
     stderr = process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
       raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f]
+    records = run_log.read_records(os.path.join(workdir, run_log.METRICS_FILE))
   return {"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
           **epoch_times(records)}
 
@@ -153,11 +151,10 @@ def epoch_times(records: list[dict]) -> dict:
   train = [r for r in records if not run_log.is_evaluation(r)]
   ends = [r["train_seconds"] for r in train if float(r["epoch"]).is_integer()]
   epochs = [b - a for a, b in zip([0.0] + ends, ends)]
-  test = run_log.evaluations(records)
   return {"epoch_seconds": epochs,
           "first_epoch_seconds": epochs[0] if epochs else None,
           "median_epoch_seconds": statistics.median(epochs[1:]) if len(epochs) > 1 else None,
-          "test_accuracy": test[-1]["accuracy"] if test else None}
+          "test_accuracy": run_log.final_evaluation(records).get("accuracy")}
 
 
 def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
@@ -276,7 +273,7 @@ def main(argv):
   results = {"machine": in_child("machine"), "recipes": {}}
   for name in _RECIPES.value:
     config_file, overrides = RECIPES[name]
-    run_overrides = as_flags(overrides)
+    run_overrides = command_line.override_flags(overrides)
     if name == "resnet20":
       run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
     rows = [in_child("throughput", config_file, {**overrides, **microbatch_overrides(int(b), results["machine"]["platform"])},

@@ -29,6 +29,8 @@ import time
 
 from absl import app, flags
 
+from research.config import command_line
+from research.run import run_log
 from research.tools import benchmark
 
 _DATA = flags.DEFINE_string("data", "/usr/share/datasets/fashion-mnist",
@@ -88,20 +90,9 @@ def seconds_without_compile(records: list[dict]) -> float | None:
 def train(config: str, overrides: list[str]) -> tuple[subprocess.CompletedProcess, list[dict]]:
   """`python -m research.main` on a fresh workdir -> (the process, metrics.jsonl records)."""
   with tempfile.TemporaryDirectory(prefix="check-") as workdir:
-    result = _run([sys.executable, "-m", "research.main", f"--config={config}",
-                   f"--workdir={workdir}", *overrides])
-    records = []
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    result = _run(command_line.main_command(config, workdir, overrides))
+    records = run_log.read_records(os.path.join(workdir, run_log.METRICS_FILE))
   return result, records
-
-
-def _final_test(records: list[dict]) -> dict:
-  from research.run import run_log
-
-  tests = run_log.evaluations(records)
-  return tests[-1] if tests else {}
 
 
 def _shrunk(smoke: bool, steps: int) -> list[str]:
@@ -116,14 +107,14 @@ def _shrunk(smoke: bool, steps: int) -> list[str]:
 def seed_recipe(recipe: str, label: str, smoke: bool) -> Row:
   config, overrides = benchmark.RECIPES[recipe]
   batch = 32
-  result, records = train(config, [*benchmark.as_flags(overrides),
+  result, records = train(config, [*command_line.override_flags(overrides),
                                    f"--config.num_epochs={EPOCHS}", *_shrunk(smoke, 40)])
   if result.returncode != 0:
     return Row(label, False, notes=_last_line(result))
   seconds = seconds_without_compile(records)
   steps = max(r["step"] for r in records if r.get("split") == "train")
   return Row(label, True, seconds, steps * batch / seconds if seconds else None,
-             _final_test(records).get("accuracy"),
+             run_log.final_evaluation(records).get("accuracy"),
              f"{steps} steps ({steps * batch / TRAIN_EXAMPLES:.2f} epochs), compile excluded")
 
 
@@ -135,7 +126,7 @@ def resnet_smoke(smoke: bool) -> Row:
   if result.returncode != 0:
     return Row("ResNet recipe, smoke run", False, notes=_last_line(result))
   return Row("ResNet recipe, smoke run", True, time.perf_counter() - started, None,
-             _final_test(records).get("accuracy"), "wall time, compile included")
+             run_log.final_evaluation(records).get("accuracy"), "wall time, compile included")
 
 
 def determinism_pair(smoke: bool) -> Row:
@@ -145,7 +136,7 @@ def determinism_pair(smoke: bool) -> Row:
                             ["--config.deterministic=True", *_shrunk(smoke, 20)])
     if result.returncode != 0:
       return Row("determinism pair (deterministic=True)", False, notes=_last_line(result))
-    fingerprints.append(_final_test(records).get("params_fingerprint"))
+    fingerprints.append(run_log.final_evaluation(records).get("params_fingerprint"))
   same = fingerprints[0] is not None and fingerprints[0] == fingerprints[1]
   return Row("determinism pair (deterministic=True)", same,
              notes=f"params_fingerprint {fingerprints[0]}"

@@ -79,8 +79,7 @@ def series(records: list[dict], split: str, key: str, x: str = "step") -> tuple[
 
 def eval_split_of(records: list[dict]) -> str:
   """The split a run's evaluations name ("test" for workdirs older than the naming)."""
-  found = run_log.evaluations(records)
-  return found[-1]["split"] if found else "test"
+  return run_log.final_evaluation(records).get("split", "test")
 
 
 def summary_row(workdir: str) -> dict:
@@ -88,8 +87,7 @@ def summary_row(workdir: str) -> dict:
   records = with_wall_time(run_info.read_metrics(workdir))
   summary = run_info.summarize_metrics(records)
   final, best = summary["final"], summary["best"] or {}
-  evaluations = run_log.evaluations(records)
-  last_eval = evaluations[-1] if evaluations else {}
+  last_eval = run_log.final_evaluation(records)
   info = run_info.read(workdir) or {}
   row = {
       "workdir": workdir,
