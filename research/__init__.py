@@ -1,10 +1,11 @@
 """Image classification research codebase in JAX/Flax.
 
 Where things live:
-  main.py          command line entry point (flags -> train.train_and_evaluate)
+  main.py          command line entry point (flags -> validated config -> train.train_and_evaluate)
   command_line.py  flag parsing: every flag mistake becomes one clear UserError
   workdir_lock.py  one training run per workdir (WORKDIR/run.lock)
-  train.py         the training loop: set-up, restore, compiled steps, eval, checkpoints
+  train.py         the training run: set-up, model and state, restore, compiled steps, loop
+  step_schedule.py the run's steps: how many, when to log/eval/checkpoint, micro-batches
   steps.py         pure loss / train-step / eval-step functions
   data_source.py   the data source chosen once from config.dataset (memory or stream)
   data.py          dataset metadata, epoch order, the in-memory form, padded eval batches
@@ -21,7 +22,8 @@ Where things live:
   classifier.py    a trained workdir's model as images -> class probabilities
   report.py        python -m research.report: curves, confusion matrix, comparisons
   predict.py       python -m research.predict: top-k classes of image files
-  config_checks.py validation and resolution of a config before anything runs
+  config_validation.py  a config checked before anything runs (train takes its result)
+  workdir_config.py  the config a workdir was started with: read, repair, compare
   mesh.py          the device mesh; batch and parameter shardings
   distributed.py   joining jax.distributed (flags, SLURM, Cloud TPU VM)
 """

@@ -164,10 +164,10 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
   """Steady-state images/s of the compiled train loop at `batch_size`, and XLA's FLOPs."""
   import jax
 
-  from research import config_checks, data, data_source, mesh as mesh_lib, models, steps, train
+  from research import data, data_source, mesh as mesh_lib, models, step_schedule, steps, train
 
   config = load_config(config_file, {**overrides, "batch_size": batch_size})
-  microbatches = config_checks.microbatch_count(config)
+  microbatches = step_schedule.microbatch_count(config)
   # The compute alone: batches gathered on the device, whatever input the config names
   # (`make bench-input` measures the streamed input).
   source = data_source.MemorySource(config.dataset, config.dataset.eval_split, train=True)

@@ -21,13 +21,13 @@ class Classifier:
   def __init__(self, workdir: str, step: str = "latest"):
     import jax
 
-    from research import checkpoint, config_checks, data_source, mesh as mesh_lib, train
+    from research import checkpoint, data_source, mesh as mesh_lib, train, workdir_config
 
     config_path = os.path.join(workdir, "config.json")
     try:
       with open(config_path) as f:
         stored = json.load(f)
-      self.config = config_checks.read_stored(stored)  # read through today's schema
+      self.config = workdir_config.read_stored(stored)  # read through today's schema
     except (OSError, ValueError) as e:
       raise UserError(f"Cannot read {config_path} ({e}): --workdir must be a training "
                       "workdir (one that `python -m research.main` wrote).") from e

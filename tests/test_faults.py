@@ -390,10 +390,11 @@ TINY_RUN = ["--config.num_train_steps=2", "--config.log_every_steps=1",
 @pytest.fixture(scope="module")
 def finished_workdir(tmp_path_factory):
   """A finished 2-step run (config.json, run.json, metrics.jsonl, tensorboard/, checkpoints/)."""
-  from research import command_line, train
+  from research import command_line, config_validation, train
 
   workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"), workdir)
+  config = command_line.parse_config(TINY_RUN, "configs/default.py:smoke")
+  train.train_and_evaluate(config_validation.validate(config), workdir)
   return workdir
 
 
@@ -415,7 +416,7 @@ def _wrong_kind(workdir, name):
 @pytest.mark.parametrize("name", sorted(__import__("research.workdir_layout").workdir_layout.ENTRIES))
 def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finished_workdir,
                                                                          tmp_path, name):
-  from research import command_line, main, train
+  from research import command_line, config_validation, main, train
 
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_workdir, workdir, symlinks=True)
@@ -423,7 +424,7 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
   before = tree_digest(workdir)
   config = command_line.parse_config(TINY_RUN, "configs/default.py:smoke")
   with pytest.raises(UserError) as training:
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config_validation.validate(config), workdir)
   with pytest.raises(UserError) as evaluation:
     main._stored_config(workdir, config)
   for error in (training, evaluation):
@@ -436,7 +437,7 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
 
 
 def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
-  from research import command_line, train
+  from research import command_line, config_validation, train
 
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_workdir, workdir)
@@ -444,8 +445,8 @@ def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
   os.rename(os.path.join(workdir, "tensorboard"), os.path.join(workdir, "tensorboard.kept"))
   os.rename(os.path.join(workdir, "tensorboard.new"), os.path.join(workdir, "tensorboard"))
   with pytest.raises(UserError, match="tensorboard is a broken link"):
-    train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"),
-                             workdir)
+    train.train_and_evaluate(config_validation.validate(
+        command_line.parse_config(TINY_RUN, "configs/default.py:smoke")), workdir)
 
 
 @pytest.mark.parametrize("setup, fragment", [
