@@ -67,7 +67,7 @@ def check_fields(config) -> None:
     if field is None and name.split(".")[0] == "model":
       models.check(config.model)  # names the model's knobs
     if field is None and name.split(".")[0] == "optimizer":
-      optim.check(config.optimizer, None)  # names the optimizer's knobs
+      optim.check_knobs(config.optimizer)  # names the optimizer's knobs
     if field is None:
       raise UserError(f"The config field {name} (= {value!r}) has no entry in "
                       "research/config_schema.py, nor is it a knob a model, optimizer or "

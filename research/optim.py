@@ -300,12 +300,16 @@ def check(optimizer_config, schedule_config) -> None:
   """Fails on unknown names, inapplicable knobs or settings `build_optimizer` refuses, and
   on a schedule's knobs (checked at any run length); cheap and builds no optimizer, so it
   runs before any data is read."""
-  entry = _lookup(optimizer_config.name)
-  _check_knobs(optimizer_config, entry)
+  check_knobs(optimizer_config)
   _common_settings(optimizer_config)
   if schedule_config is not None:
     build_schedule(schedule_config, optimizer_config.learning_rate, steps_per_epoch=1,
                    total_steps=1 << 30)
+
+
+def check_knobs(optimizer_config) -> None:
+  """Fails on an unknown optimizer name, or a knob it does not take (naming its knobs)."""
+  _check_knobs(optimizer_config, _lookup(optimizer_config.name))
 
 
 def _check_knobs(optimizer_config, entry: Entry) -> dict:
