@@ -163,7 +163,7 @@ def _run(argv) -> None:
   if _MODE.value == "eval":
     train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
   else:
-    # Every mistake in the config fails here, before the run takes the workdir's lock.
+    # Mistakes the config alone shows fail here, before the run takes the workdir's lock.
     checked = config_validation.validate(config)
     train.train_and_evaluate(checked, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 

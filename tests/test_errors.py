@@ -126,6 +126,31 @@ def test_image_size_the_model_cannot_take(tmp_path):
            "cannot take images of shape (28, 28, 1)")
 
 
+def test_validation_builds_nothing_and_still_refuses_what_the_builders_refuse(monkeypatch):
+  # The run builds the model and the optimizer once; validation only checks their settings.
+  from research import models, optim
+
+  def build(*args, **kwargs):
+    raise AssertionError("validation built a model or an optimizer")
+
+  monkeypatch.setattr(models, "build", build)
+  monkeypatch.setattr(optim, "build_optimizer", build)
+  checked = config_validation.validate(command_line.parse_config([]))
+  assert checked.config.model.name == "cnn"
+  wide = command_line.parse_config(["--config.model.depth=12"],
+                                   "configs/default.py:model=wide_resnet")
+  with pytest.raises(UserError, match=r"model.depth=12 is not accepted for wide_resnet: use 6n\+4"):
+    config_validation.validate(wide)
+
+
+def test_training_takes_a_validated_config_only(tmp_path):
+  from research import train
+
+  with pytest.raises(TypeError, match=r"takes config_validation.validate\(config\), not a config"):
+    train.train_and_evaluate(command_line.parse_config([]), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before the lock creates the workdir
+
+
 def test_attention_heads_that_do_not_divide_the_width():
   # flax asserts this one (an AssertionError, not a shape error): still one clear line.
   import jax
