@@ -47,3 +47,9 @@ class TrainingFailure(UserError):
   """Training started but had to stop (non-finite loss, disk full, ...)."""
 
   exit_code = 1
+
+
+def require(condition: bool, field: str, value, accepted: str) -> None:
+  """The one form of refusing a config value: the flag, the value given, what is accepted."""
+  if not condition:
+    raise UserError(f"--config.{field}={value!r} is not accepted: {accepted}.")

@@ -2,8 +2,9 @@
 
 Every config field can be overridden with `--config.FIELD=VALUE`; a config file
 can take an argument: `--config=configs/default.py:smoke`. The work happens in
-`research.run.train`; this file parses flags, reports the set-up and turns user
-mistakes into a message and exit status 2 (no traceback; `--verbose` shows it).
+`research.run.train`; this file parses flags, reports the set-up, validates the config
+(research/config/config_validation.py) and turns user mistakes into a message and exit
+status 2 (no traceback; `--verbose` shows it).
 """
 
 import errno
@@ -88,15 +89,15 @@ def _set_up_logging(verbose: bool) -> None:
 def _stored_config(workdir: str, command_config):
   """The config a workdir was trained with; only `eval.*` comes from the command line.
   A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
-  from research.config import config_checks
+  from research.config import workdir_config
   from research.run import workdir_layout
 
   workdir_layout.check(workdir, writing=False)
-  stored = config_checks.workdir_config(workdir, repair=False)
+  stored = workdir_config.stored(workdir, repair=False)
   if stored is None:
     raise UserError(f"--mode=eval needs {os.path.join(workdir, 'config.json')} (written by "
                     "training): is --workdir the workdir of a training run?")
-  stored = config_checks.read_stored(stored)  # fields newer code added take their defaults
+  stored = workdir_config.read_stored(stored)  # fields newer code added take their defaults
   stored.eval = command_config.eval
   return stored
 
@@ -152,6 +153,7 @@ def _run(argv) -> None:
   import jax
 
   from research import backend
+  from research.config import config_validation
   from research.run import compile_cache, distributed, train
 
   how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
@@ -164,7 +166,9 @@ def _run(argv) -> None:
   if _MODE.value == "eval":
     train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
   else:
-    train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+    # Mistakes the config alone shows fail here, before the run takes the workdir's lock.
+    checked = config_validation.validate(config)
+    train.train_and_evaluate(checked, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

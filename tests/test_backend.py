@@ -117,16 +117,16 @@ def test_matmul_precision_reaches_every_dot_and_convolution(precision, expected)
 
 def test_matmul_precision_is_validated_and_recorded_in_run_json(tmp_path):
   from configs import default
-  from research.config import config_checks
+  from research.config import config_validation
 
   config = default.get_config()
   config.matmul_precision = "tf32"
   with pytest.raises(UserError, match=r"matmul_precision='tf32'.*'highest'"):
-    config_checks.validate(config)
+    config_validation.validate(config)
   with pytest.raises(UserError, match="matmul_precision"):
     backend.numerics("tf32")
   config.matmul_precision = "highest"
-  config_checks.validate(config)
+  config_validation.validate(config)
   with run_info.RunRecord(str(tmp_path), config, start_step=0, where=ACCELERATOR):
     pass
   with open(tmp_path / "run.json") as f:

@@ -72,12 +72,12 @@ SMALL_RUN = ["--config.num_train_steps=20", "--config.checkpoint_every_steps=5",
 def small_run(tmp_path_factory, fashion_mnist):
   """(workdir, abstract state, {step: params fingerprint}) of a finished 20-step run."""
   from research import mesh as mesh_lib
-  from research.config import command_line
+  from research.config import command_line, config_validation
   from research.run import train
 
   workdir = str(tmp_path_factory.mktemp("small") / "run")
   config = command_line.parse_config(SMALL_RUN, "configs/default.py:smoke")
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config_validation.validate(config), workdir)
   _, _, _, abstract = train.build_model_and_state(config, fashion_mnist[0], mesh_lib.make_mesh())
   reader = checkpoint.Checkpointer(workdir, read_only=True)
   fingerprints = {step: checkpoint.fingerprint(reader.restore(abstract, step)[0].params)
@@ -178,7 +178,7 @@ def test_a_read_only_reader_skips_a_damaged_step_without_moving_it(small_run, tm
 @pytest.mark.parametrize("content", [b'{"batch_size": 3', b"", b"\xff\xfe garbage", b"[]"])
 def test_a_damaged_config_json_is_rebuilt_from_the_newest_checkpoint(small_run, tmp_path, caplog,
                                                                      content):
-  from research.config import command_line, config_checks
+  from research.config import command_line, workdir_config
 
   source, _, _ = small_run
   workdir = str(tmp_path / "run")
@@ -189,7 +189,7 @@ def test_a_damaged_config_json_is_rebuilt_from_the_newest_checkpoint(small_run, 
   with open(path, "wb") as f:
     f.write(content)
   config = command_line.parse_config(SMALL_RUN, "configs/default.py:smoke")
-  config_checks.check_workdir_config(config, workdir, allow_change=False)  # the same config
+  workdir_config.check(config, workdir, allow_change=False)  # the same config
   assert "config.json cannot be read" in caplog.text and "checkpoint step 20" in caplog.text
   with open(path) as f:
     assert json.load(f) == good
@@ -197,18 +197,18 @@ def test_a_damaged_config_json_is_rebuilt_from_the_newest_checkpoint(small_run, 
     assert f.read() == content  # the damaged file is kept
   changed = command_line.parse_config([*SMALL_RUN, "--config.seed=1"], "configs/default.py:smoke")
   with pytest.raises(UserError, match="seed: 0 in the workdir, 1 now"):
-    config_checks.check_workdir_config(changed, workdir, allow_change=False)
+    workdir_config.check(changed, workdir, allow_change=False)
 
 
 def test_a_damaged_config_json_without_checkpoints_is_a_clear_refusal(small_run, tmp_path):
-  from research.config import command_line, config_checks
+  from research.config import command_line, workdir_config
 
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_bytes(b'{"seed": ')
   config = command_line.parse_config([])
   with pytest.raises(UserError, match="no checkpoint in .* holds the config to rebuild it from"):
-    config_checks.check_workdir_config(config, str(workdir), allow_change=False)
+    workdir_config.check(config, str(workdir), allow_change=False)
   assert (workdir / "config.json").read_bytes() == b'{"seed": '
 
 

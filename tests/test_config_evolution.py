@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from research.config import command_line, config_checks, config_schema
+from research.config import command_line, config_schema, config_validation, workdir_config
 from research.run import train
 from research.errors import UserError
 from research.knobs import integer
@@ -39,12 +39,12 @@ def newer_code(monkeypatch):
 
 
 def test_a_field_added_at_its_default_resumes_without_allow_config_change(workdir, newer_code):
-  config_checks.check_workdir_config(newer_code(), workdir, allow_change=False)
+  workdir_config.check(newer_code(), workdir, allow_change=False)
   with pytest.raises(UserError, match=r"eval_every_minutes: <absent> in the workdir, 5 now"):
-    config_checks.check_workdir_config(newer_code(eval_every_minutes=5), workdir, False)
-  config_checks.check_workdir_config(newer_code(eval_every_minutes=5), workdir, True)
+    workdir_config.check(newer_code(eval_every_minutes=5), workdir, False)
+  workdir_config.check(newer_code(eval_every_minutes=5), workdir, True)
   with pytest.raises(UserError, match="batch_size: 32 in the workdir, 64 now"):
-    config_checks.check_workdir_config(newer_code(batch_size=64), workdir, False)
+    workdir_config.check(newer_code(batch_size=64), workdir, False)
 
 
 def test_a_stored_field_the_code_no_longer_reads_is_named_and_ignored(workdir, caplog):
@@ -55,18 +55,18 @@ def test_a_stored_field_the_code_no_longer_reads_is_named_and_ignored(workdir, c
   with open(path, "w") as f:
     json.dump(stored, f)
   with caplog.at_level(logging.WARNING):
-    config_checks.check_workdir_config(command_line.parse_config([]), workdir, False)
-    config = config_checks.read_stored(stored)
+    workdir_config.check(command_line.parse_config([]), workdir, False)
+    config = workdir_config.read_stored(stored)
   assert "augment.mixup" in caplog.text
   assert "mixup" not in config.augment and config.augment.flip is False
-  config_checks.validate(config)
+  config_validation.validate(config)
 
 
 def test_a_stored_config_is_read_through_todays_schema(workdir):
   with open(os.path.join(workdir, "config.json")) as f:
     stored = json.load(f)
   del stored["matmul_precision"], stored["schedule"]["decay_factor"]  # older code lacked them
-  config = config_checks.read_stored(stored)
+  config = workdir_config.read_stored(stored)
   assert config.matmul_precision == "default" and config.schedule.decay_factor == 0.1
   assert "width" not in config.model  # a model's own knobs default in its code
-  config_checks.validate(config)
+  config_validation.validate(config)

@@ -18,6 +18,7 @@ from PIL import Image
 from tensorflow_datasets.image_classification import cifar
 
 from conftest import run_main
+from research.config import config_validation
 from research.data import datasets
 from research.run import train
 from research.errors import UserError
@@ -187,5 +188,5 @@ def test_imagenet_recipe_trains_on_jpeg_data(jpeg_dir, tmp_path):
   config.model.update(width=4, conv_impl="im2col")
   config.update(batch_size=8, eval_batch_size=3, num_train_steps=4, log_every_steps=2)
   config.schedule.update(warmup_epochs=0.0, warmup_steps=1)
-  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+  final = train.train_and_evaluate(config_validation.validate(config), str(tmp_path / "run"))
   assert final["num_examples"] == 6 and np.isfinite(final["loss"])

@@ -87,6 +87,7 @@ import importlib, json, sys
 sys.path.insert(0, "tests")
 from test_device_counts import smoke_size
 from test_recipes import RECIPES
+from research.config import config_validation
 from research.data import datasets
 from research.run import train
 # The JPEG stand-in has no published statistics; a streamed dataset is never read whole
@@ -98,7 +99,8 @@ for module, arg in RECIPES:
   config = smoke_size(importlib.import_module(f"configs.{module}").get_config(arg), data_dirs)
   key = config.to_json()  # e.g. :smoke, at smoke size, is its recipe again: run once
   if key not in done:
-    done[key] = train.train_and_evaluate(config, f"{root}/{module}-{arg}")
+    done[key] = train.train_and_evaluate(config_validation.validate(config),
+                                         f"{root}/{module}-{arg}")
   final = done[key]
   print(json.dumps({"recipe": f"{module}:{arg}", "batch_size": config.batch_size,
                     "eval_batch_size": config.eval_batch_size, "input": config.dataset.input,
@@ -141,12 +143,13 @@ import jax
 sys.path.insert(0, "tests")
 from test_recipes import RECIPES
 from research import mesh
-from research.config import config_checks
+from research.config import config_validation
+from research.run import step_schedule
 for module, arg in RECIPES:
   config = importlib.import_module(f"configs.{module}").get_config(arg)
-  config_checks.validate(config)
+  config_validation.validate(config)
   print(json.dumps({"recipe": f"{module}:{arg}", "devices": jax.device_count(),
-                    "microbatches": config_checks.microbatch_count(config),
+                    "microbatches": step_schedule.microbatch_count(config),
                     "eval_batch": mesh.rounded_to_devices(config.eval_batch_size,
                                                           mesh.make_mesh())}))
 """

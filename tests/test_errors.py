@@ -11,7 +11,7 @@ import re
 import pytest
 
 from conftest import run_main, tree_digest
-from research.config import command_line, config_checks
+from research.config import command_line, config_validation, workdir_config
 from research.errors import UserError
 
 SMOKE = "--config=configs/default.py:smoke"
@@ -92,7 +92,7 @@ def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
 def test_impossible_values_are_refused_with_field_value_and_accepted(override, field, accepted):
   config = command_line.parse_config([override])
   with pytest.raises(UserError) as error:
-    config_checks.validate(config)
+    config_validation.validate(config)
   message = str(error.value)
   assert field in message and accepted in message
   assert override.split("=", 1)[1] in message  # the value given
@@ -126,6 +126,32 @@ def test_image_size_the_model_cannot_take(tmp_path):
            "cannot take images of shape (28, 28, 1)")
 
 
+def test_validation_builds_nothing_and_still_refuses_what_the_builders_refuse(monkeypatch):
+  # The run builds the model and the optimizer once; validation only checks their settings.
+  from research import models
+  from research.run import optim
+
+  def build(*args, **kwargs):
+    raise AssertionError("validation built a model or an optimizer")
+
+  monkeypatch.setattr(models, "build", build)
+  monkeypatch.setattr(optim, "build_optimizer", build)
+  checked = config_validation.validate(command_line.parse_config([]))
+  assert checked.config.model.name == "cnn"
+  wide = command_line.parse_config(["--config.model.depth=12"],
+                                   "configs/default.py:model=wide_resnet")
+  with pytest.raises(UserError, match=r"model.depth=12 is not accepted for wide_resnet: use 6n\+4"):
+    config_validation.validate(wide)
+
+
+def test_training_takes_a_validated_config_only(tmp_path):
+  from research.run import train
+
+  with pytest.raises(TypeError, match=r"takes config_validation.validate\(config\), not a config"):
+    train.train_and_evaluate(command_line.parse_config([]), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # refused before the lock creates the workdir
+
+
 def test_attention_heads_that_do_not_divide_the_width():
   # flax asserts this one (an AssertionError, not a shape error): still one clear line.
   import jax
@@ -133,14 +159,13 @@ def test_attention_heads_that_do_not_divide_the_width():
   import ml_collections
 
   from research import models
-  from research.config import config_checks
   from research.errors import UserError
 
   model_config = ml_collections.ConfigDict({**models.defaults("vit_ti"), "name": "vit_ti",
                                             "num_heads": 5})
   model = models.build(model_config, 10)
   with pytest.raises(UserError, match=r"num_heads=5.*divisible by number of heads \(5\)"):
-    config_checks.check_model_fits(model_config, (32, 32, 3), lambda: jax.eval_shape(
+    models.check_fits(model_config, (32, 32, 3), lambda: jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)))
 
 
@@ -187,16 +212,16 @@ def test_stored_config_differs_lists_the_fields_and_needs_explicit_consent(tmp_p
   changed = command_line.parse_config(["--config.batch_size=64",
                                        "--config.optimizer.learning_rate=0.01"])
   with pytest.raises(UserError) as error:
-    config_checks.check_workdir_config(changed, str(workdir), allow_change=False)
+    workdir_config.check(changed, str(workdir), allow_change=False)
   message = str(error.value)
   assert "batch_size: 32 in the workdir, 64 now" in message
   assert "optimizer.learning_rate: 0.001 in the workdir, 0.01 now" in message
   assert "--allow_config_change" in message and "seed" not in message
-  config_checks.check_workdir_config(changed, str(workdir), allow_change=True)
+  workdir_config.check(changed, str(workdir), allow_change=True)
   assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
   # How many threads read a streamed dataset changes nothing computed: no consent needed.
   threads = command_line.parse_config(["--config.dataset.reader_threads=3"])
-  config_checks.check_workdir_config(threads, str(workdir), allow_change=False)
+  workdir_config.check(threads, str(workdir), allow_change=False)
 
 
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO
 from research import metrics, models
-from research.config import command_line, config_checks
+from research.config import command_line, config_validation
 from research.run import checkpoint, optim, run_log, train
 from research.studies import study
 from research.errors import UserError
@@ -68,10 +68,11 @@ def test_the_four_entries_of_the_walk_through_train_together(registered, tmp_pat
   spec = "configs/default.py:model=separable_cnn,optimizer=adabelief"
   config = command_line.parse_config(overrides, spec)
   with pytest.raises(UserError, match=r"model.width=0 is not accepted: an integer from 1"):
-    config_checks.validate(command_line.parse_config([*overrides, "--config.model.width=0"], spec))
+    config_validation.validate(command_line.parse_config([*overrides, "--config.model.width=0"],
+                                                         spec))
   workdir = str(tmp_path / "run")
   with caplog.at_level(logging.INFO):
-    final = train.train_and_evaluate(config, workdir)
+    final = train.train_and_evaluate(config_validation.validate(config), workdir)
   assert 0 <= final["macro_f1"] <= 1 and final["num_examples"] == 500
 
   evaluations = run_log.evaluations(run_log.read_records(os.path.join(workdir, "metrics.jsonl")))

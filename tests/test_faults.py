@@ -391,11 +391,12 @@ TINY_RUN = ["--config.num_train_steps=2", "--config.log_every_steps=1",
 @pytest.fixture(scope="module")
 def finished_workdir(tmp_path_factory):
   """A finished 2-step run (config.json, run.json, metrics.jsonl, tensorboard/, checkpoints/)."""
-  from research.config import command_line
+  from research.config import command_line, config_validation
   from research.run import train
 
   workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"), workdir)
+  config = command_line.parse_config(TINY_RUN, "configs/default.py:smoke")
+  train.train_and_evaluate(config_validation.validate(config), workdir)
   return workdir
 
 
@@ -418,7 +419,7 @@ def _wrong_kind(workdir, name):
 def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finished_workdir,
                                                                          tmp_path, name):
   from research import main
-  from research.config import command_line
+  from research.config import command_line, config_validation
   from research.run import train
 
   workdir = str(tmp_path / "run")
@@ -427,7 +428,7 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
   before = tree_digest(workdir)
   config = command_line.parse_config(TINY_RUN, "configs/default.py:smoke")
   with pytest.raises(UserError) as training:
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config_validation.validate(config), workdir)
   with pytest.raises(UserError) as evaluation:
     main._stored_config(workdir, config)
   for error in (training, evaluation):
@@ -440,7 +441,7 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
 
 
 def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
-  from research.config import command_line
+  from research.config import command_line, config_validation
   from research.run import train
 
   workdir = str(tmp_path / "run")
@@ -449,8 +450,8 @@ def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
   os.rename(os.path.join(workdir, "tensorboard"), os.path.join(workdir, "tensorboard.kept"))
   os.rename(os.path.join(workdir, "tensorboard.new"), os.path.join(workdir, "tensorboard"))
   with pytest.raises(UserError, match="tensorboard is a broken link"):
-    train.train_and_evaluate(command_line.parse_config(TINY_RUN, "configs/default.py:smoke"),
-                             workdir)
+    train.train_and_evaluate(config_validation.validate(
+        command_line.parse_config(TINY_RUN, "configs/default.py:smoke")), workdir)
 
 
 @pytest.mark.parametrize("setup, fragment", [

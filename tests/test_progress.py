@@ -3,7 +3,7 @@ input-wait time kept apart from compute time."""
 
 import io
 
-from research.config.config_checks import Schedule
+from research.run.step_schedule import Schedule
 from research.run.run_log import Progress
 
 PLAN = Schedule(steps_per_epoch=100, total_steps=300, log_every=50, eval_every=100,

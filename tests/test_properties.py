@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, run_main, tree_digest
-from research.config import command_line, config_checks, config_schema
+from research.config import command_line, config_schema, config_validation
 from research.data import datasets, prepare_data
 from research.tools import predict
 from research.errors import UserError
@@ -80,7 +80,7 @@ def _clear(message: str, overrides) -> bool:
 def test_random_overrides_parse_and_validate_or_say_why(overrides):
   try:
     config = command_line.parse_config(_flags(overrides))
-    config_checks.validate(config)
+    config_validation.validate(config)
   except UserError as e:
     assert _clear(str(e), overrides), (overrides, str(e))
 
@@ -121,7 +121,7 @@ def test_every_config_and_argument_has_table_entries_and_validates():
     config = command_line.parse_config([], spec)
     missing = [field for field in fields if field not in config_schema.fields_for(config)]
     assert not missing, (spec, missing)
-    config_checks.validate(config)
+    config_validation.validate(config)
 
 
 def test_table_defaults_are_the_defaults_and_every_registry_knob_has_an_entry():
@@ -150,7 +150,7 @@ def test_a_field_without_a_table_entry_is_refused():
   config = command_line.parse_config([]).to_dict()
   config["augment"]["mixup"] = 0.2  # a config file that grew a field the table lacks
   with pytest.raises(UserError, match="augment.mixup .* has no entry in research/config/config_schema.py"):
-    config_checks.validate(ml_collections.ConfigDict(config))
+    config_validation.validate(ml_collections.ConfigDict(config))
 
 
 # Values a user can type, and values a config file can hold.
@@ -178,14 +178,14 @@ def test_every_field_of_every_config_with_extreme_values_is_accepted_or_named(da
   field = data.draw(st.sampled_from(FIELDS_OF[spec]))
   typed = data.draw(st.sampled_from(EXTREME_TYPED))
   try:  # as typed on the command line
-    config_checks.validate(command_line.parse_config([f"--config.{field}={typed}"], spec))
+    config_validation.validate(command_line.parse_config([f"--config.{field}={typed}"], spec))
   except UserError as e:
     assert _clear(str(e), [(field, typed)]), (spec, field, typed, str(e))
   held = data.draw(st.sampled_from(EXTREME_HELD))
   config = command_line.parse_config([], spec).to_dict()
   _set(config, field, held)
   try:  # as a config file may hold it, past the parser's type checks
-    config_checks.validate(ml_collections.ConfigDict(config))
+    config_validation.validate(ml_collections.ConfigDict(config))
   except UserError as e:
     assert _clear(str(e), [(field, held)]), (spec, field, held, str(e))
 

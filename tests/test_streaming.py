@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO, interrupt_at_step, records, run_main
 from research import mesh as mesh_lib
-from research.config import config_checks
+from research.config import config_validation
 from research.data import datasets, data_source, stream_input
 from research.run import train
 from research.errors import UserError
@@ -169,7 +169,8 @@ def test_memory_path_trains_exactly_like_the_stream(stream_reference, tmp_path):
   """Same batches, same compiled train_step: the memory run's metrics and parameters
   equal the stream run's bit for bit (train losses, evaluations, fingerprints)."""
   workdir = str(tmp_path / "memory")
-  final = train.train_and_evaluate(_config(**{"dataset.input": "memory"}), workdir)
+  checked = config_validation.validate(_config(**{"dataset.input": "memory"}))
+  final = train.train_and_evaluate(checked, workdir)
   assert records(workdir) == records(stream_reference)
   assert final["num_examples"] == 1000
   tests = [r for r in records(stream_reference) if r["split"] == "test[:1000]"]
@@ -185,7 +186,7 @@ def test_stream_steps_in_short_pieces_train_like_whole_chunks(stream_reference, 
   steps (the largest divisor of 10 that fits): the same parameters bit for bit."""
   monkeypatch.setattr(stream_input, "CALL_BYTES", 3 * 32 * 28 * 28)
   workdir = str(tmp_path / "pieces")
-  final = train.train_and_evaluate(_config(num_train_steps=40), workdir)
+  final = train.train_and_evaluate(config_validation.validate(_config(num_train_steps=40)), workdir)
   expected = [r for r in records(stream_reference) if r["step"] <= 40]
   assert records(workdir) == expected
   assert final["params_fingerprint"] == expected[-1]["params_fingerprint"]
@@ -307,7 +308,7 @@ def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
   config.update(batch_size=8, eval_batch_size=4, num_train_steps=4, log_every_steps=1)
   config.schedule.update(warmup_epochs=0.0, warmup_steps=1)
   workdir = str(tmp_path / "run")
-  final = train.train_and_evaluate(config, workdir)
+  final = train.train_and_evaluate(config_validation.validate(config), workdir)
   assert final["num_examples"] == 6 and np.isfinite(final["loss"])
   assert _meta(workdir, 4)["input"]["next_step"] == 4
 
@@ -315,7 +316,7 @@ def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
 def test_unknown_input_kind_is_refused_with_the_accepted_ones():
   config = _config(**{"dataset.input": "disk"})
   with pytest.raises(UserError) as error:
-    config_checks.validate(config)
+    config_validation.validate(config)
   assert "--config.dataset.input='disk' is not accepted" in str(error.value)
   assert "'memory'" in str(error.value) and "'stream'" in str(error.value)
 

@@ -1,6 +1,6 @@
 """Every config field: its kind, the values it accepts, its default and meaning.
 
-`config_checks.validate` walks the resolved config through `fields_for(config)`, so a
+`config_validation.validate` walks the resolved config through `fields_for(config)`, so a
 value of the wrong type, out of range or not among the choices fails with one line
 naming the field, the value and what is accepted, before anything is written. A config
 field that has no entry is itself an error (tests/test_properties.py loads every config
@@ -12,7 +12,8 @@ periodic actions) are declared in `FIELDS` below; the knobs of the chosen model
 entries, next to their code, and joined in by `fields_for`. Nothing here repeats them.
 A field a config leaves out is fine (configs may omit optional fields); only the fields
 present are checked. Relations between fields (num_epochs or num_train_steps, batch
-divisible by the device count, a schedule's boundaries) stay in config_checks.py.
+divisible by the device count, a schedule's boundaries) stay in config_validation.py,
+and those that need the data's size in step_schedule.py.
 """
 
 import dataclasses

@@ -119,13 +119,12 @@ class MemorySource:
     mean, std = normalization(self.config, self.info, self.train)
     return augment.make_train_input(augment_config, mean, std), augment.make_eval_input(mean, std)
 
-  def train_feed(self, compile_steps, mesh, *, seed: int, batch_size: int, plan, start_step: int,
+  def train_feed(self, loops, mesh, *, seed: int, batch_size: int, plan, start_step: int,
                  where, augment_config=None) -> Feed:
-    """The dataset on the devices; each compiled call gathers its batches by index."""
-    from research.run import steps
-
+    """The dataset on the devices; each compiled call gathers its batches by index
+    (`loops`: the run's train loops, run.train.TrainLoops)."""
     del start_step, augment_config  # the order is a function of (seed, step); crops on device
-    return memory_feed(compile_steps(steps.train_many), self.train, mesh, seed=seed,
+    return memory_feed(loops.on_indices(), self.train, mesh, seed=seed,
                        batch_size=batch_size, rows=plan.max_chunk, where=where)
 
   def eval_batches(self, mesh, batch_size: int):
@@ -173,14 +172,12 @@ class StreamSource:
       on_device.random_resized_crop = False
     return augment.make_train_input(on_device, mean, std), augment.make_eval_input(mean, std)
 
-  def train_feed(self, compile_steps, mesh, *, seed: int, batch_size: int, plan, start_step: int,
+  def train_feed(self, loops, mesh, *, seed: int, batch_size: int, plan, start_step: int,
                  where, augment_config=None) -> Feed:
     """Batches read ahead by the workers; one compiled call per piece of a chunk (pieces
     divide log_every, so few lengths are compiled)."""
-    from research.run import steps
-
     del where  # the pieces' lengths are fixed by the byte budget, on every backend
-    train_on_batches = compile_steps(steps.train_on_batches)
+    train_on_batches = loops.on_batches()
     crop = "inception" if self._crops_on_host(augment_config or {}) else "centre"
     stream = stream_input.TrainStream(
         self.train, mesh, seed=seed, batch_size=batch_size, total_steps=plan.total_steps,

@@ -121,6 +121,10 @@ def check(model_config) -> dict:
     if field.problem(value):
       raise UserError(f"model.{knob}={value!r} is not accepted: {field.accepted()} "
                       f"({field.meaning}).")
+  if name == "wide_resnet" and "depth" in kwargs and (
+      kwargs["depth"] < 10 or (kwargs["depth"] - 4) % 6):
+    raise UserError(f"model.depth={kwargs['depth']} is not accepted for wide_resnet: use 6n+4 "
+                    "(10, 16, 22, 28, 40).")
   return kwargs
 
 
@@ -133,8 +137,22 @@ def build(model_config, num_classes: int):
       kwargs[knob] = tuple(value)
   if "dtype" in kwargs:
     kwargs["dtype"] = DTYPES[kwargs["dtype"]]
-  if name == "wide_resnet" and "depth" in kwargs and (
-      kwargs["depth"] < 10 or (kwargs["depth"] - 4) % 6):
-    raise UserError(f"model.depth={kwargs['depth']} is not accepted for wide_resnet: use 6n+4 "
-                    "(10, 16, 22, 28, 40).")
   return MODELS[name].constructor(num_classes=num_classes, **kwargs)
+
+
+def check_fits(model_config, image_shape, initialize):
+  """Returns `initialize()` (the model's init traced for shapes only, e.g. by
+  jax.eval_shape), turning a shape failure into a UserError naming the model and the
+  input shape: the one place a built model meets the dataset's images."""
+  try:
+    return initialize()
+  # flax/lax shape errors; flax asserts some (a width that its attention heads cannot split)
+  except (TypeError, ValueError, ZeroDivisionError, AssertionError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    settings = ", ".join(f"model.{key}={value!r}" for key, value in model_config.items())
+    raise UserError(
+        f"The model ({settings}) cannot take images of shape {tuple(image_shape)} "
+        f"(height, width, channels): initializing it fails with {type(e).__name__}: "
+        f"{first_line[:300]}. Use model settings that fit together and fit this image size (a "
+        "downsampling the image allows, a width its attention heads divide), or a dataset "
+        "with larger images.") from e

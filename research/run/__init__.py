@@ -1,6 +1,7 @@
 """One training run, start to end, in the workdir it owns.
 
   train.py           the training loop, top to bottom: set-up, data, model, restore, steps, loop
+  step_schedule.py   the run's steps: how many, when to log, evaluate and checkpoint
   steps.py           pure loss / train-step / eval-step functions
   optim.py           optimizers and learning-rate schedules, built from optax by name
   checkpoint.py      Orbax checkpoints: save, resume, best-by-metric

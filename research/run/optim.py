@@ -297,12 +297,19 @@ def build_schedule(schedule_config, learning_rate: float, steps_per_epoch: float
 
 
 def check(optimizer_config, schedule_config) -> None:
-  """Fails on unknown names or inapplicable knobs; cheap, so it runs before any data is read."""
-  entry = _lookup(optimizer_config.name)
-  _check_knobs(optimizer_config, entry)
+  """Fails on unknown names, inapplicable knobs or settings `build_optimizer` refuses, and
+  on a schedule's knobs (checked at any run length); cheap and builds no optimizer, so it
+  runs before any data is read."""
+  check_knobs(optimizer_config)
+  _common_settings(optimizer_config)
   if schedule_config is not None:
     build_schedule(schedule_config, optimizer_config.learning_rate, steps_per_epoch=1,
                    total_steps=1 << 30)
+
+
+def check_knobs(optimizer_config) -> None:
+  """Fails on an unknown optimizer name, or a knob it does not take (naming its knobs)."""
+  _check_knobs(optimizer_config, _lookup(optimizer_config.name))
 
 
 def _check_knobs(optimizer_config, entry: Entry) -> dict:
@@ -315,6 +322,19 @@ def _check_knobs(optimizer_config, entry: Entry) -> dict:
   return settings
 
 
+def _common_settings(optimizer_config) -> tuple[int, float, float]:
+  """(grad_accum_steps, weight_decay, grad_clip_norm), refused when out of range."""
+  accumulate = int(optimizer_config.get("grad_accum_steps", 1))
+  if accumulate < 1:
+    raise UserError(f"optimizer.grad_accum_steps={accumulate} is not accepted: a positive integer "
+                    "(1 = no accumulation).")
+  weight_decay = float(optimizer_config.get("weight_decay", 0.0))
+  clip_norm = float(optimizer_config.get("grad_clip_norm", 0.0))
+  if weight_decay < 0 or clip_norm < 0:
+    raise UserError("optimizer.weight_decay and optimizer.grad_clip_norm must be >= 0 (0 = off).")
+  return accumulate, weight_decay, clip_norm
+
+
 def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: float = 1,
                     total_steps: int = 1) -> optax.GradientTransformation:
   """The whole update rule (see the module docstring); fails early on bad settings.
@@ -325,14 +345,7 @@ def build_optimizer(optimizer_config, schedule_config=None, *, steps_per_epoch: 
   name = optimizer_config.name
   entry = _lookup(name)
   settings = _check_knobs(optimizer_config, entry)
-  accumulate = int(optimizer_config.get("grad_accum_steps", 1))
-  if accumulate < 1:
-    raise UserError(f"optimizer.grad_accum_steps={accumulate} is not accepted: a positive integer "
-                    "(1 = no accumulation).")
-  weight_decay = float(optimizer_config.get("weight_decay", 0.0))
-  clip_norm = float(optimizer_config.get("grad_clip_norm", 0.0))
-  if weight_decay < 0 or clip_norm < 0:
-    raise UserError("optimizer.weight_decay and optimizer.grad_clip_norm must be >= 0 (0 = off).")
+  accumulate, weight_decay, clip_norm = _common_settings(optimizer_config)
 
   learning_rate = optimizer_config.learning_rate
   if schedule_config is not None:

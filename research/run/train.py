@@ -1,34 +1,41 @@
-"""The training loop, top to bottom: set-up, data, model, restore, steps, loop.
+"""The training run, top to bottom: set-up, model and state, restore, steps, loop.
 
-`train_and_evaluate(config, workdir)` trains `config` into `workdir` and returns
-the final evaluation metrics. Running it again on the same workdir resumes from
-the newest complete checkpoint (or says the run is finished).
+`train_and_evaluate(checked, workdir)` trains a validated config (the result of
+`config_validation.validate`) into `workdir` and returns the final evaluation
+metrics. Running it again on the same workdir resumes from the newest complete
+checkpoint (or says the run is finished).
 
 Input: one data source, chosen from `config.dataset` once (research/data/data_source.py:
 whole splits on the devices, or batches decoded by input workers); the loop only
-asks its feed for the next chunk of steps.
+asks its feed for the next chunk of steps. The step schedule (how many steps, when
+to log, evaluate and checkpoint) is research/run/step_schedule.py.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import signal
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from research import backend as backend_lib, mesh as mesh_lib, metrics as metrics_lib, models
-from research.config import config_checks
 from research.data import datasets, data_source
-from research.run import checkpoint, distributed, optim, profiling, run_info, steps, workdir_lock
 from research.errors import TrainingFailure
+from research.run import (checkpoint, distributed, optim, profiling, run_info, step_schedule,
+                          steps, workdir_lock)
 from research.run import run_log as run_log_lib
 from research.run.run_log import Progress, RunLog, console, evaluation_line
 
+
+# ---- Model, state and evaluator: shared by training, evaluation, reports, predictions ----
 
 def build_model_and_state(config, info: datasets.DatasetInfo, mesh, plan=None):
   """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`);
@@ -47,14 +54,15 @@ def build_model_and_state(config, info: datasets.DatasetInfo, mesh, plan=None):
                              steps_per_epoch=plan.steps_per_epoch if plan else 1,
                              total_steps=plan.total_steps if plan else 2**30)
   make_state = functools.partial(create_state, model, tx, info.image_shape)
-  config_checks.check_model_fits(config.model, info.image_shape,
-                                 lambda: jax.eval_shape(make_state, config.seed))
-  state_sharding = mesh_lib.state_shardings(jax.eval_shape(make_state, config.seed), mesh,
-                                            config.shard_params)
+  # Traced once, for shapes only: a model that cannot take these images fails here, named;
+  # the shardings and the abstract state (what a checkpoint is restored into) follow.
+  shapes = models.check_fits(config.model, info.image_shape,
+                             lambda: jax.eval_shape(make_state, config.seed))
+  state_sharding = mesh_lib.state_shardings(shapes, mesh, config.shard_params)
   init_fn = jax.jit(make_state, static_argnums=0, out_shardings=state_sharding)
   abstract_state = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      jax.eval_shape(init_fn, config.seed), state_sharding)
+      shapes, state_sharding)
   return model, tx, init_fn, abstract_state
 
 
@@ -86,6 +94,8 @@ def create_state(model, tx, image_shape, seed: int) -> steps.TrainState:
       step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(root, 1)))
 
+
+# ---- The run ----------------------------------------------------------------------
 
 class _PreemptionFlag:
   """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the next step boundary."""
@@ -119,34 +129,79 @@ class _PreemptionFlag:
       signal.signal(sig, handler)
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-  """Trains while holding the workdir's lock: a second run on it is refused."""
-  config_checks.validate(config)  # a mistyped value fails before the lock writes anything
+def train_and_evaluate(checked, workdir: str, allow_config_change: bool = False) -> dict:
+  """Trains `checked.config` into `workdir` while holding the workdir's lock (a second run
+  on it is refused). `checked` is `config_validation.validate(config)`'s result, so every
+  caller has validated the config before anything is written."""
+  if not hasattr(checked, "check_workdir"):
+    raise TypeError("train_and_evaluate takes config_validation.validate(config), not a "
+                    f"config ({type(checked).__name__}): validate it first.")
+  config = checked.config
+  # ---- Set-up: the workdir's lock and stored config, the numerics ---------------
   # The matmul precision applies to everything the run traces: init, train, eval.
   with workdir_lock.WorkdirLock(workdir), backend_lib.numerics(
       config.get("matmul_precision", "default")):
-    return _train_and_evaluate(config, workdir, allow_config_change)
+    checked.check_workdir(workdir, allow_config_change)  # under the lock: one run compares
+    return _train_and_evaluate(config, workdir)
 
 
-def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict:
-  # ---- Set-up: config, data, schedule -------------------------------------
-  # (validate() has already checked the model, optimizer and schedule names and knobs)
-  config_checks.check_workdir_config(config, workdir, allow_config_change)
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the set-up built, handed to the loop; nothing below decides these again."""
+  config: ml_collections.ConfigDict  # validated
+  workdir: str
+  info: datasets.DatasetInfo
+  where: backend_lib.Backend  # CPU or accelerator forms of the compiled loop
+  plan: step_schedule.Schedule
+  feed: data_source.Feed
+  evaluate: Callable  # state -> metrics over the whole eval split
+  checkpointer: checkpoint.Checkpointer
+  run_log: RunLog
+  profiler: profiling.TraceWindow
+  meta: dict  # saved with every checkpoint (with the feed's input position)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
+  # ---- Data and the step schedule ------------------------------------------------
   source = data_source.from_config(config.dataset)  # memory or stream: decided here, once
-  info = source.info
-  plan = config_checks.schedule(config, source.num_train)
-  config_checks.check_eval_batch_size(config, source.num_eval)
+  plan = step_schedule.resolve(config, source.num_train)
+  step_schedule.check_eval_batch_size(config, source.num_eval)
   profiler = profiling.TraceWindow(config.profile_steps, workdir)
 
-  # ---- Mesh, model, optimizer, state ----------------------------------------
+  # ---- Model and state: built once, on this run's mesh ---------------------------
   mesh = mesh_lib.make_mesh()
   where = backend_lib.current()  # CPU or accelerator forms of the compiled loop
-  model, tx, init_fn, abstract_state = build_model_and_state(config, info, mesh, plan)
+  model, tx, init_fn, abstract_state = build_model_and_state(config, source.info, mesh, plan)
   _write_config(config, workdir)  # only now: every check above has passed
 
-  # ---- Restore: the newest complete checkpoint in the workdir, else init ----
+  # ---- Restore: the newest complete checkpoint in the workdir, else init ----------
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                          best_metric=config.best_metric)
+  state, restored_meta = _restore_or_initialize(config, checkpointer, abstract_state, init_fn,
+                                                source.info.num_classes)
+  start_step = int(jax.device_get(state.step))
+  meta = {"config": config.to_dict(), **checkpoint.code_version()}
+
+  # ---- Steps: the compiled train loop and evaluation, with their input ------------
+  train_input, eval_input = source.input_functions(config.augment)
+  state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
+  feed = source.train_feed(_train_loops(config, model, tx, train_input, state_sharding, mesh),
+                           mesh, seed=config.seed, batch_size=config.batch_size, plan=plan,
+                           start_step=start_step, where=where, augment_config=config.augment)
+  feed.check_resumed(restored_meta, start_step)
+  evaluate = make_evaluator(model, source.eval_batches(mesh, config.eval_batch_size), eval_input)
+
+  run = _Run(config, workdir, source.info, where, plan, feed, evaluate, checkpointer,
+             RunLog(workdir, resume_step=start_step), profiler, meta)
+  if start_step >= plan.total_steps:
+    return _already_finished(run, start_step)
+  return _loop(run, state, start_step)
+
+
+def _restore_or_initialize(config, checkpointer, abstract_state, init_fn, num_classes: int):
+  """The resume order: the newest complete checkpoint in the workdir, else the parameters
+  of `config.init_from` with a fresh optimizer, else a fresh initialization from the seed.
+  Returns (state, the restored checkpoint's meta, or None)."""
   # Either way the state is read onto this run's mesh, whatever device count wrote it;
   # the parameters' fingerprint (a collective: every process computes it) shows they
   # arrived unchanged.
@@ -156,47 +211,65 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
     params = checkpoint.fingerprint(state.params)
     console("Resumed from checkpoint step %d in %s (params %s).", int(state.step),
             checkpointer.directory, params)
-  else:
-    state = init_fn(config.seed)
-    if config.init_from:
-      state = checkpoint.initialize_from(state, config.init_from, info.num_classes,
-                                         config.init_reinit_head)
-      params = checkpoint.fingerprint(state.params)
-      console("Initialized from %s (params %s).", config.init_from, params)
-  start_step = int(jax.device_get(state.step))
-  meta = {"config": config.to_dict(), **checkpoint.code_version()}
+    return state, restored_meta
+  state = init_fn(config.seed)
+  if config.init_from:
+    state = checkpoint.initialize_from(state, config.init_from, num_classes,
+                                       config.init_reinit_head)
+    params = checkpoint.fingerprint(state.params)
+    console("Initialized from %s (params %s).", config.init_from, params)
+  return state, None
 
-  # ---- Compiled steps and their input ----------------------------------------
-  state_sharding = jax.tree.map(lambda leaf: leaf.sharding, abstract_state)
-  train_input, eval_input = source.input_functions(config.augment)
 
-  def compile_steps(loop):  # steps.train_many or steps.train_on_batches: the same train_step
+@dataclasses.dataclass(frozen=True)
+class TrainLoops:
+  """The train loop in the two forms a data source's feed may need, compiled when asked:
+  `on_indices()` gathers each step's batch from a split held on the devices
+  (steps.train_many), `on_batches()` takes the batches it is given (steps.train_on_batches)."""
+
+  compile: Callable
+
+  def on_indices(self):
+    return self.compile(steps.train_many)
+
+  def on_batches(self):
+    return self.compile(steps.train_on_batches)
+
+
+def _train_loops(config, model, tx, train_input, state_sharding, mesh) -> TrainLoops:
+  """Both loops run the same train_step, donate the old state and lay the new one out as
+  before."""
+  microbatches = step_schedule.microbatch_count(config)
+
+  def compile_loop(loop):
     return jax.jit(functools.partial(
         loop, apply_fn=model.apply, tx=tx, label_smoothing=config.label_smoothing,
-        train_input=train_input, microbatches=config_checks.microbatch_count(config)),
+        train_input=train_input, microbatches=microbatches),
         donate_argnums=0, out_shardings=(state_sharding, mesh_lib.replicated(mesh)))
 
-  feed = source.train_feed(compile_steps, mesh, seed=config.seed, batch_size=config.batch_size,
-                           plan=plan, start_step=start_step, where=where,
-                           augment_config=config.augment)
-  feed.check_resumed(restored_meta if restored else None, start_step)
-  evaluate = make_evaluator(model, source.eval_batches(mesh, config.eval_batch_size), eval_input)
-  eval_split_name = config.dataset.eval_split  # every evaluation record and line names it
+  return TrainLoops(compile_loop)
 
-  run_log = RunLog(workdir, resume_step=start_step)
-  if start_step >= plan.total_steps:
-    final = _last_eval(workdir)
-    console("Run in %s already finished at step %d; final %s accuracy %s.", workdir, start_step,
-            final.get("split", eval_split_name), final.get("accuracy"))
-    run_log.close()
-    checkpointer.close()
-    feed.close()
-    return final
 
-  # ---- Loop -------------------------------------------------------------------
+def _already_finished(run: _Run, start_step: int) -> dict:
+  """A rerun of a finished run: its last evaluation, nothing trained or written."""
+  final = run_log_lib.final_evaluation(run_info.read_metrics(run.workdir))
+  console("Run in %s already finished at step %d; final %s accuracy %s.", run.workdir,
+          start_step, final.get("split", run.config.dataset.eval_split), final.get("accuracy"))
+  run.run_log.close()
+  run.checkpointer.close()
+  run.feed.close()
+  return final
+
+
+# ---- Loop -----------------------------------------------------------------------
+
+def _loop(run: _Run, state, start_step: int) -> dict:
+  """Chunks of compiled steps to the end; between two, the host logs, evaluates,
+  checkpoints, or stops for a preemption. Returns the final evaluation."""
+  config, plan, checkpointer = run.config, run.plan, run.checkpointer
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   console("Training %s (%d parameters) on %s: %d steps (%d per epoch), batch %d, %d device(s).",
-          config.model.name, n_params, info.name, plan.total_steps, plan.steps_per_epoch,
+          config.model.name, n_params, run.info.name, plan.total_steps, plan.steps_per_epoch,
           config.batch_size, jax.device_count())
   progress = Progress(plan, config.batch_size, start_step)
   started = time.perf_counter()
@@ -204,63 +277,85 @@ def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict
   final = {}
   window = []  # per-step train metrics since the last log line
   train_seconds = 0.0  # time inside training chunks only (no eval, no checkpoints)
-  with (_PreemptionFlag() as preempted, contextlib.closing(feed),
-        run_info.RunRecord(workdir, config, start_step, info, where) as record, profiler):
+  with (_PreemptionFlag() as preempted, contextlib.closing(run.feed),
+        run_info.RunRecord(run.workdir, config, start_step, run.info, run.where) as record,
+        run.profiler):
     while step < plan.total_steps:
-      stop = profiler.clip(step, plan.next_stop(step))  # a profiled window starts/ends between calls
-      profiler.before_chunk(step)
+      # A profiled window starts and ends between two calls.
+      stop = run.profiler.clip(step, plan.next_stop(step))
+      run.profiler.before_chunk(step)
       chunk_started = time.perf_counter()
-      state, metrics, input_seconds = feed.chunk(state, step, stop)
+      state, metrics, input_seconds = run.feed.chunk(state, step, stop)
       progress.chunk_done(stop, input_seconds, time.perf_counter() - chunk_started - input_seconds,
                           float(np.mean(metrics["loss"])), float(np.mean(metrics["accuracy"])))
       _check_finite(metrics, step, checkpointer)
       window.append(metrics)
       step = record.step = stop
-      profiler.after_chunk(step)
+      run.profiler.after_chunk(step)
       elapsed = time.perf_counter() - started
       train_seconds += time.perf_counter() - chunk_started
 
-      if config_checks.is_time(step, plan.log_every) or step == plan.total_steps:
-        train_metrics = {k: float(np.mean(np.concatenate([w[k] for w in window])))
-                         for k in ("loss", "accuracy")}
+      if step_schedule.is_time(step, plan.log_every) or step == plan.total_steps:
+        _log_train(run.run_log, progress, plan, step, window, elapsed, train_seconds)
         window = []
-        speed = progress.update(step)
-        run_log.write("train", step, plan.epoch(step), elapsed, **train_metrics,
-                      steps_per_sec=round(speed["steps_per_sec"], 2),
-                      train_seconds=round(train_seconds, 3),
-                      input_sec=round(speed["input_sec"], 4),
-                      compute_sec=round(speed["compute_sec"], 4))
-        progress.log_line(step, train_metrics, speed)
-
-      eval_now = config_checks.is_time(step, plan.eval_every) or step == plan.total_steps
+      eval_now = step_schedule.is_time(step, plan.eval_every) or step == plan.total_steps
       if eval_now:
         progress.end_phase()
-        final = evaluate(state)
-        run_log.write_evaluation(eval_split_name, step, plan.epoch(step),
-                                 time.perf_counter() - started, **final)
-        console("%s", evaluation_line(step, plan.epoch(step), eval_split_name, final))
+        final = _evaluate(run, state, step, started)
       stop_now = preempted.agreed(step, checkpointer) and step < plan.total_steps
-      if (eval_now or config_checks.is_time(step, plan.checkpoint_every)
+      if (eval_now or step_schedule.is_time(step, plan.checkpoint_every)
           or step == plan.total_steps or stop_now):
-        checkpointer.save(state, {**meta, **feed.checkpoint_meta()}, metrics=(
+        checkpointer.save(state, {**run.meta, **run.feed.checkpoint_meta()}, metrics=(
             {config.best_metric: final[config.best_metric]} if eval_now else None))
       if stop_now:
-        progress.end_phase()
-        checkpointer.wait()
-        signum = preempted.signal or signal.SIGTERM  # another host may have been signalled
-        console("Preempted (%s): checkpoint at step %d is on disk; rerun the same command to "
-                "resume.", signal.Signals(signum).name, step)
-        run_log.close()
-        checkpointer.close()
-        raise SystemExit(128 + signum)
+        _stop_for_preemption(run, progress, preempted.signal, step)
 
+  # ---- End: the last evaluation above (at the final step) is the run's result -----
   checkpointer.wait()
   checkpointer.close()
-  run_log.close()
+  run.run_log.close()
   console("Finished %d steps in %.1f s. Final %s accuracy %.4f, loss %.4f, params %s.",
-          plan.total_steps, time.perf_counter() - started, eval_split_name, final["accuracy"],
-          final["loss"], final["params_fingerprint"])
+          plan.total_steps, time.perf_counter() - started, config.dataset.eval_split,
+          final["accuracy"], final["loss"], final["params_fingerprint"])
   return final
+
+
+def _log_train(run_log, progress, plan, step: int, window: list, elapsed: float,
+               train_seconds: float) -> None:
+  """One train record (metrics.jsonl, TensorBoard) and console line: the means over
+  `window`, the steps since the last one."""
+  train_metrics = {k: float(np.mean(np.concatenate([w[k] for w in window])))
+                   for k in ("loss", "accuracy")}
+  speed = progress.update(step)
+  run_log.write("train", step, plan.epoch(step), elapsed, **train_metrics,
+                steps_per_sec=round(speed["steps_per_sec"], 2),
+                train_seconds=round(train_seconds, 3),
+                input_sec=round(speed["input_sec"], 4),
+                compute_sec=round(speed["compute_sec"], 4))
+  progress.log_line(step, train_metrics, speed)
+
+
+def _evaluate(run: _Run, state, step: int, started: float) -> dict:
+  """Every example of the eval split once; the record (its time counted from `started`,
+  the evaluation included) and the console line name the split."""
+  split = run.config.dataset.eval_split
+  metrics = run.evaluate(state)
+  run.run_log.write_evaluation(split, step, run.plan.epoch(step), time.perf_counter() - started,
+                               **metrics)
+  console("%s", evaluation_line(step, run.plan.epoch(step), split, metrics))
+  return metrics
+
+
+def _stop_for_preemption(run: _Run, progress, signum, step: int) -> None:
+  """Waits for the checkpoint just saved, then exits with 128 + the signal's number."""
+  progress.end_phase()
+  run.checkpointer.wait()
+  signum = signum or signal.SIGTERM  # another host may have been signalled
+  console("Preempted (%s): checkpoint at step %d is on disk; rerun the same command to "
+          "resume.", signal.Signals(signum).name, step)
+  run.run_log.close()
+  run.checkpointer.close()
+  raise SystemExit(128 + signum)
 
 
 def _check_finite(metrics: dict, first_step: int, checkpointer) -> None:
@@ -294,10 +389,7 @@ def _write_config(config, workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _last_eval(workdir: str) -> dict:
-  found = run_log_lib.evaluations(run_info.read_metrics(workdir))
-  return found[-1] if found else {}
-
+# ---- --mode=eval: one checkpoint of a workdir, evaluated again ----------------------
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """`--mode=eval`: evaluates one checkpoint of `workdir` on `config.eval.split`.

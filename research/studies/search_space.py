@@ -11,7 +11,7 @@ and TPE samplers). Commas inside parentheses belong to a value, so tuples work.
 
 `check` proves every value a study could give before any trial starts: each
 choice, and both ends of each range, goes through the same parsing and checks
-as `research.main` (command_line.parse_config, config_checks.validate).
+as `research.main` (command_line.parse_config, config_validation.validate).
 Values travel to trials as text, the way a user types `--config.FIELD=VALUE`.
 """
 
@@ -164,10 +164,10 @@ def check(params: list[Param], config_file: str, fixed: list[str]) -> None:
   `fixed` are the --config.FIELD=VALUE flags every trial gets. A refused value is
   reported with the entry it came from, in one line.
   """
-  from research.config import command_line, config_checks  # JAX: only where a space is checked
+  from research.config import command_line, config_validation  # JAX: only where a space is checked
 
   base = command_line.parse_config(fixed, config_file)
-  config_checks.validate(base)  # the settings every trial shares
+  config_validation.validate(base)  # the settings every trial shares
   for param in params:
     if not _is_field(base, param.key):
       try:  # parse_config names the fields that exist and the nearest one
@@ -182,7 +182,7 @@ def check(params: list[Param], config_file: str, fixed: list[str]) -> None:
       try:
         config = command_line.parse_config([*fixed, f"--config.{param.key}={value}"],
                                            config_file)
-        config_checks.validate(config)
+        config_validation.validate(config)
       except UserError as e:
         reason = str(e).splitlines()[0]
         raise UserError(f"Search space {param.describe()}: the value {value} is refused: "

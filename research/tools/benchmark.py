@@ -163,12 +163,11 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
   import jax
 
   from research import mesh as mesh_lib, models
-  from research.config import config_checks
   from research.data import datasets, data_source
-  from research.run import steps, train
+  from research.run import step_schedule, steps, train
 
   config = load_config(config_file, {**overrides, "batch_size": batch_size})
-  microbatches = config_checks.microbatch_count(config)
+  microbatches = step_schedule.microbatch_count(config)
   # The compute alone: batches gathered on the device, whatever input the config names
   # (`make bench-input` measures the streamed input).
   source = data_source.MemorySource(config.dataset, config.dataset.eval_split, train=True)

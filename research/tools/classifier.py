@@ -22,7 +22,7 @@ class Classifier:
     import jax
 
     from research import mesh as mesh_lib
-    from research.config import config_checks
+    from research.config import workdir_config
     from research.data import data_source
     from research.run import checkpoint, train
 
@@ -30,7 +30,7 @@ class Classifier:
     try:
       with open(config_path) as f:
         stored = json.load(f)
-      self.config = config_checks.read_stored(stored)  # read through today's schema
+      self.config = workdir_config.read_stored(stored)  # read through today's schema
     except (OSError, ValueError) as e:
       raise UserError(f"Cannot read {config_path} ({e}): --workdir must be a training "
                       "workdir (one that `python -m research.main` wrote).") from e

@@ -20,7 +20,7 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from research.config import config_checks
+from research.config import config_schema
 from research.run import run_info, run_log
 from research.errors import UserError
 
@@ -343,7 +343,7 @@ def differing_config(workdirs: list[str]) -> dict[str, dict]:
           config = json.load(f)
       except (OSError, ValueError):
         config = {}
-    flat[workdir] = config_checks._flatten(config)
+    flat[workdir] = config_schema.flatten(config)
   keys = sorted(set().union(*flat.values()))
   varying = [k for k in keys if len({repr(flat[w].get(k)) for w in workdirs}) > 1]
   return {w: {k: flat[w].get(k) for k in varying} for w in workdirs}
