@@ -127,10 +127,11 @@ def _dataset_config(builder, data_dir: str, image_size: int, workers: int):
 
 def _cpu_seconds(children: bool = True) -> float:
   """CPU seconds used so far by this process and (`children`) its child processes
-  (grain's workers), the living ones included (read from /proc)."""
-  total = time.process_time()
+  (grain's workers): those reaped (os.times) and those not (read from /proc)."""
+  now = os.times()
   if not children:
-    return total
+    return now.user + now.system
+  total = now.user + now.system + now.children_user + now.children_system
   ticks = os.sysconf("SC_CLK_TCK")
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
@@ -138,7 +139,7 @@ def _cpu_seconds(children: bool = True) -> float:
     try:
       with open(f"/proc/{entry}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:  # gone meanwhile
+    except OSError:  # reaped meanwhile: os.times counts it from now on
       continue
     if int(fields[1]) == os.getpid():  # fields[1] is the parent's pid
       total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
@@ -185,9 +186,11 @@ def run_workers(builder, data_dir, image_size, batch_size, steps, workers) -> tu
   from research import data_source, mesh as mesh_lib, stream_input
 
   source = data_source.from_config(_dataset_config(builder, data_dir, image_size, workers))
+  # Steps past the timed ones keep every worker busy to the end of the timing, so that
+  # the CPU seconds counted are those of the timed batches (up to one batch a worker).
   stream = stream_input.TrainStream(source.train, mesh_lib.make_mesh(), seed=0,
-                                    batch_size=batch_size, total_steps=steps + 1, start_step=0,
-                                    log_every=1, crop="inception", workers=workers)
+                                    batch_size=batch_size, total_steps=steps + 1 + 2 * workers,
+                                    start_step=0, log_every=1, crop="inception", workers=workers)
   try:
     pieces = (piece for step in range(steps + 1) for piece in stream.batches(step, step + 1))
     return _timed(pieces, steps, batch_size)
