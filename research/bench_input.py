@@ -128,10 +128,11 @@ def _dataset_config(builder, data_dir: str, image_size: int, workers: int):
 def _cpu_seconds(children: bool = True) -> float:
   """CPU seconds used so far by this process and (`children`) its child processes
   (grain's workers): those reaped (os.times) and those not (read from /proc)."""
-  now = os.times()
+  total = time.process_time()  # this process, to the nanosecond
   if not children:
-    return now.user + now.system
-  total = now.user + now.system + now.children_user + now.children_system
+    return total
+  reaped = os.times()  # in clock ticks (10 ms)
+  total += reaped.children_user + reaped.children_system
   ticks = os.sysconf("SC_CLK_TCK")
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
