@@ -10,6 +10,7 @@ Where things live:
   data.py          dataset metadata, epoch order, the in-memory form, padded eval batches
   stream_input.py  the streamed form: batches decoded in worker processes while training
   stream_examples.py, image_crops.py  what a worker computes: examples, ImageNet crops
+  host_buffers.py  host memory of finished batches: handed to the devices with no copy
   augment.py       on-device augmentation and normalization inside the train step
   prepare_data.py  getting a TFDS dataset prepared (offline sources first)
   models/          the model zoo, chosen by `config.model.name`
