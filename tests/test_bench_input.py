@@ -33,12 +33,27 @@ def test_bench_input_prints_every_run_side_by_side(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "Photographs: 24 of 500x375, JPEG quality 90" in out and "load average" in out
-  for run in ("decode, old", "decode, new", "threads (old", "workers=1 (", "workers=2 (",
-              "ceiling (main thread, batch 32", "ceiling, CPU time (batch 32)",
-              "ceiling without the copy to devices (batch 32)"):
+
+  def figures(run):
+    """The numbers after a row's label (one for the decode rows, three for the others)."""
     line = next(line for line in out.splitlines() if line.startswith(run))
-    rate, per_core = (float(value) for value in line.split()[-2:])
-    assert rate > 0 and per_core > 0
+    return [float(value) for value in line.split("(1 core)")[-1].split()[-3:]]
+
+  # One core decoding, per CPU-second: the old and new paths and the candidate decoders.
+  for run in ("decode, old:", "decode, new:", "decode, PIL: whole decode",
+              "decode, PIL: decode alone", "decode, TF: decode_and_crop_jpeg + resize, eager",
+              "decode, TF: decode_and_crop_jpeg + resize, tf.function",
+              "decode, TF: decode_and_crop_jpeg alone"):
+    rate, = figures(run)
+    assert rate > 0
+  # Pipelines and the ceiling: wall img/s, per core used, per CPU-second of every process.
+  for run in ("threads (old", "workers=1 (", "workers=2 (",
+              "ceiling (main thread, batch 32; hand-off, no transfer)",
+              "ceiling through 2 worker processes' shared memory (batch 32)",
+              "ceiling with a copy into device memory (batch 32)",
+              "ceiling, only taken from grain (batch 32)"):
+    rate, per_core, per_cpu_second = figures(run)
+    assert rate > 0 and per_core > 0 and per_cpu_second > 0
   assert "workers 1 -> 2:" in out
   # Written through TFDS: the array_record files and their metadata.
   prepared = os.path.join(tmp_path, "bench_photos", "1.0.24")

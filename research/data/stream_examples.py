@@ -3,8 +3,9 @@
 These objects are pickled into grain's worker processes (research/data/stream_input.py),
 so they import no JAX and hold only what the work needs: the split's TFDS data
 source (undecoded: the image bytes), the order and the crop settings. Each example
-is read and decoded on its own (research/data/image_crops.py); a worker stacks one
-batch and hands it to the trainer through shared memory.
+is read and decoded on its own (research/data/image_crops.py) straight into its row of
+the batch; in a worker process that batch is shared memory, which grain hands to
+the trainer by name, with no copy (research/data/host_buffers.py).
 
 Determinism: the batch of step s holds `datasets.batch_indices(seed, s)` (the in-memory
 path's very order), and the crop of the example in global row r of step s is drawn
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from research.data import datasets, image_crops
+from research.data import datasets, host_buffers, image_crops
 from research.errors import UserError
 
 CROPS = ("inception", "centre", "none")  # training crop: random, the eval crop, or none
@@ -40,14 +41,16 @@ class ExampleReader:
   def __len__(self) -> int:
     return len(self.source)
 
-  def read(self, indices, crop: str = "centre", seeds=None) -> tuple[np.ndarray, np.ndarray]:
+  def read(self, indices, crop: str = "centre", seeds=None,
+           out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [n, H, W, C], int32 labels [n]) of the examples at `indices`;
-    `seeds[i]` seeds example i's Inception crop (crop="inception")."""
+    `seeds[i]` seeds example i's Inception crop (crop="inception"). The images are
+    written into `out` (its first n rows) when given, and `out` is returned."""
     try:
       examples = self.source.__getitems__([int(i) for i in indices])
     except Exception as e:  # damaged files surface as many exception types
       raise UserError(f"{self.damaged_message} ({type(e).__name__}: {e})") from e
-    images = np.empty((len(examples), *self.image_shape), np.uint8)
+    images = np.empty((len(examples), *self.image_shape), np.uint8) if out is None else out
     for row, example in enumerate(examples):
       images[row] = self.decode(example["image"], crop,
                                 None if seeds is None else seeds[row])
@@ -76,11 +79,18 @@ class TrainStep:
   seed: int
   batch_size: int
   rows: np.ndarray  # the global rows of each batch this process reads
+  shared: bool = False  # computed in a worker process: the batch goes out in shared memory
 
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     indices = datasets.batch_indices(self.seed, int(step), 1, self.batch_size, len(self.reader))[0]
     seeds = [(self.seed, int(step), int(row)) for row in self.rows]
-    return self.reader.read(indices[self.rows], self.crop, seeds)
+    images = host_buffers.batch_buffer((len(self.rows), *self.reader.image_shape), np.uint8,
+                                       self.shared)
+    try:
+      return self.reader.read(indices[self.rows], self.crop, seeds, out=images)
+    except BaseException:
+      host_buffers.release(images)
+      raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +100,23 @@ class EvalBatch:
 
   reader: ExampleReader
   batch_size: int
-  rows: np.ndarray
+  rows: np.ndarray  # ascending: the valid rows come first
+  shared: bool = False  # as in TrainStep
 
   def __call__(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     positions = int(batch) * self.batch_size + self.rows
-    valid = positions < len(self.reader)
-    images = np.zeros((len(positions), *self.reader.image_shape), np.uint8)
+    count = int(np.sum(positions < len(self.reader)))
+    images = host_buffers.batch_buffer((len(positions), *self.reader.image_shape), np.uint8,
+                                       self.shared)
     labels = np.zeros((len(positions),), np.int32)
-    if valid.any():
-      images[valid], labels[valid] = self.reader.read(positions[valid], "centre")
-    return images, labels, valid.astype(np.float32)
+    try:
+      images[count:] = 0
+      if count:
+        labels[:count] = self.reader.read(positions[:count], "centre", out=images)[1]
+    except BaseException:
+      host_buffers.release(images)
+      raise
+    return images, labels, (np.arange(len(positions)) < count).astype(np.float32)
 
 
 def exit_with_trainer(trainer_pid: int, worker_index: int, worker_count: int) -> None:

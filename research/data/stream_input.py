@@ -11,9 +11,11 @@ Workers. Decoding runs in `config.dataset.workers` processes (grain's
 threads of the trainer process (grain's `ReadOptions`, `reader_threads`; the old
 form, cheap to start, for small data and tests). One grain element is this
 process's rows of one step's batch: a worker reads and decodes its examples one
-by one (research/data/stream_examples.py, research/data/image_crops.py), stacks them and
-hands the batch over through shared memory; the trainer's main thread only
-takes finished batches and gives them to the devices. Worker w computes steps
+by one (research/data/stream_examples.py, research/data/image_crops.py) into a batch in
+shared memory, which grain hands over by name; the trainer's main thread only
+takes finished batches and gives them to the devices, with no copy on the host
+(on the CPU backend none at all: the devices alias the shared memory;
+research/data/host_buffers.py). Worker w computes steps
 w, w+n, ...; grain interleaves them back in order, so the batches do not depend
 on the worker count. A worker that dies (killed, out of memory) is reported as
 a TrainingFailure within seconds (grain watches its exit code); the checkpoints
@@ -56,11 +58,10 @@ import os
 import time
 
 import grain
-import numpy as np
 from absl import flags, logging
 
 from research import mesh as mesh_lib
-from research.data import datasets
+from research.data import datasets, host_buffers
 from research.errors import TrainingFailure, UserError
 from research.data.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
 
@@ -111,11 +112,6 @@ def worker_count(requested: int) -> int:
 def reader_threads(requested: int = 0) -> int:
   """`requested` threads, or 0: one per CPU core this process may use, at most MAX_THREADS."""
   return requested or min(MAX_THREADS, cores())
-
-
-def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
-  """[k, ...] from k arrays; one array is not copied (a view of the worker's batch)."""
-  return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
 class _Reader:
@@ -175,7 +171,7 @@ class TrainStream:
     self.steps_per_call = steps_per_call(batch_bytes, log_every)
     rows = mesh_lib.process_rows(batch_size, mesh, batch_axis=1)
     steps = grain.MapDataset.range(start_step, total_steps).map(
-        TrainStep(reader, crop, seed, batch_size, rows))
+        TrainStep(reader, crop, seed, batch_size, rows, shared=worker_count(workers) > 0))
     self._reader = _Reader(steps, 2 * self.steps_per_call, workers, threads)
     self._position = start_step
     self._reader.start()
@@ -195,7 +191,7 @@ class TrainStream:
       count = min(self.steps_per_call, stop - first)
       local = [next(self._reader) for _ in range(count)]
       self._position += count
-      images, labels = (_stacked([arrays[i] for arrays in local]) for i in (0, 1))
+      images, labels = (host_buffers.stacked([arrays[i] for arrays in local]) for i in (0, 1))
       yield (mesh_lib.from_process_rows(images, (count, self.batch_size, *images.shape[2:]),
                                         self.mesh, batch_axis=1),
              mesh_lib.from_process_rows(labels, (count, self.batch_size), self.mesh, batch_axis=1),
@@ -248,7 +244,8 @@ class EvalStream:
     batch_bytes = batch_size * math.prod(reader.image_shape)
     self.batches_per_call = min(self.num_batches, max(1, CALL_BYTES // batch_bytes))
     self._read_batch = EvalBatch(reader, batch_size,
-                                 mesh_lib.process_rows(batch_size, mesh, batch_axis=1))
+                                 mesh_lib.process_rows(batch_size, mesh, batch_axis=1),
+                                 shared=worker_count(workers) > 0)
 
   def __call__(self):
     reader = _Reader(grain.MapDataset.range(self.num_batches).map(self._read_batch),
@@ -258,7 +255,7 @@ class EvalStream:
         count = min(self.batches_per_call, self.num_batches - first)
         local = [next(reader) for _ in range(count)]
         yield tuple(
-            mesh_lib.from_process_rows(_stacked(arrays), (count, self.batch_size,
+            mesh_lib.from_process_rows(host_buffers.stacked(arrays), (count, self.batch_size,
                                                           *arrays[0].shape[1:]),
                                        self.mesh, batch_axis=1)
             for arrays in zip(*local))
