@@ -78,6 +78,20 @@ def with_fast_compile(env: dict | None = None) -> dict:
   return env
 
 
+@pytest.fixture
+def cheap_compiles():
+  """FAST_COMPILE in this process, by JAX's own switch, for one test: for tests that compile
+  whole models and compare them within tolerances, never bit for bit with a run compiled
+  otherwise (the setting is part of the compilation cache's key). Not for tests that run
+  many steps: the less optimized code runs them slower (a 60-step run took 3x as long)."""
+  import jax
+
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def _cpu_if_forced_devices(env: dict) -> dict:
   """--xla_force_host_platform_device_count makes CPU devices only: such a run must be
   on the CPU platform on a GPU/TPU machine too."""
