@@ -28,17 +28,31 @@ def _model(name: str, conv_impl: str, dtype: str = "float32"):
   return models.build(config, num_classes=10)
 
 
+# The ResNet families, compile-bound, each in a file of its own so that no file takes minutes
+# and `make test`'s two workers run them side by side: test_accelerator_forms_cifar.py and
+# test_accelerator_forms_imagenet.py.
+CIFAR_RESNETS = ["resnet32", "resnet56"]
+IMAGENET_RESNETS = ["resnet18", "resnet34", "resnet50"]
+
+
 def test_every_convolutional_model_of_the_zoo_is_covered():
   assert set(CONV_MODELS) == {"cnn", "resnet8", "resnet14", "resnet20", "resnet32", "resnet56",
                               "resnet18", "resnet34", "resnet50", "wide_resnet"}
+  here = {"cnn", "resnet8", "resnet14", "resnet20", "wide_resnet"}
+  assert set(CONV_MODELS) == here | set(CIFAR_RESNETS) | set(IMAGENET_RESNETS)
 
 
-# Each compiles two programs of a whole model and its gradient (20-60 s here under load):
-# the seed CNN and resnet8 (whose blocks resnet14-56 repeat) always, the rest as slow tests.
-@pytest.mark.parametrize("name", [
-    name if name in ("cnn", "resnet8") else pytest.param(name, marks=pytest.mark.slow)
-    for name in CONV_MODELS])
+# Each compiles two programs of a whole model and its gradient (5-60 s here): the seed CNN
+# and resnet8 (whose blocks resnet14-56 repeat) always, the rest as slow tests.
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compared within tolerances
+@pytest.mark.parametrize("name", ["cnn", "resnet8", *[
+    pytest.param(name, marks=pytest.mark.slow) for name in ("resnet14", "resnet20", "wide_resnet")]])
 def test_xla_convolutions_give_the_im2col_outputs_and_gradients_in_float32(name):
+  forms_agree(name)
+
+
+def forms_agree(name: str) -> None:
+  """Model `name` in both forms: the same eval- and train-mode logits and gradients."""
   # Tolerances: both forms are float32 sums of the same products in another order
   # (lax.conv against one matmul over gathered patches), so they differ by rounding
   # alone: ~1e-7 relative per layer, growing with depth; train-mode BatchNorm divides by
@@ -48,7 +62,7 @@ def test_xla_convolutions_give_the_im2col_outputs_and_gradients_in_float32(name)
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
   labels = jnp.arange(4) % 10
   cpu_form, accelerator_form = _model(name, "im2col"), _model(name, "xla")
-  variables = cpu_form.init(jax.random.key(0), x)
+  variables = jax.jit(cpu_form.init)(jax.random.key(0), x)  # one program, not op by op
   assert (jax.tree.structure(variables)
           == jax.tree.structure(jax.eval_shape(accelerator_form.init, jax.random.key(0), x)))
 
@@ -95,6 +109,7 @@ def test_a_short_run_in_the_accelerator_form_stays_finite_and_learns(small_split
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("layer", [
     functools.partial(layers.Conv, 8, (3, 3), impl="xla", dtype=jnp.bfloat16),
     functools.partial(layers.Dense, 8, impl="xla", dtype=jnp.bfloat16)])

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main
+from conftest import REPO, run_main, with_fast_compile
 from test_datasets import LABEL_NAMES, Cifar10, TinyJpegImages
 from test_recipes import RECIPES
 
@@ -112,16 +112,9 @@ def _devices_env(count: int) -> dict:
   return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
 
 
-# Compile time dominates (about a hundred programs); XLA's CPU backend without its
-# costlier LLVM optimizations compiles them in about half the CPU time (the same
-# programs, less optimized machine code).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
 @pytest.mark.slow
 def test_every_recipe_trains_and_evaluates_on_16_devices(generated_data, tmp_path):
-  env = _devices_env(16)
-  env["XLA_FLAGS"] += " " + FAST_COMPILE
+  env = with_fast_compile(_devices_env(16))  # compiles dominate: about a hundred programs
   result = subprocess.run(
       [sys.executable, "-c", _EVERY_RECIPE, json.dumps(generated_data), str(tmp_path)], cwd=REPO,
       capture_output=True, text=True, timeout=900, env={**os.environ, **env})

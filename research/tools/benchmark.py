@@ -42,6 +42,9 @@ _EPOCHS = flags.DEFINE_integer("resnet_epochs", 2,
 OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
 MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
                                    "batches larger than this, on CPU only (0: none).")
+THROUGHPUT_IMAGES = flags.DEFINE_integer(
+    "throughput_images", 4096, "Images per timed window of the throughput measurement (five "
+    "windows after the compile); fewer for a quick bench, e.g. in the tests.", lower_bound=1)
 TRAIN_FLAGS = flags.DEFINE_multi_string(
     "train_flag", [], "A --config.FIELD=VALUE flag added to every training run, after the "
     "recipe's (repeatable): a quick bench, e.g. --train_flag=--config.num_epochs=2.")
@@ -177,7 +180,7 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
   state = init_fn(config.seed)
   images = mesh_lib.put_replicated(train_split.images, mesh)
   labels = mesh_lib.put_replicated(train_split.labels, mesh)
-  steps_per_call = max(2, 4096 // batch_size)
+  steps_per_call = max(2, THROUGHPUT_IMAGES.value // batch_size)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx,
                                   microbatches=microbatches), donate_argnums=0)
 
@@ -245,6 +248,7 @@ def machine() -> dict:
 def in_child(what: str, *args) -> dict:
   """Runs one measurement (`machine` or `throughput`) in a child process."""
   command = [sys.executable, "-m", "research.benchmark", f"--microbatch={MICROBATCH.value}",
+             f"--throughput_images={THROUGHPUT_IMAGES.value}",
              "--measure=" + json.dumps({"what": what, "args": args})]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
   lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
