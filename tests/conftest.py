@@ -136,14 +136,22 @@ def last_train_step(workdir) -> int:
     return 0
 
 
-def interrupt_at_step(workdir, flags, sig, at_step) -> tuple[int, str]:
-  """Starts `research.main` on `workdir`, sends `sig` once it has logged `at_step`
-  (or finished); returns (exit code, stderr)."""
+def interrupt_at_step(workdir, flags, sig, at_step, after_checkpoint=None) -> tuple[int, str]:
+  """Starts `research.main` on `workdir`, sends `sig` once it has logged `at_step` and,
+  if `after_checkpoint` is given, finished writing that step's checkpoint (Orbax renames
+  a finished one into place, and saves in the background: on a loaded machine the log
+  can run ahead of it); or once the run ended. Returns (exit code, stderr)."""
   command = [sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags]
   process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
+  saved = os.path.join(workdir, "checkpoints", str(after_checkpoint))
+
+  def waiting() -> bool:
+    return last_train_step(workdir) < at_step or (
+        after_checkpoint is not None and not os.path.isdir(saved))
+
   deadline = time.time() + 300
-  while last_train_step(workdir) < at_step and process.poll() is None and time.time() < deadline:
+  while waiting() and process.poll() is None and time.time() < deadline:
     time.sleep(0.005)
   process.send_signal(sig)
   _, stderr = process.communicate(timeout=300)

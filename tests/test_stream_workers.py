@@ -114,7 +114,7 @@ def test_stream_run_with_workers_killed_resumes_bit_identical(tmp_path):
   workdir = str(tmp_path / "run")
   returncode, stderr = interrupt_at_step(workdir, [*RUN, "--config.dataset.workers=2",
                                                    "--config.num_train_steps=40"],
-                                         signal.SIGKILL, 25)
+                                         signal.SIGKILL, 25, after_checkpoint=20)
   assert returncode == -signal.SIGKILL, stderr[-3000:]
   resumed = run_main(workdir, *RUN, "--config.dataset.workers=1", "--config.num_train_steps=40")
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -95,7 +95,7 @@ RUN = ["--config=configs/default.py:smoke", "--config.num_train_steps=100",
 @pytest.mark.slow
 def test_after_a_kill_and_a_resume_every_tag_has_one_point_per_step(tmp_path):
   workdir = str(tmp_path / "run")
-  code, stderr = interrupt_at_step(workdir, RUN, signal.SIGKILL, at_step=90)
+  code, stderr = interrupt_at_step(workdir, RUN, signal.SIGKILL, at_step=90, after_checkpoint=50)
   assert code == -signal.SIGKILL, stderr[-3000:]  # killed past the checkpoint at step 50
   killed = _tensorboard_points(workdir)
   assert max(step for step, _ in killed["train/loss"]) > 50  # points the resume takes back
