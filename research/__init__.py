@@ -26,4 +26,8 @@ module named in it: bench_compare.py, bench_input.py, benchmark.py, check_accele
 command_line.py, predict.py, prepare_data.py, report.py.
 """
 
+import os
+
 __version__ = "0.1.0"
+# The repository this package runs from (configs/, the git history): benchmarks and run.json.
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,8 +12,8 @@ import pytest
 
 from research import models
 from research.data import datasets
-from research.run import steps, train
 from research.models import layers
+from research.run import steps, train
 
 CONV_MODELS = [name for name, entry in models.MODELS.items() if "conv_impl" in entry.knobs]
 # Small versions of each (same layers and depth, fewer channels): compile time dominates.

@@ -15,9 +15,9 @@ import pytest
 from conftest import run_main
 from research import backend, mesh as mesh_lib
 from research.data import datasets, data_source
-from research.run import run_info, steps, train
 from research.errors import UserError
 from research.models.cnn import CNN
+from research.run import run_info, steps, train
 
 ACCELERATOR = backend.Backend(platform="gpu", static_trip_counts=True)  # forced on the CPU
 CPU = backend.Backend(platform="cpu", static_trip_counts=False)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from research.run import checkpoint
 from research.errors import UserError
+from research.run import checkpoint
 
 # Orbax's remaining reads of a step it failed to read end, when collected, as "coroutine
 # ignored" warnings in whichever test runs then: collected here, quietly.

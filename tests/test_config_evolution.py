@@ -11,9 +11,9 @@ import os
 import pytest
 
 from research.config import command_line, config_schema, config_validation, workdir_config
-from research.run import train
 from research.errors import UserError
 from research.knobs import integer
+from research.run import train
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from tensorflow_datasets.image_classification import cifar
 from conftest import run_main
 from research.config import config_validation
 from research.data import datasets
-from research.run import train
 from research.errors import UserError
+from research.run import train
 
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck"]

@@ -20,9 +20,9 @@ import pytest
 from conftest import REPO
 from research import metrics, models
 from research.config import command_line, config_validation
+from research.errors import UserError
 from research.run import checkpoint, optim, run_log, train
 from research.studies import study
-from research.errors import UserError
 
 
 def _blocks() -> list[str]:

@@ -23,8 +23,8 @@ import pytest
 
 from conftest import REPO, run_main, tree_digest
 from research.data import prepare_data
-from research.run import workdir_layout, workdir_lock
 from research.errors import UserError
+from research.run import workdir_layout, workdir_lock
 
 SMOKE = "--config=configs/default.py:smoke"
 LONG = [SMOKE, "--config.num_train_steps=1000000"]  # runs until a signal stops it
@@ -516,8 +516,8 @@ def test_a_folder_without_permission_is_one_line(finished_workdir, tmp_path, tar
 VANISHING_FOLDER = """
 import os, shutil, sys
 import jax.numpy as jnp
-from research.run import checkpoint, steps
 from research.errors import UserError
+from research.run import checkpoint, steps
 
 ckpt = checkpoint.Checkpointer(sys.argv[1])
 state = steps.TrainState(step=jnp.int32(1), params={"w": jnp.ones((4,))}, model_state={},

@@ -12,8 +12,8 @@ import pytest
 from configs import default
 from research import models
 from research.data import datasets
-from research.run import optim, steps, train
 from research.errors import UserError
+from research.run import optim, steps, train
 
 
 def _optimizer_config(name, **fields):

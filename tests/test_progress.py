@@ -3,8 +3,8 @@ input-wait time kept apart from compute time."""
 
 import io
 
-from research.run.step_schedule import Schedule
 from research.run.run_log import Progress
+from research.run.step_schedule import Schedule
 
 PLAN = Schedule(steps_per_epoch=100, total_steps=300, log_every=50, eval_every=100,
                 checkpoint_every=0)

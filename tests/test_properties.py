@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from conftest import REPO, run_main, tree_digest
 from research.config import command_line, config_schema, config_validation
 from research.data import datasets, prepare_data
-from research.tools import predict
 from research.errors import UserError
+from research.tools import predict
 
 SMOKE = "--config=configs/default.py:smoke"
 FIXTURES = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

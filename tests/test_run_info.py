@@ -7,8 +7,8 @@ import os
 import pytest
 
 from configs import default
-from research.run import profiling, run_info
 from research.errors import UserError
+from research.run import profiling, run_info
 
 REQUIRED = {"workdir", "status", "config", "seed", "code", "versions", "devices", "dataset",
             "start_time", "end_time", "sessions", "final_metrics", "best_metrics"}

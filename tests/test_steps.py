@@ -10,8 +10,8 @@ import pytest
 
 from research import models
 from research.data import datasets
-from research.run import steps, train
 from research.models.cnn import CNN
+from research.run import steps, train
 
 
 def _state(model, tx):

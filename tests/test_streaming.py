@@ -23,8 +23,8 @@ from conftest import REPO, interrupt_at_step, records, run_main
 from research import mesh as mesh_lib
 from research.config import config_validation
 from research.data import datasets, data_source, stream_input
-from research.run import train
 from research.errors import UserError
+from research.run import train
 from test_datasets import _dataset_config, jpeg_dir  # noqa: F401,F811 (a fixture)
 
 # One short run, shared by the tests that start processes: 80 steps, a log line

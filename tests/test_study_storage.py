@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from research.studies import search_space, study, study_storage
 from research.errors import UserError
+from research.studies import search_space, study, study_storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/default.py:smoke"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from research.studies import search_space
 from research.errors import UserError
+from research.studies import search_space
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/default.py:smoke"

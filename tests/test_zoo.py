@@ -21,8 +21,8 @@ import pytest
 from conftest import with_fast_compile
 from research import models
 from research.data import datasets
-from research.run import steps, train
 from research.errors import UserError
+from research.run import steps, train
 
 # Each entry's own smoke knobs (research/models/__init__.py) keep compile and step times to
 # seconds; the structure is the real one. A new model is covered without editing this file.

@@ -20,9 +20,9 @@ import dataclasses
 
 from research import backend, metrics, models
 from research.data import data_source, stream_input
-from research.run import optim
 from research.knobs import (MAX_INT32, FRACTION as _FRACTION, Field, choice, flag, integer,
                             number, text)
+from research.run import optim
 
 FIELDS: dict[str, Field] = {
     "seed": integer(0, "initialization and data order"),

@@ -16,8 +16,8 @@ import ml_collections
 
 from research import models
 from research.config import config_schema, workdir_config
-from research.run import optim, profiling
 from research.errors import UserError, require
+from research.run import optim, profiling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ import ml_collections
 from absl import logging
 
 from research.config import config_schema
-from research.run import optim
 from research.errors import UserError
+from research.run import optim
 
 # Fields that change how a run executes, never what it computes: any value resumes.
 EXECUTION_ONLY = ("dataset.reader_threads", "dataset.workers", "compile_cache")

@@ -62,8 +62,8 @@ from absl import flags, logging
 
 from research import mesh as mesh_lib
 from research.data import datasets, host_buffers
-from research.errors import TrainingFailure, UserError
 from research.data.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
+from research.errors import TrainingFailure, UserError
 
 # At most this much global batch data per compiled call. Several steps in one call are
 # stacked on the host, a copy of every batch on the trainer's main thread; from this size

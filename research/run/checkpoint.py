@@ -36,7 +36,7 @@ from research.errors import TrainingFailure, UserError
 
 def code_version() -> dict:
   """Package version and git commit (with a dirty flag) of the running code."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(research.__file__)))
+  root = research.REPOSITORY
 
   def git(*args):
     try:

@@ -20,8 +20,8 @@ import time
 import jax
 from absl import logging
 
-from research.run import distributed, workdir_layout
 from research.errors import UserError
+from research.run import distributed, workdir_layout
 
 LOCK_FILE = "run.lock"
 

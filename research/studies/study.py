@@ -41,9 +41,9 @@ from absl import logging
 
 from research import metrics
 from research.config import command_line
+from research.errors import UserError
 from research.run import run_log
 from research.studies import search_space, study_trial
-from research.errors import UserError
 
 JOURNAL_FILE = "study.journal"
 TRIALS_DIR = "trials"

@@ -17,8 +17,8 @@ import warnings
 from research import metrics
 from research.config import command_line
 from research.run import run_info, run_log
-from research.tools import report
 from research.studies.study import OBJECTIVES, SLOT_ATTR, TEST_ATTR
+from research.tools import report
 
 TOP_CURVES = 5
 

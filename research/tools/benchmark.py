@@ -62,7 +62,7 @@ RECIPES = {
         "model.name": "resnet20", "model.width": 16, "model.stem": "cifar",
         "model.dtype": "float32", "log_every_steps": 60_000 // 128}),
 }
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(research.__file__)))
+REPO = research.REPOSITORY
 
 # Dense peak TFLOP/s per chip (no structured sparsity): (bfloat16, TF32, float32), by
 # jax device_kind, first match wins. TF32 is what float32 matmuls and convolutions run as

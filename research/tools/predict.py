@@ -18,8 +18,8 @@ import warnings
 import numpy as np
 from absl import app, flags, logging
 
-from research.tools.classifier import Classifier
 from research.errors import UserError
+from research.tools.classifier import Classifier
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 

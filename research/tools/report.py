@@ -21,8 +21,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from research.config import config_schema
-from research.run import run_info, run_log
 from research.errors import UserError
+from research.run import run_info, run_log
 
 CURVES_FILE = "learning_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
