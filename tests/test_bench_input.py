@@ -58,3 +58,24 @@ def test_bench_input_prints_every_run_side_by_side(tmp_path):
   # Written through TFDS: the array_record files and their metadata.
   prepared = os.path.join(tmp_path, "bench_photos", "1.0.24")
   assert any(name.endswith("array_record-00000-of-00001") for name in os.listdir(prepared))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runs,rows", [("workers=1,workers=2", ("workers=1", "workers=2")),
+                                       ("decode", ("decode,",))])
+def test_the_runs_docs_input_quotes_print_only_those_rows(tmp_path, runs, rows):
+  """`python -m research.bench_input --runs=...` in the forms docs/input.md quotes."""
+  with open(os.path.join(REPO, "docs", "input.md")) as f:
+    assert f"research.bench_input --runs={runs}`" in f.read().replace("\n", " ")
+  result = subprocess.run(
+      [sys.executable, "-m", "research.bench_input", f"--runs={runs}",
+       f"--photos_dir={tmp_path}", "--examples=24", "--batch_size=8", "--steps=2"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = [line.split()[0] for line in result.stdout.splitlines()
+             if line.startswith(("decode", "threads", "workers=", "ceiling"))]
+  assert printed and all(name.startswith(rows) for name in printed), printed
+  assert set(rows) <= {name for name in printed} | {"decode,"}
+  if runs.startswith("workers"):
+    assert "workers 1 -> 2:" in result.stdout
