@@ -40,7 +40,9 @@ def test_bench_input_prints_every_run_side_by_side(tmp_path):
     return [float(value) for value in line.split("(1 core)")[-1].split()[-3:]]
 
   # One core decoding, per CPU-second: the old and new paths and the candidate decoders.
-  for run in ("decode, old:", "decode, new:", "decode, PIL: whole decode",
+  for run in ("decode, old:", "decode, new:", "decode, OpenCV: decode_box",
+              "decode, OpenCV: whole decode", "decode, OpenCV: decode alone",
+              "decode, PIL: draft decode", "decode, PIL: whole decode",
               "decode, PIL: decode alone", "decode, TF: decode_and_crop_jpeg + resize, eager",
               "decode, TF: decode_and_crop_jpeg + resize, tf.function",
               "decode, TF: decode_and_crop_jpeg alone"):
@@ -62,7 +64,7 @@ def test_bench_input_prints_every_run_side_by_side(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runs,rows", [("workers=1,workers=2", ("workers=1", "workers=2")),
-                                       ("decode", ("decode,",))])
+                                       ("workers=1", ("workers=1",)), ("decode", ("decode,",))])
 def test_the_runs_docs_input_quotes_print_only_those_rows(tmp_path, runs, rows):
   """`python -m research.bench_input --runs=...` in the forms docs/input.md quotes."""
   with open(os.path.join(REPO, "docs", "input.md")) as f:
@@ -77,5 +79,5 @@ def test_the_runs_docs_input_quotes_print_only_those_rows(tmp_path, runs, rows):
              if line.startswith(("decode", "threads", "workers=", "ceiling"))]
   assert printed and all(name.startswith(rows) for name in printed), printed
   assert set(rows) <= {name for name in printed} | {"decode,"}
-  if runs.startswith("workers"):
+  if runs == "workers=1,workers=2":
     assert "workers 1 -> 2:" in result.stdout

@@ -4,16 +4,26 @@ A generated JPEG of known layout (a smooth colour ramp, 500 x 375 like an ImageN
 photograph): training crops stay inside it and together cover all of it, with the
 Inception crop's area and aspect ranges; the evaluation crop (shorter side to
 size / 0.875, centre square) equals a plain resize-then-crop within one grey level;
-the DCT-scaled decode of a small box stays close to a full decode of that box.
+the DCT-scaled decode of a small box stays close to a full decode of that box. The
+resize samples a box at its exact float position (bilinear) and averages areas past
+twice the output size; headers are read without decoding; greyscale, CMYK and PNG
+images decode; an undecodable record is the damaged-data error; OpenCV is imported only
+at the first decode.
 """
 
 import io
+import subprocess
+import sys
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from research import REPOSITORY
 from research.data import datasets, image_crops
+from research.data.stream_examples import ExampleReader
+from research.errors import UserError
 
 HEIGHT, WIDTH = 375, 500
 
@@ -97,12 +107,146 @@ def test_crop_fraction_sets_the_resized_shorter_side():
   assert (top, height) == (0, 375)  # no margin: the whole shorter side
 
 
-def test_greyscale_and_png_images_decode_to_the_dataset_channels():
-  grey = io.BytesIO()
-  Image.fromarray(np.full((40, 60), 128, np.uint8)).save(grey, format="JPEG")
-  image = image_crops.decode_box(grey.getvalue(), (0, 0, 40, 40), 16, 3)
+def _encoded(pixels, format, mode=None, **options):
+  """`pixels` encoded in `format` (converted to PIL's `mode` first, e.g. CMYK)."""
+  image = Image.fromarray(pixels)
+  encoded = io.BytesIO()
+  (image.convert(mode) if mode else image).save(encoded, format=format, **options)
+  return encoded.getvalue()
+
+
+def _smooth_texture(height=HEIGHT, width=WIDTH):
+  """Random blobs a few pixels wide: steep enough that half a pixel shows."""
+  noise = np.random.default_rng(0).integers(0, 256, (height // 5 + 2, width // 5 + 2, 3))
+  return cv2.resize(noise.astype(np.float32), (width, height),
+                    interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(np.uint8)
+
+
+def _bilinear(image, box, size):
+  """Reference resize in float64: output pixel x samples the image at
+  left + (x + 0.5) * width / size - 0.5 (half-pixel centres), bilinearly."""
+  top, left, height, width = box
+  ys = np.clip(top + (np.arange(size) + 0.5) * height / size - 0.5, 0, image.shape[0] - 1)
+  xs = np.clip(left + (np.arange(size) + 0.5) * width / size - 0.5, 0, image.shape[1] - 1)
+  y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+  y1, x1 = np.minimum(y0 + 1, image.shape[0] - 1), np.minimum(x0 + 1, image.shape[1] - 1)
+  fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+  pixels = image.astype(np.float64)
+  return ((1 - fy) * ((1 - fx) * pixels[y0][:, x0] + fx * pixels[y0][:, x1])
+          + fy * ((1 - fx) * pixels[y1][:, x0] + fx * pixels[y1][:, x1]))
+
+
+@pytest.mark.parametrize("box", [(10, 20, 300, 280), (10.25, 20.5, 300.5, 279.75),
+                                 (100.3, 50.6, 150.2, 170.9),
+                                 image_crops.centre_box(HEIGHT, WIDTH, 0.875, 224)])
+def test_a_box_is_resized_from_its_exact_position(box):
+  """On a lossless PNG (no DCT scale): whole-pixel and fractional boxes, down and up,
+  against the float reference; cutting the box at whole pixels would be off by up to
+  half a pixel (tens of grey levels on this texture)."""
+  texture = _smooth_texture()
+  crop = image_crops.decode_box(_encoded(texture, "PNG"), box, 224, 3)
+  difference = np.abs(crop - _bilinear(texture, box, 224))
+  assert difference.max() <= 2 and difference.mean() < 0.5
+  if not all(float(v).is_integer() for v in box):
+    cut = (round(box[0]), round(box[1]), box[2], box[3])
+    assert np.abs(crop - _bilinear(texture, cut, 224)).mean() > 3
+
+
+def test_a_box_past_twice_the_size_is_averaged_not_sampled():
+  """A 256-px box to 64 px: each output pixel the mean of its 4 x 4 input pixels (no
+  aliasing), which bilinear sampling (2 of every 4 pixels) is far from."""
+  texture = np.random.default_rng(1).integers(0, 256, (300, 300, 3)).astype(np.uint8)
+  crop = image_crops.decode_box(_encoded(texture, "PNG"), (20, 30, 256, 256), 64, 3)
+  means = texture[20:276, 30:286].reshape(64, 4, 64, 4, 3).mean((1, 3))
+  assert np.abs(crop - means).max() <= 1
+  assert np.abs(_bilinear(texture, (20, 30, 256, 256), 64) - means).mean() > 10
+
+
+def test_the_header_gives_the_size_without_decoding():
+  """JPEG (baseline, progressive, greyscale, CMYK, with EXIF) and PNG; an EXIF orientation
+  is ignored, as by PIL, TensorFlow and TFDS: the box is in the stored pixels."""
+  pixels = _smooth_texture(60, 90)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # orientation: "rotate 90 degrees to display"
+  images = {"baseline": _encoded(pixels, "JPEG"),
+            "progressive": _encoded(pixels, "JPEG", progressive=True),
+            "greyscale": _encoded(pixels[..., 0], "JPEG"),
+            "CMYK": _encoded(pixels, "JPEG", mode="CMYK"),
+            "EXIF": _encoded(pixels, "JPEG", exif=exif.tobytes()),
+            "PNG": _encoded(pixels, "PNG")}
+  for name, encoded in images.items():
+    assert image_crops.image_shape(encoded) == (60, 90), name
+  crop = image_crops.decode_box(images["EXIF"], (0, 0, 60, 90), 30, 3)
+  stored = image_crops.decode_box(images["baseline"], (0, 0, 60, 90), 30, 3)
+  np.testing.assert_array_equal(crop, stored)
+
+
+def test_greyscale_cmyk_and_png_images_decode_to_the_dataset_channels():
+  grey = _encoded(np.full((40, 60), 128, np.uint8), "JPEG")
+  image = image_crops.decode_box(grey, (0, 0, 40, 40), 16, 3)
   assert image.shape == (16, 16, 3) and np.abs(image.astype(int) - 128).max() <= 1
-  png = io.BytesIO()
-  Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(png, format="PNG")
-  np.testing.assert_array_equal(image_crops.decode_whole(png.getvalue(), 1)[..., 0],
-                                np.arange(28 * 28, dtype=np.uint8).reshape(28, 28))
+  colour = np.zeros((40, 60, 3), np.uint8)
+  colour[..., 0] = 200  # red: a swapped channel order would show it as blue
+  for encoded in (_encoded(colour, "JPEG", quality=95),
+                  _encoded(colour, "JPEG", mode="CMYK", quality=95), _encoded(colour, "PNG")):
+    image = image_crops.decode_box(encoded, (0, 0, 40, 40), 16, 3)
+    assert image.shape == (16, 16, 3) and np.abs(image.astype(int) - (200, 0, 0)).max() <= 3
+    image = image_crops.decode_box(encoded, (0, 0, 40, 40), 16, 1)  # luma, ITU-R 601
+    assert image.shape == (16, 16, 1) and np.abs(image.astype(int) - 60).max() <= 3
+  numbers = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+  png = _encoded(numbers, "PNG")
+  np.testing.assert_array_equal(image_crops.decode_whole(png, 1)[..., 0], numbers)
+  np.testing.assert_array_equal(image_crops.decode_box(png, (0, 0, 28, 28), 28, 1)[..., 0],
+                                numbers)
+
+
+class _Records:
+  """Stands in for the TFDS data source: examples of the given image bytes."""
+
+  def __init__(self, images):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitems__(self, indices):
+    return [{"image": self.images[i], "label": 0} for i in indices]
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("not an image", "PIL cannot read its header"), ("cut short", "OpenCV cannot decode it"),
+    ("header cut short", "PIL cannot read its header"), ("empty", "PIL finds no image header")])
+def test_an_undecodable_image_is_the_damaged_data_error(ramp_jpeg, damage, reason):
+  encoded = {"not an image": b"\xff\xd8\xff\xe0 not a JPEG at all" * 4,
+             "cut short": ramp_jpeg[:len(ramp_jpeg) // 2],
+             "header cut short": ramp_jpeg[:100],
+             "empty": b""}[damage]
+  reader = ExampleReader(source=_Records([ramp_jpeg, encoded]),
+                         damaged_message="The prepared data looks damaged: run `make data`.",
+                         image_shape=(32, 32, 3), resize=True, crop_fraction=0.875,
+                         area_range=(0.08, 1.0))
+  assert reader.read([0], "centre")[0].shape == (1, 32, 32, 3)
+  for crop in ("centre", "inception"):
+    with pytest.raises(UserError, match=r"looks damaged: run `make data`. \(DamagedImage: "
+                                         rf"example 1: {reason}"):
+      reader.read([0, 1], crop, seeds=[(0, 0, 0), (0, 0, 1)])
+
+
+def test_the_trainer_imports_opencv_only_to_decode(tmp_path):
+  """A run imports image_crops (through the config's schema) whatever its input; OpenCV
+  is loaded at the first decode, with one thread, and grain (0.5 s) by streamed datasets
+  only, so our modules leave both out of in-memory runs. (TFDS, imported to prepare any
+  dataset, loads OpenCV itself when installed.)"""
+  png = tmp_path / "image.png"
+  png.write_bytes(_encoded(np.zeros((28, 28), np.uint8), "PNG"))
+  script = ("import sys\nimport research.main\nfrom research.data import data_source\n"
+            "from research.run import train\nfrom research.config import config_validation\n"
+            "assert 'grain' not in sys.modules, 'grain imported by an in-memory run'\n"
+            "assert 'research.data.image_crops' in sys.modules\n"
+            "assert 'cv2' not in sys.modules, 'OpenCV imported before any decode'\n"
+            "from research.data import image_crops\n"
+            "image_crops.decode_box(open(sys.argv[1], 'rb').read(), (0, 0, 28, 28), 28, 1)\n"
+            "assert sys.modules['cv2'].getNumThreads() == 1\n")
+  result = subprocess.run([sys.executable, "-c", script, str(png)], cwd=REPOSITORY,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]

@@ -39,6 +39,7 @@ def _batches(source, workers, steps=6, start=0):
     stream.close()
 
 
+@pytest.mark.slow
 def test_the_worker_count_changes_no_batch(jpeg_dir):
   source = _source(jpeg_dir)
   images, labels = _batches(source, workers=0)  # threads in this process
@@ -70,6 +71,7 @@ def _worker_pids() -> list[int]:
   return found
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_a_clear_error_not_a_hang(jpeg_dir):
   source = _source(jpeg_dir)
   stream = stream_input.TrainStream(source.train, mesh_lib.make_mesh(), seed=0, batch_size=8,

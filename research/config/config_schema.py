@@ -19,7 +19,7 @@ and those that need the data's size in step_schedule.py.
 import dataclasses
 
 from research import backend, metrics, models
-from research.data import data_source, stream_input
+from research.data import data_source, stream_examples
 from research.knobs import (MAX_INT32, FRACTION as _FRACTION, Field, choice, flag, integer,
                             number, text)
 from research.run import optim
@@ -38,10 +38,10 @@ FIELDS: dict[str, Field] = {
     "dataset.input": choice("memory", "whole splits on the devices, or read per batch",
                             data_source.INPUTS),
     "dataset.reader_threads": integer(0, "stream, workers=0: threads reading and decoding (0 = "
-                                      "one per core)", high=stream_input.MAX_THREADS),
+                                      "one per core)", high=stream_examples.MAX_THREADS),
     "dataset.workers": integer(0, "stream: processes decoding (-1 = one per core, 0 = threads "
                                "of the trainer); changes nothing computed", low=-1,
-                               high=stream_input.MAX_WORKERS),
+                               high=stream_examples.MAX_WORKERS),
     "dataset.crop_fraction": number(0.875, "stream: evaluation's centre crop is this fraction of "
                                     "the shorter side (224 of 256)", low=0.0, high=1.0,
                                     above=0.0),

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from research import mesh as mesh_lib
-from research.data import augment, datasets, prepare_data, stream_input
+from research.data import augment, datasets, prepare_data
 from research.errors import UserError
 
 INPUTS = ("memory", "stream")  # config.dataset.input
@@ -146,6 +146,8 @@ class StreamSource:
   """Splits opened for streaming; batches decoded by input workers while training."""
 
   def __init__(self, dataset_config, eval_split: str, train: bool):
+    from research.data import stream_input  # grain's import (~0.5 s): streamed datasets only
+
     self.config = dataset_config
     builder = prepare_data.ensure_prepared(dataset_config.name, dataset_config.data_dir or None)
     self.info, _ = datasets.dataset_info(builder, dataset_config)
@@ -176,6 +178,8 @@ class StreamSource:
                  where, augment_config=None) -> Feed:
     """Batches read ahead by the workers; one compiled call per piece of a chunk (pieces
     divide log_every, so few lengths are compiled)."""
+    from research.data import stream_input
+
     del where  # the pieces' lengths are fixed by the byte budget, on every backend
     train_on_batches = loops.on_batches()
     crop = "inception" if self._crops_on_host(augment_config or {}) else "centre"
@@ -196,6 +200,8 @@ class StreamSource:
 
   def eval_batches(self, mesh, batch_size: int):
     """A callable yielding the eval split's padded batches in pieces read by the workers."""
+    from research.data import stream_input
+
     return stream_input.EvalStream(self.eval, mesh, batch_size, workers=self.workers,
                                    threads=self.threads)
 

@@ -25,6 +25,10 @@ from research.data import datasets, host_buffers, image_crops
 from research.errors import UserError
 
 CROPS = ("inception", "centre", "none")  # training crop: random, the eval crop, or none
+# Limits of config.dataset.reader_threads and .workers (here, not in stream_input: the
+# config schema reads them without importing grain).
+MAX_THREADS = 32
+MAX_WORKERS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +56,12 @@ class ExampleReader:
       raise UserError(f"{self.damaged_message} ({type(e).__name__}: {e})") from e
     images = np.empty((len(examples), *self.image_shape), np.uint8) if out is None else out
     for row, example in enumerate(examples):
-      images[row] = self.decode(example["image"], crop,
-                                None if seeds is None else seeds[row])
+      try:
+        images[row] = self.decode(example["image"], crop,
+                                  None if seeds is None else seeds[row])
+      except image_crops.DamagedImage as e:  # a damaged record: as a file that cannot be read
+        raise UserError(f"{self.damaged_message} (DamagedImage: example {int(indices[row])}: "
+                        f"{e})") from e
     labels = np.asarray([example["label"] for example in examples], np.int32)
     return images, labels
 
@@ -61,13 +69,13 @@ class ExampleReader:
     size, channels = self.image_shape[0], self.image_shape[-1]
     if not self.resize or crop == "none":
       return image_crops.decode_whole(encoded, channels)
-    image = image_crops.open_image(encoded)  # the header only: the box decides the scale
+    height, width = image_crops.image_shape(encoded)  # the header only: the box decides the scale
     if crop == "inception":
-      box = image_crops.inception_box(np.random.default_rng(seed), image.height, image.width,
+      box = image_crops.inception_box(np.random.default_rng(seed), height, width,
                                       self.area_range, self.crop_fraction)
     else:
-      box = image_crops.centre_box(image.height, image.width, self.crop_fraction, size)
-    return image_crops.resized_box(image, box, size, channels)
+      box = image_crops.centre_box(height, width, self.crop_fraction, size)
+    return image_crops.decode_box(encoded, box, size, channels, (height, width))
 
 
 @dataclasses.dataclass(frozen=True)

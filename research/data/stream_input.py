@@ -62,7 +62,8 @@ from absl import flags, logging
 
 from research import mesh as mesh_lib
 from research.data import datasets, host_buffers
-from research.data.stream_examples import EvalBatch, ExampleReader, TrainStep, exit_with_trainer
+from research.data.stream_examples import (MAX_THREADS, EvalBatch, ExampleReader, TrainStep,
+                                           exit_with_trainer)
 from research.errors import TrainingFailure, UserError
 
 # At most this much global batch data per compiled call. Several steps in one call are
@@ -70,8 +71,6 @@ from research.errors import TrainingFailure, UserError
 # up a call takes one step and the batch goes from the worker's shared memory to the
 # devices as it is (ImageNet at 224, batch 1024: 154 MB a step, one step a call).
 CALL_BYTES = 128 * 2**20
-MAX_THREADS = 32
-MAX_WORKERS = 256
 WORKER_BUFFER = 2  # finished batches each worker may hold ahead
 
 

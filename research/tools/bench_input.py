@@ -10,16 +10,20 @@ is prepared) into --photos_dir. Then, in one run, side by side:
   decode          one core, no pipeline, in CPU seconds of this process (other load
                   on the machine does not count: images per CPU-second = img/s of
                   one idle core): the old decode (TFDS's whole decode, then resize);
-                  the worker's own code (record, header, Inception crop, DCT-scaled
-                  decode, resize); and the candidate decoders on the same bytes and
-                  boxes: PIL's whole decode + crop, PIL's decode alone, TensorFlow's
-                  `decode_and_crop_jpeg` (+ resize, eager and in a tf.function), and
-                  simplejpeg (libjpeg-turbo without PIL) where it is installed;
+                  the worker's own code (record, header, Inception crop, OpenCV's
+                  DCT-scaled decode, resize); and the candidate decoders on the same
+                  bytes and boxes: OpenCV's decode alone, its whole decode + crop +
+                  resize, and the worker's decode_box (the worker's code without the
+                  record); PIL's whole decode + crop, its decode alone, and the
+                  workers' PIL code until 2026-12-03 (`draft` decode, antialiased
+                  resize); TensorFlow's `decode_and_crop_jpeg` (+ resize, eager and in
+                  a tf.function); and simplejpeg (libjpeg-turbo without PIL) where it
+                  is installed;
   threads (old)   the path before worker processes: one grain element per batch,
                   decoded whole by TFDS's decoder and resized (shorter side, centre
                   crop) in a pool of threads of the trainer process;
   workers=1, 2    research/data/stream_input.py: per-example Inception crops from the
-                  original image (DCT-scaled JPEG decode), in 1 and 2 processes;
+                  original image (OpenCV's DCT-scaled JPEG decode), in 1 and 2 processes;
   ceiling         the trainer's main thread alone, at batch --ceiling_batch: the real
                   TrainStream over batches that cost nothing to decode, taken from
                   grain and given to the devices: the most images/s the trainer can
@@ -39,6 +43,7 @@ load average is printed.
 """
 
 import io
+import math
 import os
 import sys
 import time
@@ -206,16 +211,38 @@ def _boxes(encoded: list[bytes], seed: int = 0) -> list[tuple]:
 
   boxes = []
   for row, image in enumerate(encoded):
-    header = image_crops.open_image(image)
-    boxes.append(image_crops.inception_box(np.random.default_rng((seed, 0, row)), header.height,
-                                           header.width))
+    height, width = image_crops.image_shape(image)
+    boxes.append(image_crops.inception_box(np.random.default_rng((seed, 0, row)), height, width))
   return boxes
 
 
 def _decoders(image_size: int) -> dict:
   """Candidate decoders: label -> function(encoded bytes, box) -> pixels, each on one
   core. Those whose library is missing are left out."""
+  import cv2
   from PIL import Image
+
+  from research.data import image_crops
+
+  def opencv_whole(encoded, box):
+    top, left, height, width = (int(round(v)) for v in box)
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(cv2.resize(image[top:top + height, left:left + width],
+                                   (image_size, image_size), interpolation=cv2.INTER_LINEAR),
+                        cv2.COLOR_BGR2RGB)
+
+  def pil_draft(encoded, box):
+    """The workers' code until 2026-12-03: header, `draft` (DCT-scaled) decode of the
+    box's scale, antialiased bilinear resize of the box."""
+    top, left, height, width = box
+    image = Image.open(io.BytesIO(encoded))
+    full_height, full_width = image.height, image.width
+    image.draft("RGB", (math.ceil(full_width * image_size / width),
+                        math.ceil(full_height * image_size / height)))
+    image = image.convert("RGB")
+    scale_y, scale_x = image.height / full_height, image.width / full_width
+    return np.asarray(image.resize((image_size, image_size), Image.BILINEAR, box=(
+        left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)))
 
   def pil_whole(encoded, box):
     top, left, height, width = box
@@ -226,8 +253,15 @@ def _decoders(image_size: int) -> dict:
   def pil_decode(encoded, box):
     return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
 
-  decoders = {"PIL: whole decode + Inception crop, resize": pil_whole,
-              "PIL: decode alone (no crop, no resize)": pil_decode}
+  decoders = {
+      "OpenCV: decode_box (the worker's code, no record read)":
+          lambda encoded, box: image_crops.decode_box(encoded, box, image_size, 3),
+      "OpenCV: whole decode + Inception crop, resize": opencv_whole,
+      "OpenCV: decode alone (no crop, no resize)":
+          lambda encoded, box: cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR),
+      "PIL: draft decode + Inception crop, resize (the workers' code before)": pil_draft,
+      "PIL: whole decode + Inception crop, resize": pil_whole,
+      "PIL: decode alone (no crop, no resize)": pil_decode}
   try:
     import simplejpeg
   except ImportError:
@@ -296,7 +330,7 @@ def run_decode(builder, data_dir, image_size, batch_size, steps) -> list[tuple[s
       ("old: TFDS whole decode + resize, centre crop",
        per_cpu_second(lambda positions: datasets.read_examples(builder, "train", source,
                                                            at(positions), image_size))),
-      ("new: the worker's code (record, Inception crop, draft decode, resize)",
+      ("new: the worker's code (record, Inception crop, DCT-scaled decode, resize)",
        per_cpu_second(lambda positions: reader.read(
            at(positions), "inception", [(0, 0, i) for i in positions])))]
   encoded = [bytes(example["image"]) for example in reader.source.__getitems__(indices)]
@@ -382,7 +416,7 @@ def main(argv):
       workers = int(name.split("=")[1])
       rate, cpu_rate = run_workers(builder, FLAGS.photos_dir, FLAGS.image_size,
                                    FLAGS.batch_size, FLAGS.steps, workers)
-      rows.append((f"workers={workers} (Inception crop, draft decode)", rate,
+      rows.append((f"workers={workers} (Inception crop, DCT-scaled decode)", rate,
                    min(workers, cores), cpu_rate))
     elif name == "ceiling":
       batch = FLAGS.ceiling_batch
