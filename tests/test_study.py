@@ -1,13 +1,13 @@
-"""Studies end to end: a real embedded study (journal file), a real PostgreSQL server with
-concurrent workers, a worker killed mid-trial, pruning, failures and resume."""
+"""Studies end to end: a real embedded study (journal file) with pruning, a failure, the
+chosen trial's test evaluation, a rerun and a damaged journal; claims, samplers and heartbeats
+without training; a real PostgreSQL server with concurrent workers and a refused login.
+Interrupted studies (a worker killed, a study stopped) are test_study_interruptions.py's."""
 
 import csv
-import dataclasses
 import glob
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,14 +18,18 @@ import time
 import pytest
 
 from research.studies import search_space, study, study_results
-from research.studies.study_trial import Slot
+from test_sweep import run_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/default.py:smoke"
+# Every trainer of the study tests runs 10 steps between two stops (log, evaluation, end) at
+# most: the rows of its one compiled train loop, which is then the same program in every
+# test with the same learning rate (JAX's compilation cache, tests/conftest.py), as are the
+# evaluations of train[90%:] and of test.
+LOG = "--config.log_every_steps=10"
 # Long enough that the worker (polling every second) sees the first evaluation of a hopeless
 # trial while its trainer still runs, on an idle machine too.
-TINY = ["--config.num_train_steps=300", "--config.eval_every_steps=100",
-        "--config.log_every_steps=50", "--config.eval_batch_size=1000"]
+TINY = ["--config.num_train_steps=300", "--config.eval_every_steps=100", LOG]
 
 
 def _sweep_command(root, *flags):
@@ -39,9 +43,11 @@ def _sweep(root, *flags):
 
 # ---- A real embedded study -------------------------------------------------------------------
 
-# A grid in order, with ASHA: a good learning rate, then a hopeless one (pruned at its first
-# rung: worse than the first trial there), then one whose loss explodes (failed, with why).
-EMBEDDED = ["--sweep=optimizer.learning_rate=3e-3,1e-6,1e30", "--pruner=asha", "--", *TINY]
+# A grid in order, with ASHA: a good learning rate (the recipe's own, whose programs the
+# other tests' trials share: a learning rate is compiled in), then a hopeless one (pruned at
+# its first rung: worse than the first trial there), then one whose loss explodes (failed,
+# with why).
+EMBEDDED = ["--sweep=optimizer.learning_rate=1e-3,1e-6,1e30", "--pruner=asha", "--", *TINY]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,9 @@ def test_embedded_study_end_to_end(embedded_study):
   assert b"_hparams_/session_start_info" in events and b"optimizer.learning_rate" in events
 
 
-def test_rerunning_a_finished_study_runs_and_tests_nothing_again(embedded_study):
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config parse
+def test_rerunning_a_finished_study_runs_and_tests_nothing_again(embedded_study, monkeypatch,
+                                                                 capsys):
   root, _ = embedded_study
   before = (root / "results.csv").read_text()
   result = _sweep(root, *EMBEDDED)
@@ -102,10 +110,13 @@ def test_rerunning_a_finished_study_runs_and_tests_nothing_again(embedded_study)
   assert "evaluating it on test" not in result.stdout
   assert (root / "results.csv").read_text() == before
   assert len((root / "trials" / "trial-0000" / "eval.jsonl").read_text().splitlines()) == 1
-  # Another space under the same folder is refused, naming the difference.
-  other = _sweep(root, "--sweep=optimizer.learning_rate=3e-3,1e-5", "--", *TINY)
-  assert other.returncode == 2
-  assert "was started with other settings (space:" in other.stderr
+  # Another space under the same folder is refused, naming the difference (in this process,
+  # through the command's own parser and main: the rerun above is the real program).
+  status, _, stderr = run_in_process(
+      [f"--config={SMOKE}", f"--workdir={root}", "--sweep=optimizer.learning_rate=3e-3,1e-5",
+       "--", *TINY], monkeypatch, capsys)
+  assert status == 2
+  assert "was started with other settings (space:" in stderr
 
 
 def test_a_finished_study_with_a_damaged_journal_tail_keeps_its_results(embedded_study,
@@ -190,41 +201,6 @@ def test_a_trial_whose_heartbeat_stops_is_retried_in_its_own_workdir(tmp_path):
   assert retry.system_attrs["failed_trial"] == trial.number
 
 
-# ---- A trial's state is what happened to it -------------------------------------------------
-
-@pytest.mark.slow
-def test_a_verdict_at_the_last_evaluation_leaves_a_finished_trial_complete(tmp_path):
-  """A pruner that decides at the last evaluation, and a stop request at that moment: the
-  trainer has finished training, so neither stops it; the trial is complete, not failed."""
-  import optuna
-
-  stop = threading.Event()
-
-  class LastEvaluationPruner(optuna.pruners.BasePruner):
-    def prune(self, study_, trial):
-      if trial.last_step == 3:
-        stop.set()  # the worker is told to stop too, after training ended
-        return True
-      return False
-
-  plan = dataclasses.replace(
-      _plan(tmp_path, search="grid", trials=1),
-      params=tuple(search_space.parse("seed=0")), search="grid",
-      fixed=(*study.split_flags("train[:90%]", "train[90%:]"), "--config.num_train_steps=60",
-             "--config.eval_every_steps=20", "--config.log_every_steps=20",
-             "--config.eval_batch_size=1000"), poll_seconds=0.2)
-  opened = study.Study(plan)
-  opened.optuna.pruner = LastEvaluationPruner()
-  slot = Slot(0, {}, (), "all cores")
-  assert opened.run_trial(opened.claim(), slot, stop, dict(os.environ)) == "complete"
-  trial, = study.Study(plan).optuna.trials
-  assert trial.state.name == "COMPLETE" and "failure" not in trial.user_attrs
-  assert sorted(trial.intermediate_values) == [1, 2, 3]
-  assert trial.value == trial.intermediate_values[3]
-  info = json.load(open(tmp_path / "trials" / "trial-0000" / "run.json"))
-  assert info["status"] == "finished" and info["sessions"][-1]["end_step"] == 60
-
-
 # ---- PostgreSQL: a real server on 127.0.0.1 ---------------------------------------------------
 
 def _postgres_bin() -> str | None:
@@ -303,84 +279,3 @@ def test_a_refused_login_is_one_line_naming_the_server_and_its_reason(tmp_path,
                          f"127.0.0.1:{port}: "), line
   assert 'role "nobody" does not exist' in line, line
   assert not (tmp_path / "study").exists()
-
-
-def _wait_for(condition, process, timeout=300):
-  deadline = time.monotonic() + timeout
-  while not condition():
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    assert time.monotonic() < deadline, "timed out"
-    time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_two_workers_on_postgres_one_killed_mid_trial(tmp_path, postgres_url):
-  """Two workers share a study on PostgreSQL. One is killed (SIGKILL) mid-trial: its trainer
-  checkpoints and exits (it dies with its worker), the other worker notices the silent
-  heartbeat, and the trial resumes from its checkpoint; every trial runs once."""
-  root = tmp_path / "shared"
-  # Trials long enough that the kill, at the first checkpoint, lands well inside trial 0.
-  flags = [f"--storage={postgres_url}", "--sweep=seed=0,1,2", "--pruner=none",
-           "--heartbeat=1", "--", "--config.num_train_steps=120", "--config.eval_every_steps=40",
-           "--config.log_every_steps=5", "--config.checkpoint_every_steps=5",
-           "--config.eval_batch_size=1000"]
-  first = subprocess.Popen(_sweep_command(root, *flags), cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-  _wait_for(lambda: os.path.isdir(root / "trials" / "trial-0000"), first)  # it claimed trial 0
-  second = subprocess.Popen(_sweep_command(root, *flags), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-  _wait_for(lambda: glob.glob(str(root / "trials" / "trial-0000" / "checkpoints" / "*")), first)
-  first.kill()  # SIGKILL: no chance to tell the study anything
-  first.wait()
-  output, _ = second.communicate(timeout=900)
-  assert second.returncode == 0, output[-4000:]
-
-  import optuna
-
-  loaded = optuna.load_study(study_name="shared", storage=postgres_url)
-  states = sorted((t.user_attrs["slot"], t.state.name) for t in loaded.trials)
-  complete = [slot for slot, state in states if state == "COMPLETE"]
-  assert sorted(complete) == [0, 1, 2], states  # every trial's result arrived, once
-  failed = [t for t in loaded.trials if t.state.name == "FAIL"]
-  assert len(failed) == 1, states  # the killed worker's trial, failed by its silent heartbeat
-  sessions = {}
-  for workdir in sorted(glob.glob(str(root / "trials" / "trial-*"))):
-    info = json.load(open(os.path.join(workdir, "run.json")))
-    assert info["status"] == "finished"
-    sessions[os.path.basename(workdir)] = info["sessions"]
-  resumed = [name for name, s in sessions.items() if len(s) > 1]
-  assert len(resumed) == len(failed), sessions
-  for name in resumed:  # resumed from its checkpoint, not started over
-    assert sessions[name][1]["start_step"] > 0, sessions[name]
-    assert sessions[name][1]["start_step"] == sessions[name][0]["end_step"]
-  for name, s in sessions.items():
-    if name not in resumed:
-      assert len(s) == 1 and s[0]["start_step"] == 0
-  rows = list(csv.DictReader(open(root / "results.csv")))
-  assert len(rows) == 3 and {row["state"] for row in rows} == {"complete"}
-  assert sum(int(row["retries"]) for row in rows) == len(failed)
-  assert "Chosen: trial" in (root / "results.md").read_text()
-
-
-@pytest.mark.slow
-def test_a_stopped_study_resumes_its_interrupted_trial_from_the_checkpoint(tmp_path):
-  root = tmp_path / "stopped"
-  flags = ["--sweep=seed=0,1", "--pruner=none", "--", "--config.num_train_steps=60",
-           "--config.eval_every_steps=20", "--config.log_every_steps=5",
-           "--config.checkpoint_every_steps=5"]
-  first = subprocess.Popen(_sweep_command(root, *flags), cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-  _wait_for(lambda: glob.glob(str(root / "trials" / "trial-0000" / "checkpoints" / "*")), first)
-  first.send_signal(signal.SIGTERM)
-  output, _ = first.communicate(timeout=300)
-  assert first.returncode == 128 + signal.SIGTERM, output[-3000:]
-  assert "interrupted" in output and "run the same command to resume" in output
-  second = _sweep(root, *flags)
-  assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-  info = json.load(open(root / "trials" / "trial-0000" / "run.json"))
-  sessions = [(s["status"], s["start_step"], s["end_step"]) for s in info["sessions"]]
-  assert sessions[0][0] == "preempted" and sessions[1] == ("finished", sessions[0][2], 60)
-  rows = list(csv.DictReader(open(root / "results.csv")))
-  assert sorted((row["workdir"], row["state"], row["retries"]) for row in rows) == [
-      ("trials/trial-0000", "complete", "1"), ("trials/trial-0001", "complete", "0")]

@@ -1,11 +1,13 @@
 """Every study command docs/studies.md and README.md show runs, in the form shown, at smoke
 size: workdirs under a temporary folder, `...` filled with a small grid, USER@DBHOST with the
 test's own PostgreSQL server, /shared/ with a temporary folder, a stand-in `sbatch`, and
-each trainer cut to 10 steps. The first command (the grid) runs a trial and the chosen trial's
-test evaluation; the others, whose point is their space, search, storage, launcher, split,
-workers or plan, go through every check and set their study up (storage, enqueued trials,
-results) but start no trial (`--timeout` of a microsecond): a trial per command took 80-130 s
-each on the 2 shared cores, for the same training."""
+each trainer cut to 10 steps. The first command (the grid) runs as `python -m launch.sweep`,
+with a trial and the chosen trial's test evaluation; the others, whose point is their space,
+search, storage, launcher, split, workers or plan, go through every check and set their study
+up (storage, enqueued trials, results) but start no trial (`--timeout` of a microsecond): a
+trial per command took 80-130 s each on the 2 shared cores, for the same training. They run
+through the command's own flag parser and `main` in this process (test_sweep.run_in_process):
+a process each cost 3-4 CPU-seconds of imports and set-up, which the first command shows."""
 
 import os
 import re
@@ -17,7 +19,10 @@ import pytest
 
 from conftest import REPO
 from test_study import bare_postgres_url, postgres_url  # noqa: F401 -- a real PostgreSQL server
+from test_sweep import run_in_process
 
+# ml_collections loads config files with the deprecated load_module, once per in-process parse.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 DOTS = ["--config=configs/default.py", "--workdir=runs/dots", "--sweep=seed=0,1"]
 TRAINER = ["--config.num_train_steps=10", "--config.eval_every_steps=10",
            "--config.log_every_steps=10", "--config.eval_batch_size=1000"]
@@ -91,25 +96,30 @@ def test_the_docs_show_every_kind_of_study_command():
 @pytest.mark.slow
 @pytest.mark.parametrize("command", documented())
 def test_a_documented_study_command_runs(command, tmp_path, bare_postgres_url,  # noqa: F811
-                                         sbatch_dir):
-  argv, env = _smoke(command, tmp_path, bare_postgres_url, sbatch_dir,
-                     train=command == documented()[0])
-  result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-  output = result.stdout + result.stderr
+                                         sbatch_dir, monkeypatch, capsys):
+  train = command == documented()[0]
+  argv, env = _smoke(command, tmp_path, bare_postgres_url, sbatch_dir, train=train)
+  if train:  # the real program, end to end
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
+  else:
+    monkeypatch.setenv("PATH", env["PATH"])  # the stand-in sbatch
+    status, stdout, stderr = run_in_process(argv[3:], monkeypatch, capsys)
+  output = stdout + stderr
   if "--select_split=validation" in command:
     # Fashion-MNIST has no validation split: refused before anything, naming it.
-    assert result.returncode == 2, output[-3000:]
+    assert status == 2, output[-3000:]
     assert "--select_split='validation': Split 'validation' of fashion_mnist" in output
     return
-  assert result.returncode == 0, (argv, output[-3000:])
+  assert status == 0, (argv, output[-3000:])
   assert "Traceback" not in output
   if "--dry_run" in command:
-    assert "Each trial: python -m research.main" in result.stdout
+    assert "Each trial: python -m research.main" in stdout
   elif "--launcher=slurm" in command:
-    assert "Submitted 8 workers: Submitted batch job 4242" in result.stdout
+    assert "Submitted 8 workers: Submitted batch job 4242" in stdout
   else:
     workdir = next(arg.split("=", 1)[1] for arg in argv if arg.startswith("--workdir="))
     assert os.path.exists(os.path.join(workdir, "results.md")), output[-3000:]
     if "--timeout=1e-6" not in argv:  # a trial ran and was chosen
-      assert "-> " in result.stdout and "Chosen: trial" in open(
+      assert "-> " in stdout and "Chosen: trial" in open(
           os.path.join(workdir, "results.md")).read(), output[-3000:]

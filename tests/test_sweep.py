@@ -13,8 +13,11 @@ from research.studies import search_space
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/default.py:smoke"
-TINY = ["--config.num_train_steps=12", "--config.eval_every_steps=6",
-        "--config.log_every_steps=6", "--config.eval_batch_size=1000"]
+# ml_collections loads config files with the deprecated load_module, once per in-process parse.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+# 10 steps between two stops, as in every study test: one compiled train loop for them all.
+TINY = ["--config.num_train_steps=10", "--config.eval_every_steps=10",
+        "--config.log_every_steps=10"]
 
 
 def test_space_entries_of_every_kind():
@@ -86,6 +89,26 @@ def _sweep(root, *flags, env=None):
                         env={**os.environ, **(env or {})})
 
 
+def run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+  """`python -m launch.sweep ARGS` through the command's own flag parser and `main`, in this
+  process, from the repository root: (exit status, stdout, stderr). A process costs 3-4
+  CPU-seconds of imports and set-up; the real program's refusals (`error: ...`, status 2)
+  are tested as processes below and in test_study.py."""
+  from absl import flags
+
+  from launch import sweep
+
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # main sets it; restored after the test
+  monkeypatch.setattr(sweep.logging, "set_verbosity", lambda level: None)  # the test's own
+  defined = flags.FlagValues()
+  sweep._define_flags(defined)
+  with pytest.raises(SystemExit) as exited:
+    sweep.main(sweep._parse_flags(["launch.sweep", *args], defined), defined, args)
+  captured = capsys.readouterr()
+  return exited.value.code, captured.out, captured.err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--space=optimizer.learning_rate=loguniform(1e-4,3e-2);batch_size=choice(32,0)",
       "--trials=3"], r"Search space batch_size=choice\(32,0\): the value 0 is refused: --config.batch_size=0"),
@@ -95,12 +118,14 @@ def _sweep(root, *flags, env=None):
     (["--sweep=seed=0,1", "--", "--workdir=x"], "only --config.FIELD=VALUE flags"),
     (["--sweep=seed=0,1", "--test_split=tset"], "--test_split='tset': Split 'tset' of fashion_mnist"),
 ])
-def test_a_bad_study_is_refused_in_one_line_and_writes_nothing(tmp_path, flags, message):
-  result = _sweep(tmp_path / "study", *flags)
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
-  assert re.search(message, result.stderr.strip().splitlines()[-1])
-  assert "Traceback" not in result.stderr
+def test_a_bad_study_is_refused_in_one_line_and_writes_nothing(tmp_path, flags, message,
+                                                               monkeypatch, capsys):
+  status, _, stderr = run_in_process(
+      [f"--config={SMOKE}", f"--workdir={tmp_path / 'study'}", *flags], monkeypatch, capsys)
+  assert status == 2, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith("error: ")
+  assert re.search(message, stderr.strip().splitlines()[-1])
+  assert "Traceback" not in stderr
   assert not (tmp_path / "study").exists()
 
 
@@ -166,7 +191,8 @@ def test_slurm_array_tasks_are_workers_of_one_study(tmp_path):
                                   "echo Submitted batch job 4242\n")
   (bin_dir / "sbatch").chmod(0o755)
   root = tmp_path / "study"
-  flags = ["--sweep=seed=0", "--pruner=none", "--", *TINY]
+  # Chosen on the split it reports: the study is done once its trial is (no test evaluation).
+  flags = ["--sweep=seed=0", "--pruner=none", "--test_split=train[90%:]", "--", *TINY]
   env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
   submitted = _sweep(root, "--launcher=slurm", "--array=2", "--sbatch_args=--time=0:10:00",
                      *flags, env=env)

@@ -158,7 +158,9 @@ def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dic
       if (pruned_at or stop_requested()) and not stopping and not ended:
         stopping = True
         child.send_signal(signal.SIGTERM)
-      time.sleep(poll_seconds)
+      # A stop that will be acted on wakes the loop; one after the end changes nothing.
+      _until_next_poll(child, poll_seconds,
+                       lambda: not stopping and not ended and stop_requested())
   except BaseException:
     child.send_signal(signal.SIGTERM)  # never leave a trainer behind
     raise
@@ -174,6 +176,14 @@ def run(command: list[str], workdir: str, slot: Slot, report: Callable[[int, dic
   if signalled and stopping:  # not pruned: the worker was told to stop
     return Outcome("interrupted", records, "stopped by a signal to its worker")
   return Outcome("failed", records, _failure_reason(log_path, session_start, status))
+
+
+def _until_next_poll(child, seconds: float, stop_requested: Callable[[], bool]) -> None:
+  """Waits `seconds`, or less: a trainer that exits or a stop request ends the wait within
+  50 ms, so the next trial starts, or the stop reaches the trainer, at once."""
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline and child.poll() is None and not stop_requested():
+    time.sleep(0.05)
 
 
 def _is_last_evaluation(workdir: str, record: dict) -> bool:
