@@ -44,6 +44,11 @@ def _share_compiled_programs() -> None:
   # compiling) would skip most of the smoke programs.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+  # No size limit in the test processes themselves: with one, JAX locks the folder and
+  # lists every entry around each write, and the in-process tests compile hundreds of small
+  # programs (the likely cause of test_models taking 3.6x as long in one run; not yet
+  # measured apart from the helpers' load). Their entries have no access-time file;
+  # each run gives them one when it starts (research/run/compile_cache.py).
 
 
 _share_compiled_programs()

@@ -47,6 +47,7 @@ def test_every_convolutional_model_of_the_zoo_is_covered():
 @pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compared within tolerances
 @pytest.mark.parametrize("name", ["cnn", "resnet8", *[
     pytest.param(name, marks=pytest.mark.slow) for name in ("resnet14", "resnet20", "wide_resnet")]])
+@pytest.mark.slow
 def test_xla_convolutions_give_the_im2col_outputs_and_gradients_in_float32(name):
   forms_agree(name)
 
@@ -96,6 +97,7 @@ def small_split(fashion_mnist):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_a_short_run_in_the_accelerator_form_stays_finite_and_learns(small_split, dtype):
   model = _model("cnn", "xla", dtype)
   tx = optax.adam(3e-3)
@@ -113,6 +115,7 @@ def test_a_short_run_in_the_accelerator_form_stays_finite_and_learns(small_split
 @pytest.mark.parametrize("layer", [
     functools.partial(layers.Conv, 8, (3, 3), impl="xla", dtype=jnp.bfloat16),
     functools.partial(layers.Dense, 8, impl="xla", dtype=jnp.bfloat16)])
+@pytest.mark.slow
 def test_bfloat16_layers_add_biases_and_sum_their_gradients_in_float32(layer):
   module = layer()
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from research import models
 from research.data import augment, datasets
@@ -32,6 +33,7 @@ def test_crop_with_padding_is_a_shifted_window_of_the_padded_image(fashion_mnist
   assert len(offsets) > 4  # offsets differ between images
 
 
+@pytest.mark.slow
 def test_flip_mirrors_about_half_of_the_images(fashion_mnist):
   images = jnp.asarray(fashion_mnist[1].images[:200], jnp.float32)
   out = np.asarray(augment.random_flip(images, jax.random.key(1)))
@@ -42,6 +44,7 @@ def test_flip_mirrors_about_half_of_the_images(fashion_mnist):
   assert 70 < sum(flipped) < 130
 
 
+@pytest.mark.slow
 def test_random_resized_crop_keeps_shape_and_range_and_full_crop_is_identity(fashion_mnist):
   images = jnp.asarray(fashion_mnist[1].images[:8], jnp.float32)
   out = augment.random_resized_crop(images, jax.random.key(2))
@@ -52,6 +55,7 @@ def test_random_resized_crop_keeps_shape_and_range_and_full_crop_is_identity(fas
   np.testing.assert_allclose(whole, images, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_same_key_same_batch_other_step_other_batch(fashion_mnist):
   images = fashion_mnist[1].images[:32]
   train_input = jax.jit(augment.make_train_input(
@@ -71,6 +75,7 @@ def test_normalization_and_the_default_input_match_the_seed_preprocessing(fashio
   assert abs(standardized.mean()) < 0.02 and abs(standardized.std() - 1) < 0.02
 
 
+@pytest.mark.slow
 def test_augmented_training_is_reproducible_step_by_step(fashion_mnist):
   """Resuming replays the same augmentations: they depend on (seed, step) only."""
   _, train_split, _ = fashion_mnist

@@ -63,6 +63,7 @@ def _chunks(small_run, where, stops=(7, 12)):
   return jax.device_get(state), metrics
 
 
+@pytest.mark.slow
 def test_accelerator_loop_form_is_bit_identical_to_the_cpu_form(small_run):
   # Chunks of 7 and 5 steps: one traced-count call each (CPU), or calls of 4, 2, 1 and
   # 4, 1 steps (accelerators). Same steps, same batches: the same bits.
@@ -81,6 +82,7 @@ def _while_loops(compiled_text: str) -> list[str]:
   return [line for line in compiled_text.splitlines() if " while(" in line]
 
 
+@pytest.mark.slow
 def test_accelerator_form_compiles_a_loop_with_a_known_trip_count(small_run):
   model, tx, split, _ = small_run
   state = train.create_state(model, tx, (28, 28, 1), 0)
@@ -200,6 +202,7 @@ def test_a_plugin_that_is_installed_but_fails_is_named_with_its_reason(tmp_path,
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_main_names_a_plugin_whose_initialize_fails(tmp_path):
   """A real (stand-in) plugin package: JAX imports it and its initialize() fails."""
   env = {backend.DEVICE_ROOT_ENV: _fake_root(tmp_path / "root", "dev/nvidia0"),
@@ -222,6 +225,7 @@ def test_no_accelerator_on_an_empty_root(tmp_path, monkeypatch):
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_main_stops_before_training_with_one_line_and_allow_cpu_goes_on(tmp_path):
   env = {backend.DEVICE_ROOT_ENV: _fake_root(tmp_path / "root", "dev/nvidia0"),
          "JAX_PLATFORMS": ""}
@@ -267,6 +271,7 @@ def test_make_installs_the_accelerators_lock_and_refuses_unknown_targets():
   assert wrong.returncode != 0 and "ACCEL=rocm is not accepted" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_prepare_data_names_the_missing_original_files(tmp_path):
   from research.data import prepare_data
 

@@ -8,6 +8,7 @@ from research.tools import benchmark
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_throughput_counts_the_models_flops_not_the_fast_forms(fashion_mnist):
   del fashion_mnist  # prepared data
   flags.FLAGS(["test"])  # benchmark flags at their defaults
@@ -76,6 +77,7 @@ def test_accelerator_peaks_name_the_recipes_arithmetic():
   assert "Peaks used: H100 bf16 peak" in table
 
 
+@pytest.mark.slow
 def test_bench_parent_leaves_every_device_to_its_children(tmp_path):
   # The parent measures nothing itself: with no recipe it only asks a child for the
   # machine, and never imports JAX (which would open the GPU or TPU).

@@ -122,6 +122,7 @@ CASES = [(pattern, {20: how}) for pattern in STEP_FILES for how in DAMAGES] + [
 
 @pytest.mark.parametrize("pattern, damages", CASES,
                          ids=[f"{p}-{'every step' if len(d) > 1 else d[20]}" for p, d in CASES])
+@pytest.mark.slow
 def test_a_damaged_file_sets_its_step_aside_and_the_newest_readable_one_is_restored(
     small_run, tmp_path, caplog, pattern, damages):
   source, abstract, fingerprints = small_run
@@ -160,6 +161,7 @@ def test_a_damaged_file_sets_its_step_aside_and_the_newest_readable_one_is_resto
     assert "starting from scratch" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_read_only_reader_skips_a_damaged_step_without_moving_it(small_run, tmp_path, caplog):
   source, abstract, fingerprints = small_run
   workdir = str(tmp_path / "run")
@@ -212,6 +214,7 @@ def test_a_damaged_config_json_without_checkpoints_is_a_clear_refusal(small_run,
   assert (workdir / "config.json").read_bytes() == b'{"seed": '
 
 
+@pytest.mark.slow
 def test_damaged_newest_step_and_config_json_the_run_resumes_and_rewrites_them(small_run,
                                                                                tmp_path):
   source, _, _ = small_run
@@ -231,6 +234,7 @@ def test_damaged_newest_step_and_config_json_the_run_resumes_and_rewrites_them(s
   assert len(os.listdir(os.path.join(workdir, checkpoint.UNREADABLE_DIR))) == 1
 
 
+@pytest.mark.slow
 def test_eval_mode_with_a_damaged_config_json_uses_the_checkpoints_config(small_run, tmp_path):
   source, _, _ = small_run
   workdir = str(tmp_path / "run")
@@ -247,6 +251,7 @@ def test_eval_mode_with_a_damaged_config_json_uses_the_checkpoints_config(small_
 
 # ---- init_from across architectures ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_init_from_a_cnn_run_into_an_mlp_says_the_architectures_differ(small_run):
   import optax
 

@@ -62,6 +62,7 @@ def test_other_unknown_fields_keep_their_message(override, expected):
   assert expected in message and "use --config" not in message, message
 
 
+@pytest.mark.slow
 def test_the_help_lists_every_field_with_its_declaration():
   """`python -m research.command_line --config=FILE[:ARG]` (docs/extending.md)."""
   import subprocess

@@ -38,6 +38,25 @@ def test_an_unwritable_cache_is_a_warning_and_the_run_compiles_without_it(tmp_pa
   assert "cannot be used" in caplog.text and "--config.compile_cache=off" in caplog.text
 
 
+def test_an_entry_without_its_access_time_does_not_stop_later_writes(tmp_path):
+  """As JAX leaves an entry without a size limit (tests compiling in-process, a user's
+  notebook on the same folder) or a run killed between an entry's two files: JAX 0.10
+  with the runs' limit would fail every later write of the folder."""
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / "jit_other-0123-cache").write_bytes(b"a program")
+  program = ("import sys, jax; from research.run import compile_cache; "
+             "compile_cache.set_up(sys.argv[1]); "
+             "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+             "print(jax.jit(lambda x: x * 3)(2))")
+  result = subprocess.run([sys.executable, "-c", program, str(cache)], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0 and result.stdout.strip() == "6", result.stderr[-3000:]
+  assert "Error writing persistent compilation cache" not in result.stderr
+  assert (cache / "jit_other-0123-atime").exists()
+  assert glob.glob(str(cache / "jit__lambda*-cache"))  # the new program was written
+
+
 def _start(workdir, cache):
   return subprocess.Popen(
       [sys.executable, "-m", "research.main", f"--workdir={workdir}", *RUN,

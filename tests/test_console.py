@@ -35,6 +35,7 @@ def _our_lines(text: str) -> list[str]:
   return [line for line in text.splitlines() if any(key in line for key in keys)]
 
 
+@pytest.mark.slow
 def test_piped_console_lines_start_with_the_time_and_the_message(piped_run):
   _, _, stderr = piped_run
   lines = _our_lines(stderr)
@@ -44,6 +45,7 @@ def test_piped_console_lines_start_with_the_time_and_the_message(piped_run):
   assert not any(ABSL_PREFIX.match(line) for line in stderr.splitlines()), stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_log_dir_files_keep_absls_full_lines(piped_run):
   _, log_dir, _ = piped_run
   [log_file] = [p for p in glob.glob(str(log_dir / "*.INFO.*")) if not os.path.islink(p)]
@@ -55,6 +57,7 @@ def test_log_dir_files_keep_absls_full_lines(piped_run):
   assert re.search(r"run_log\.py:\d+\] Training cnn", text)
 
 
+@pytest.mark.slow
 def test_verbose_shows_absls_full_lines(piped_run):
   workdir, _, _ = piped_run
   result = run_main(str(workdir), *RUN, "--verbose")
@@ -63,6 +66,7 @@ def test_verbose_shows_absls_full_lines(piped_run):
   assert ABSL_PREFIX.match(line), line
 
 
+@pytest.mark.slow
 def test_terminal_lines_between_the_bars_are_short_too(piped_run):
   workdir, _, _ = piped_run
   leader, follower = pty.openpty()

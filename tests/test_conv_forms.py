@@ -32,6 +32,7 @@ def _against_flax(impl, **settings):
 
 
 @pytest.mark.parametrize("settings", [{"strides": 2}, {"padding": ((1, 0), (0, 2))}])
+@pytest.mark.slow
 def test_plain_convolutions_take_the_fast_cpu_form_and_equal_flax(settings):
   assert layers.form("im2col") == "im2col"
   _against_flax("im2col", **settings)
@@ -39,6 +40,7 @@ def test_plain_convolutions_take_the_fast_cpu_form_and_equal_flax(settings):
 
 @pytest.mark.parametrize("settings", [{"feature_group_count": 4, "strides": 2},
                                       {"kernel_dilation": 2}])
+@pytest.mark.slow
 def test_grouped_and_dilated_convolutions_run_as_lax_conv_and_equal_flax(settings):
   assert layers.form("im2col", _dilation(settings), settings.get("feature_group_count", 1)) == "xla"
   _against_flax("im2col", **settings)  # asked for the CPU form: lax.conv is taken instead

@@ -45,6 +45,7 @@ def _one_line(result) -> str:
   return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_training_on_a_dataset_that_cannot_be_fetched(tmp_path):
   data_dir, workdir = tmp_path / "tfds", tmp_path / "run"
   result = _offline([sys.executable, "-m", "research.main", SMOKE, f"--workdir={workdir}",
@@ -58,6 +59,7 @@ def test_training_on_a_dataset_that_cannot_be_fetched(tmp_path):
   assert not workdir.exists() and not data_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_checksum_mismatch_keeps_the_users_files_and_removes_the_rest(tmp_path):
   data_dir = tmp_path / "tfds"
   manual = data_dir / "downloads" / "manual"

@@ -7,8 +7,14 @@ sizes and eval batch sizes are the recipes' own: the eval batch is rounded up to
 a multiple of the device count and padded (every example counted once), the
 train batch must divide by it. The device counts are forced CPU devices
 (`--xla_force_host_platform_device_count`), one fresh process per count.
+
+On 16 devices every recipe trains and evaluates, a group of them per test (one fresh
+process each): the Fashion-MNIST recipes here, the CIFAR-10 ones in
+test_device_counts_cifar10.py and the ImageNet ones in test_device_counts_imagenet.py
+(files of their own, so that `make test`'s workers run them side by side).
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -18,20 +24,26 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_main, with_fast_compile
-from test_datasets import LABEL_NAMES, Cifar10, TinyJpegImages
+from test_datasets import LABEL_NAMES
 from test_recipes import RECIPES
 
 EVAL_EXAMPLES = 1000  # in every eval split below: at least the largest recipe eval batch
 
+# The recipes trained together on 16 devices, one process per group; every recipe is in one.
+GROUPS_ON_16_DEVICES = {
+    "fashion_mnist_cnn": [("default", None), ("default", "smoke"),
+                          ("fashion_mnist_speedrun", None), ("fashion_mnist_speedrun", "long")],
+    "fashion_mnist_resnet": [("default", "model=resnet20,optimizer=lamb"),
+                             ("fashion_mnist_resnet", None), ("fashion_mnist_resnet", "smoke")],
+    "cifar10_resnet": [("cifar10_resnet", None), ("cifar10_resnet", "smoke"),
+                       ("cifar10_resnet", "56")],
+    "cifar10_vit": [("cifar10_vit", None), ("cifar10_vit", "smoke")],
+    "imagenet_stream": [("imagenet_resnet50", None)],
+    "imagenet_memory": [("imagenet_resnet50", "imagenette")],
+}
 
-class ManyJpegImages(TinyJpegImages):
-  """JPEGs of varying sizes with a validation split, standing in for imagenet2012 and
-  imagenette (read back by name with TFDS's read-only builder, unregistered)."""
 
-  TRAIN_EXAMPLES, EVAL_EXAMPLES, MAX_SIDE = 130, EVAL_EXAMPLES, 40
-
-
-def _write_cifar10(folder, train_per_file=110, test=EVAL_EXAMPLES):
+def write_cifar10(folder, train_per_file=110, test=EVAL_EXAMPLES):
   """The original CIFAR-10 binary layout: enough training examples for the ViT recipe's
   batch of 512 (5 x 110) and a test split as large as the recipes' eval batch."""
   rng = np.random.default_rng(0)
@@ -44,17 +56,6 @@ def _write_cifar10(folder, train_per_file=110, test=EVAL_EXAMPLES):
     labels = rng.integers(0, 10, count, dtype=np.uint8)
     pixels = rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8)
     np.concatenate([labels[:, None], pixels], axis=1).tofile(os.path.join(batches, name))
-
-
-@pytest.fixture(scope="module")
-def generated_data(tmp_path_factory):
-  """{"cifar10": data_dir, "jpeg": data_dir}, prepared by TFDS once for this module."""
-  root = tmp_path_factory.mktemp("generated")
-  _write_cifar10(str(root / "cifar_source"))
-  Cifar10.source = str(root / "cifar_source")
-  Cifar10(data_dir=str(root / "cifar10"), file_format="array_record").download_and_prepare()
-  ManyJpegImages(data_dir=str(root / "jpeg"), file_format="array_record").download_and_prepare()
-  return {"cifar10": str(root / "cifar10"), "jpeg": str(root / "jpeg")}
 
 
 def smoke_size(config, data_dirs: dict):
@@ -72,8 +73,8 @@ def smoke_size(config, data_dirs: dict):
     config.dataset.update(name="many_jpeg_images", data_dir=data_dirs["jpeg"], image_size=32)
     config.batch_size = min(config.batch_size, 64)  # 1024 images on 2 CPU cores is minutes
   # Narrow models: 1000 test images through a ResNet-20 of width 16 cost half a CPU-minute.
-  if config.model.name == "vit_s":
-    config.model.update(depth=2, width=64, num_heads=4)  # as its :smoke
+  if config.model.name == "vit_s":  # the zoo's test size (models.MODELS["vit_s"].smoke)
+    config.model.update(depth=1, width=16, num_heads=4, mlp_dim=32)
   elif config.model.name == "cnn":
     config.model.update(conv_features=(4, 8), dense_features=16)
   else:  # the ResNets
@@ -81,30 +82,46 @@ def smoke_size(config, data_dirs: dict):
   return config
 
 
-# Runs in a fresh process with 16 CPU devices: every recipe, one after another.
-_EVERY_RECIPE = """\
-import importlib, json, sys
+# Runs in a fresh process with 16 CPU devices: the recipes of argv[1], one after another.
+_TRAIN_RECIPES = """\
+import dataclasses, functools, importlib, json, sys
 sys.path.insert(0, "tests")
 from test_device_counts import smoke_size
-from test_recipes import RECIPES
+from research import models
 from research.config import config_validation
 from research.data import datasets
 from research.run import train
-# The JPEG stand-in has no published statistics; a streamed dataset is never read whole
-# to measure them: give it imagenet2012's, as the recipe has for the real one.
-datasets.NORMALIZATION["many_jpeg_images"] = datasets.NORMALIZATION["imagenet2012"]
-data_dirs, root = json.loads(sys.argv[1]), sys.argv[2]
+# ResNets with one block per stage, their stem, block kind and knobs unchanged: depth sets
+# the compile time (ResNet-56's recipe took 87 CPU-s here, ResNet-20's 32, mostly
+# compiling), not what 16 devices do; every depth trains in test_zoo_resnets.py and
+# test_zoo_deep.py.
+for name, entry in list(models.MODELS.items()):
+  preset = getattr(entry.constructor, "keywords", {})
+  shallow = ({"blocks_per_stage": 1} if "blocks_per_stage" in preset else
+             {"stage_sizes": (1, 1, 1, 1)} if "stage_sizes" in preset else None)
+  if shallow:
+    models.MODELS[name] = dataclasses.replace(
+        entry, constructor=functools.partial(entry.constructor, **shallow))
+recipes, data_dirs, root = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 done = {}
-for module, arg in RECIPES:
+for module, arg in recipes:
   config = smoke_size(importlib.import_module(f"configs.{module}").get_config(arg), data_dirs)
+  # The JPEG stand-in has no published statistics. From memory they are measured on the
+  # decoded train split; a streamed split is never read whole: there, give it
+  # imagenet2012's, as the recipe has for the real one.
+  if config.dataset.input == "stream":
+    datasets.NORMALIZATION["many_jpeg_images"] = datasets.NORMALIZATION["imagenet2012"]
+  else:
+    datasets.NORMALIZATION.pop("many_jpeg_images", None)
   key = config.to_json()  # e.g. :smoke, at smoke size, is its recipe again: run once
   if key not in done:
     done[key] = train.train_and_evaluate(config_validation.validate(config),
                                          f"{root}/{module}-{arg}")
   final = done[key]
   print(json.dumps({"recipe": f"{module}:{arg}", "batch_size": config.batch_size,
-                    "eval_batch_size": config.eval_batch_size, "input": config.dataset.input,
-                    **final}), flush=True)
+                    "eval_batch_size": config.eval_batch_size,
+                    "microbatch_size": config.microbatch_size, "input": config.dataset.input,
+                    "model": config.model.name, **final}), flush=True)
 """
 
 
@@ -112,21 +129,48 @@ def _devices_env(count: int) -> dict:
   return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
 
 
-@pytest.mark.slow
-def test_every_recipe_trains_and_evaluates_on_16_devices(generated_data, tmp_path):
-  env = with_fast_compile(_devices_env(16))  # compiles dominate: about a hundred programs
+def train_on_16_devices(group: str, data_dirs: dict, root) -> list[dict]:
+  """Trains the recipes of GROUPS_ON_16_DEVICES[group] at smoke size, one after another in
+  a fresh process with 16 CPU devices (their workdirs are ROOT/MODULE-ARG), checks what
+  every recipe must show and returns their final evaluations."""
+  recipes = GROUPS_ON_16_DEVICES[group]
+  env = with_fast_compile(_devices_env(16))  # compiles dominate: a few programs per recipe
   result = subprocess.run(
-      [sys.executable, "-c", _EVERY_RECIPE, json.dumps(generated_data), str(tmp_path)], cwd=REPO,
-      capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+      [sys.executable, "-c", _TRAIN_RECIPES, json.dumps(recipes), json.dumps(data_dirs),
+       str(root)], cwd=REPO, capture_output=True, text=True, timeout=900,
+      env={**os.environ, **env})
   assert result.returncode == 0, result.stderr[-5000:]
   finals = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-  assert [f["recipe"] for f in finals] == [f"{module}:{arg}" for module, arg in RECIPES]
-  for final in finals:
-    assert final["num_examples"] == EVAL_EXAMPLES, final  # padding masked, nothing dropped
+  assert [f["recipe"] for f in finals] == [f"{module}:{arg}" for module, arg in recipes]
+  for (module, arg), final in zip(recipes, finals):
+    recipe = importlib.import_module(f"configs.{module}").get_config(arg)
+    # The recipe's own settings, but for ImageNet's batch (64 at most here).
+    assert final["batch_size"] == (recipe.batch_size if recipe.dataset.name in (
+        "fashion_mnist", "cifar10") else min(recipe.batch_size, 64)), final
+    assert final["eval_batch_size"] == recipe.eval_batch_size, final
+    assert final["microbatch_size"] == recipe.microbatch_size, final
+    assert final["input"] == recipe.dataset.input and final["model"] == recipe.model.name, final
+    # The eval batch, rounded up to 16 devices, leaves the last one part padding; the
+    # padding is masked: every example counted once, none dropped.
+    assert EVAL_EXAMPLES % (-(-final["eval_batch_size"] // 16) * 16), final
+    assert final["num_examples"] == EVAL_EXAMPLES, final
     assert np.isfinite(final["loss"]), final
-  # The eval batches the recipes ask for do not divide by 16: they were padded.
-  assert {f["eval_batch_size"] for f in finals} >= {1000, 100, 250}
-  assert {f["input"] for f in finals} == {"memory", "stream"}
+  return finals
+
+
+def test_every_recipe_is_in_one_group_trained_on_16_devices():
+  grouped = [recipe for group in GROUPS_ON_16_DEVICES.values() for recipe in group]
+  assert sorted(grouped, key=str) == sorted(RECIPES, key=str)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_cnn_recipes_train_and_evaluate_on_16_devices(tmp_path):
+  train_on_16_devices("fashion_mnist_cnn", {}, tmp_path)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_resnet_recipes_train_and_evaluate_on_16_devices(tmp_path):
+  train_on_16_devices("fashion_mnist_resnet", {}, tmp_path)
 
 
 # Runs in a fresh process per device count: what every recipe's run checks before data.
@@ -148,6 +192,7 @@ for module, arg in RECIPES:
 """
 
 
+@pytest.mark.slow
 def test_every_recipe_passes_its_checks_on_1_to_32_devices():
   """16 devices run for real above; the other counts run every check a recipe meets
   before it reads data (validate, micro-batches, the eval batch's rounding)."""
@@ -179,27 +224,7 @@ def test_a_batch_that_cannot_split_is_still_refused_on_16_devices(tmp_path):
 
 
 # ---- Memory mode's size check ------------------------------------------------
-
-
-@pytest.mark.parametrize("variable,where", [("RESEARCH_DEVICE_MEMORY_BYTES", "device memory"),
-                                            ("RESEARCH_HOST_MEMORY_BYTES", "host memory")])
-def test_memory_mode_refuses_a_dataset_larger_than_memory_before_decoding(
-    variable, where, generated_data, tmp_path):
-  """CIFAR-10-format data (550 + 1000 examples of 3 kB: 4.8 MB) against 4 MB of device
-  or host memory: refused with the sizes and the stream alternative, before any
-  split is decoded (no decoded cache beside the data) and before the workdir is used."""
-  workdir = tmp_path / "run"
-  decoded = lambda: {path for path, _, _ in os.walk(generated_data["cifar10"]) if ".decoded" in path}
-  decoded_before = decoded()  # other tests of this module may have decoded it already
-  result = run_main(str(workdir), "--config=configs/cifar10_resnet.py:smoke",
-                    f"--config.dataset.data_dir={generated_data['cifar10']}",
-                    env={**_devices_env(2), variable: str(4 * 10**6)})
-  assert result.returncode == 2, result.stderr[-3000:]
-  message = result.stderr.strip().splitlines()[-1]
-  assert message.startswith(f"error: cifar10 at 32x32x3 does not fit in {where}")
-  assert "--config.dataset.input=stream" in message and "4.0 MB" in message
-  assert "Traceback" not in result.stderr and not workdir.exists()
-  assert decoded() == decoded_before
+# (Its refusals, on CIFAR-10-format data, are in test_device_counts_cifar10.py.)
 
 
 def test_memory_check_sizes_splits_from_the_metadata_and_device_statistics(monkeypatch):

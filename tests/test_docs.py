@@ -17,6 +17,7 @@ def _python_blocks(path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", f.read(), re.S)
 
 
+@pytest.mark.slow
 def test_the_checkpoint_recipe_reads_rebuilds_and_evaluates_a_run(trained_workdir, tmp_path):
   blocks = _python_blocks("docs/checkpoint_format.md")
   assert len(blocks) == 4 and 'WORKDIR = pathlib.Path("runs/default")' in blocks[0]

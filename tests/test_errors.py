@@ -48,11 +48,13 @@ def _refused(result, workdir, *fragments, status=2):
     (["--config.seed=1", SMOKE], ["before a value for --config"]),
     (["positional"], ["Unexpected arguments: positional"]),
 ])
+@pytest.mark.slow
 def test_flag_mistakes_name_the_flag_the_value_and_what_is_accepted(tmp_path, flags, fragments):
   workdir = str(tmp_path / "run")
   _refused(run_main(workdir, *flags), workdir, *fragments)
 
 
+@pytest.mark.slow
 def test_verbose_shows_the_traceback_of_a_flag_mistake(tmp_path):
   result = run_main(str(tmp_path / "run"), "--verbose", "--config.optimzer.lr=0.1")
   assert result.returncode != 0
@@ -98,12 +100,14 @@ def test_impossible_values_are_refused_with_field_value_and_accepted(override, f
   assert override.split("=", 1)[1] in message  # the value given
 
 
+@pytest.mark.slow
 def test_zero_epochs_fails_before_anything_is_written(tmp_path):
   workdir = str(tmp_path / "run")
   _refused(run_main(workdir, SMOKE, "--config.num_epochs=0", "--config.num_train_steps=0"),
            workdir, "--config.num_epochs=0", "a positive number")
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_device_count(tmp_path):
   workdir = str(tmp_path / "run")
   result = run_main(workdir, SMOKE, "--config.batch_size=33",
@@ -111,6 +115,7 @@ def test_batch_not_divisible_by_the_device_count(tmp_path):
   _refused(result, workdir, "--config.batch_size=33", "multiple of 2", "32 or 34")
 
 
+@pytest.mark.slow
 def test_image_size_the_model_cannot_take(tmp_path):
   # Four valid 3x3 convolutions with 2x2 pooling take 28x28 down to nothing.
   config_file = tmp_path / "deep.py"
@@ -169,18 +174,21 @@ def test_attention_heads_that_do_not_divide_the_width():
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)))
 
 
+@pytest.mark.slow
 def test_eval_batch_larger_than_the_eval_split(tmp_path):
   workdir = str(tmp_path / "run")
   result = run_main(workdir, SMOKE, "--config.eval_batch_size=20000")
   _refused(result, workdir, "--config.eval_batch_size=20000", "at most 10000")
 
 
+@pytest.mark.slow
 def test_empty_split_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   result = run_main(workdir, SMOKE, "--config.dataset.eval_split=test[:0]")
   _refused(result, workdir, "'test[:0]'", "Accepted:")
 
 
+@pytest.mark.slow
 def test_dataset_missing_offline_names_the_ways_to_get_it(tmp_path):
   # mnist has no local source files here; RESEARCH_OFFLINE forbids a download.
   workdir = str(tmp_path / "run")
@@ -224,6 +232,7 @@ def test_stored_config_differs_lists_the_fields_and_needs_explicit_consent(tmp_p
   workdir_config.check(threads, str(workdir), allow_change=False)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   good = run_main(workdir, SMOKE, "--config.num_train_steps=50")

@@ -86,6 +86,7 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.slow
 def test_damaged_prepared_dataset_is_a_clear_error_not_a_hang(prepared_dir, tmp_path, damage):
   make_damage, fragments = DAMAGES[damage]
   data_dir = _damaged_copy(prepared_dir, str(tmp_path / "tfds"), make_damage)
@@ -174,6 +175,7 @@ class _Run:
     return "".join(self.lines)
 
 
+@pytest.mark.slow
 def test_second_run_refused_while_live_then_stale_lock_taken_over(tmp_path):
   workdir = str(tmp_path / "run")
   first = _Run(workdir, *LONG)
@@ -261,6 +263,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(target)], check=False)
 
 
+@pytest.mark.slow
 def test_workdir_not_writable(tmp_path, small_tmpfs):
   if os.geteuid() == 0:
     parent = small_tmpfs("1m", read_only=True)  # root ignores permissions, not a ro mount
@@ -274,6 +277,7 @@ def test_workdir_not_writable(tmp_path, small_tmpfs):
   assert f"--workdir={workdir} cannot be written: {reason}" in message
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, small_tmpfs):
   # A checkpoint of the seed CNN takes ~1.4 MB: the first fits in 2 MB, the second cannot.
   workdir = str(small_tmpfs("2m") / "run")
@@ -416,6 +420,7 @@ def _wrong_kind(workdir, name):
 
 
 @pytest.mark.parametrize("name", sorted(workdir_layout.ENTRIES))
+@pytest.mark.slow
 def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finished_workdir,
                                                                          tmp_path, name):
   from research import main
@@ -440,6 +445,7 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
                                                    os.path.join(finished_workdir, name)) else set()))
 
 
+@pytest.mark.slow
 def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
   from research.config import command_line, config_validation
   from research.run import train
@@ -463,6 +469,7 @@ def test_a_broken_link_in_the_workdir_is_named(finished_workdir, tmp_path):
         os.path.join(w, "metrics.jsonl.new"), os.path.join(w, "metrics.jsonl")),
      "metrics.jsonl is a folder, but a run keeps a file there"),
 ])
+@pytest.mark.slow
 def test_wrong_kind_from_the_command_line_is_one_line_and_exit_2(finished_workdir, tmp_path,
                                                                  setup, fragment):
   workdir = str(tmp_path / "run")
@@ -475,6 +482,7 @@ def test_wrong_kind_from_the_command_line_is_one_line_and_exit_2(finished_workdi
   assert tree_digest(workdir) == before
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_says_so(tmp_path):
   existing = tmp_path / "notes.txt"
   existing.write_text("my notes\n")
@@ -491,6 +499,7 @@ def test_a_workdir_that_is_a_file_says_so(tmp_path):
     ("checkpoints", 0o000, "checkpoints cannot be read: Permission denied"),
     ("", 0o555, "cannot be written: Permission denied"),
 ])
+@pytest.mark.slow
 def test_a_folder_without_permission_is_one_line(finished_workdir, tmp_path, target, mode,
                                                  fragment):
   # Tests run as root, whom permission bits do not stop; without CAP_DAC_OVERRIDE and
@@ -534,6 +543,7 @@ except UserError as e:  # as research.main ends
 """
 
 
+@pytest.mark.slow
 def test_a_failed_write_whose_handler_meets_another_failure_ends_promptly(tmp_path):
   # Before: the handler raised NotADirectoryError listing the folder, and Orbax's threads,
   # still waiting for the write, kept the process alive until it was killed.

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from conftest import run_main
 
 SMOKE = "--config=configs/default.py:smoke"
@@ -13,6 +14,7 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_train_writes_config_metrics_checkpoints_then_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   first = run_main(workdir, SMOKE)

@@ -32,6 +32,7 @@ def full_float32_products():
     yield
 
 
+@pytest.mark.slow
 def test_seed_cnn_has_the_keras_parameter_count_and_output_shape():
   model = CNN(num_classes=10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -57,6 +58,7 @@ def test_seed_cnn_uses_keras_initializers():
 @pytest.mark.parametrize("kernel,strides,padding", [
     ((3, 3), (1, 1), "VALID"), ((3, 3), (1, 1), "SAME"), ((3, 3), (2, 2), "SAME"),
     ((1, 1), (2, 2), "SAME"), ((7, 7), (2, 2), "SAME")])
+@pytest.mark.slow
 def test_im2col_conv_matches_flax_conv(kernel, strides, padding):
   x = jax.random.normal(jax.random.key(1), (2, 11, 9, 5))
   ours = Conv(4, kernel, strides, padding)
@@ -69,6 +71,7 @@ def test_im2col_conv_matches_flax_conv(kernel, strides, padding):
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_max_pool_matches_flax_including_odd_sizes_and_ties():
   # Small integers: most windows hold ties, whose gradient must go to the first maximum
   # in row-major window order, as nn.max_pool's (and Keras's) does, not be split.
@@ -92,6 +95,7 @@ def _assert_same_outputs_and_gradients(apply, reference, variables, x):
 
 @pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 13, 13, 32), (2, 12, 11, 3)])
 @pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.slow
 def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
   from research.models.layers import ConvReluPool
 
@@ -107,6 +111,7 @@ def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
 
 @pytest.mark.parametrize("shape, kernel", [((2, 13, 13, 4), (3, 3)), ((2, 28, 27, 1), (3, 3)),
                                            ((1, 12, 12, 2), (5, 5)), ((1, 9, 8, 3), (2, 2))])
+@pytest.mark.slow
 def test_all_forms_of_the_phase_patches_are_the_same_map(shape, kernel):
   # The forward runs the stacked form, the input gradient transposes the concatenated one
   # and a weight gradient may read the transposed one: all must be the convolution
@@ -143,6 +148,7 @@ def test_max_and_first_is_max_and_argmax_with_ties_and_nan():
 
 
 @pytest.mark.parametrize("features", [8, 32, 33])
+@pytest.mark.slow
 def test_direct_form_only_for_narrow_shallow_layers_and_equal_to_the_matmul_form(features):
   # The seed CNN's first layer (3x3 on one channel) runs as multiply-adds, not a matmul;
   # both forms give the same values and gradients for the same parameters.
@@ -170,6 +176,7 @@ def test_conv_relu_pool_propagates_nan():
   assert jnp.isnan(pooled[0, 0, 0]).all() and not jnp.isnan(pooled[0, 1:, 1:]).any()
 
 
+@pytest.mark.slow
 def test_both_cnn_forms_share_parameters_and_outputs():
   x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
   fast, plain = CNN(num_classes=10), CNN(num_classes=10, conv_impl="xla")
@@ -198,6 +205,7 @@ def test_to_bfloat16_is_bit_identical_to_astype():
 # or the patches, whichever is smaller), and an odd one.
 @pytest.mark.parametrize("shape", [(6, 5, 40), (3, 40), (1, 40)])
 @pytest.mark.parametrize("features", [7, 60])
+@pytest.mark.slow
 def test_bfloat16_matmul_rounds_operands_and_accumulates_in_float32(shape, features):
   from research.models.layers import matmul
 
@@ -220,6 +228,7 @@ def test_bfloat16_matmul_rounds_operands_and_accumulates_in_float32(shape, featu
 # Features 64 on 4 channels: the weight gradient transposes the (smaller) patches.
 @pytest.mark.parametrize("shape, features", [((3, 13, 13, 32), 16), ((2, 12, 11, 8), 16),
                                              ((3, 28, 28, 1), 16), ((2, 12, 11, 4), 64)])
+@pytest.mark.slow
 def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape, features):
   from research.models.layers import ConvReluPool
 
@@ -237,6 +246,7 @@ def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape,
 
 # (2, 13, 13, 8): the matmul form; (2, 12, 12, 1): the direct form (a 9-wide layer).
 @pytest.mark.parametrize("shape", [(2, 13, 13, 8), (2, 12, 12, 1)])
+@pytest.mark.slow
 def test_custom_gradients_are_differentiable_again(shape):
   # Reverse-over-reverse (a Hessian-vector product) through the im2col layers' own
   # gradients equals that of flax's layers.
@@ -260,6 +270,7 @@ def test_custom_gradients_are_differentiable_again(shape):
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   # XLA:CPU runs a bfloat16 dot fast (YNNPACK, AMX) only in one operand layout; any other
   # silently becomes a float32 Eigen dot, several times slower. Guard the compiled form.
@@ -285,6 +296,7 @@ def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):
   from research.models import layers
 
@@ -309,6 +321,7 @@ def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):
 
 
 @pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
+@pytest.mark.slow
 def test_bfloat16_cnn_stays_close_to_float32(conv_impl):
   x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
   variables = CNN(num_classes=10).init(jax.random.key(0), x)

@@ -37,6 +37,7 @@ LEARNING_RATES = {name: _OTHER_RATES.get(name, 1e-3) for name in optim.OPTIMIZER
 
 
 @pytest.mark.parametrize("name", sorted(LEARNING_RATES))
+@pytest.mark.slow
 def test_every_optimizer_trains_on_real_batches(fashion_mnist, name):
   _, train_split, _ = fashion_mnist
   config = _optimizer_config(name, learning_rate=LEARNING_RATES[name], weight_decay=1e-4,
@@ -195,6 +196,7 @@ def test_global_norm_clipping_bounds_the_step():
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum"])
+@pytest.mark.slow
 def test_k_micro_batches_equal_one_step_on_the_k_times_larger_batch(fashion_mnist, name):
   _, train_split, _ = fashion_mnist
   k, batch = 4, 8

@@ -77,6 +77,7 @@ def _clear(message: str, overrides) -> bool:
 
 @settings(max_examples=250, deadline=None)
 @given(OVERRIDES)
+@pytest.mark.slow
 def test_random_overrides_parse_and_validate_or_say_why(overrides):
   try:
     config = command_line.parse_config(_flags(overrides))
@@ -171,6 +172,7 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 @settings(max_examples=400, deadline=None)
 @given(st.data())
+@pytest.mark.slow
 def test_every_field_of_every_config_with_extreme_values_is_accepted_or_named(data):
   import ml_collections
 
@@ -194,6 +196,7 @@ def test_every_field_of_every_config_with_extreme_values_is_accepted_or_named(da
     ("--config.dataset.image_size=-5", "an integer from 0 to 8192"),
     ("--config.optimizer.b2=nan", "a finite number in [0, 1)"),
 ])
+@pytest.mark.slow
 def test_out_of_range_values_end_the_program_with_one_line(tmp_path, override, accepted):
   spec = "--config=configs/default.py:smoke,optimizer=adam"
   workdir = str(tmp_path / "run")
@@ -219,6 +222,7 @@ def good_workdir(tmp_path_factory):
                                      max_size=2)))
 @example([("num_train_steps", "50")])  # the stored value: "already finished", exit 0
 @example([("optimizer.learning_rate", "0.5")])  # valid but different: refused, fields listed
+@pytest.mark.slow
 def test_random_overrides_on_a_good_workdir_never_change_its_checkpoint(good_workdir, overrides):
   before = tree_digest(os.path.join(good_workdir, "checkpoints"))
   result = run_main(good_workdir, SMOKE, "--config.num_train_steps=50", *_flags(overrides),
@@ -279,6 +283,7 @@ def test_random_bytes_as_an_image_are_classified_or_refused(content):
 
 @settings(max_examples=2, deadline=None, suppress_health_check=FIXTURES)
 @given(st.lists(IMAGE_BYTES, min_size=2, max_size=4))
+@pytest.mark.slow
 def test_predict_command_refuses_bad_files_and_still_classifies_good_ones(good_workdir, files):
   with tempfile.TemporaryDirectory() as folder:
     paths = []
@@ -325,6 +330,7 @@ DAMAGE = st.tuples(st.sampled_from(["random", "truncated", "flipped"]),
 
 @settings(max_examples=8, deadline=None, suppress_health_check=FIXTURES)
 @given(st.sampled_from(sorted(prepare_data.LOCAL_SOURCES["fashion_mnist"].gzip_mtimes)), DAMAGE)
+@pytest.mark.slow
 def test_random_bytes_as_a_source_file_prepare_or_name_the_file(source_copy, victim, how):
   source, good = source_copy
   with tempfile.TemporaryDirectory() as folder:
@@ -364,6 +370,7 @@ FILE_BYTES = st.one_of(
 
 @settings(max_examples=12, deadline=None, suppress_health_check=FIXTURES)
 @given(st.sampled_from(PREPARED_FILES), FILE_BYTES)
+@pytest.mark.slow
 def test_random_bytes_in_a_prepared_dataset_load_or_say_why(prepared_dir, victim, content):
   import ml_collections
 

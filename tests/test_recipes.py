@@ -36,13 +36,17 @@ def test_recipe_is_valid_and_builds(module, arg):
   optim.build_optimizer(config.optimizer, config.schedule, steps_per_epoch=1, total_steps=2**30)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_resnet_recipe_trains_and_learns(tmp_path):
-  """The recipe as written (bfloat16 matmuls, pool stem, micro-batches), 30 steps."""
+  """The recipe as written (bfloat16 matmuls, pool stem, micro-batches), 24 steps: the
+  fewest multiple of 8 past its 20 warmup steps (0.43 test accuracy on this machine).
+  Its steps at full width are most of the cost, so it is compiled as the recipe is (the
+  less optimized code would run them slower)."""
   workdir = tmp_path / "run"
   result = run_main(workdir, "--config=configs/fashion_mnist_resnet.py:smoke",
-                    "--config.num_train_steps=30", "--config.eval_every_steps=30",
-                    "--config.log_every_steps=10", "--config.dataset.eval_split=test[:1000]")
+                    "--config.num_train_steps=24", "--config.eval_every_steps=24",
+                    "--config.log_every_steps=8", "--config.dataset.eval_split=test[:1000]")
   assert result.returncode == 0, result.stderr[-3000:]
   test = [r for r in records(workdir) if r["split"] == "test[:1000]"]
-  assert test[-1]["step"] == 30 and test[-1]["num_examples"] == 1000
+  assert test[-1]["step"] == 24 and test[-1]["num_examples"] == 1000
   assert test[-1]["accuracy"] > 0.3  # chance is 0.1

@@ -18,6 +18,7 @@ def _state(model, tx):
   return train.create_state(model, tx, (28, 28, 1), seed=0)
 
 
+@pytest.mark.slow
 def test_loss_falls_over_a_few_steps_on_real_batches(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.adam(1e-3)
@@ -29,6 +30,7 @@ def test_loss_falls_over_a_few_steps_on_real_batches(fashion_mnist):
   assert losses[-10:].mean() < 0.7 * losses[:10].mean()
 
 
+@pytest.mark.slow
 def test_train_many_equals_single_steps(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.adam(1e-3)
@@ -43,6 +45,7 @@ def test_train_many_equals_single_steps(fashion_mnist):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_compiled_loop_runs_chunks_of_any_length(fashion_mnist):
   # Chunks cut at stops that do not line up (log every 469 steps, eval every 937) have
   # many lengths; each ran as its own compiled program, ~2 s of compiling apiece.
@@ -63,6 +66,7 @@ def test_one_compiled_loop_runs_chunks_of_any_length(fashion_mnist):
 
 
 @pytest.mark.parametrize("batch_size", [1000, 768, 7])
+@pytest.mark.slow
 def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   _, _, test_split = fashion_mnist
   model = CNN(num_classes=10)
@@ -76,6 +80,7 @@ def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   assert int(totals["accuracy"]["correct"]) == correct
 
 
+@pytest.mark.slow
 def test_microbatched_step_matches_one_whole_batch(fashion_mnist):
   _, train_split, _ = fashion_mnist
   model, tx = CNN(num_classes=10), optax.sgd(0.1)
@@ -103,6 +108,7 @@ class _DropoutProbe(nn.Module):
     return nn.Dense(10, use_bias=False, kernel_init=nn.initializers.zeros)(x)
 
 
+@pytest.mark.slow
 def test_each_micro_batch_draws_its_own_dropout_masks():
   model, tx = _DropoutProbe(), optax.sgd(1.0)
   images = np.zeros((4, 28, 28, 1), np.uint8)
@@ -119,6 +125,7 @@ def test_each_micro_batch_draws_its_own_dropout_masks():
   assert np.any((kept > 0) & (kept < 4)), kept
 
 
+@pytest.mark.slow
 def test_a_step_without_micro_batches_is_unchanged_by_per_micro_batch_keys(fashion_mnist):
   """The whole batch still draws its dropout masks from the step key itself, as it did
   before micro-batches got keys of their own: the same parameters up to the

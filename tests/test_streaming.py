@@ -4,7 +4,7 @@ Real data only: the prepared Fashion-MNIST, and a TFDS dataset of JPEGs of varyi
 sizes generated here (test_datasets.TinyJpegImages). Stream and memory runs must
 see the same batches and train to the same parameters; an interrupted stream run
 resumes bit for bit; evaluation counts every example once; two processes train
-like one.
+like one. The ImageNet recipe streams JPEGs, as written, in test_device_counts_imagenet.py.
 """
 
 import json
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, interrupt_at_step, records, run_main
+from conftest import REPO, interrupt_at_step, records, run_main, with_fast_compile
 from research import mesh as mesh_lib
 from research.config import config_validation
 from research.data import datasets, data_source, stream_input
@@ -125,6 +125,7 @@ def test_stream_eval_reads_every_example_exactly_once(fashion_mnist):
   assert not images.reshape(-1, 28, 28, 1)[~real].any()  # padding is zeros
 
 
+@pytest.mark.slow
 def test_report_reads_a_streamed_eval_split_in_chunks(stream_reference, fashion_mnist):
   from research.tools import report
 
@@ -165,6 +166,7 @@ def test_pieces_per_call_divide_the_log_interval_and_bound_the_bytes():
 # ---- Training ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_memory_path_trains_exactly_like_the_stream(stream_reference, tmp_path):
   """Same batches, same compiled train_step: the memory run's metrics and parameters
   equal the stream run's bit for bit (train losses, evaluations, fingerprints)."""
@@ -180,6 +182,7 @@ def test_memory_path_trains_exactly_like_the_stream(stream_reference, tmp_path):
   assert "input" not in _meta(workdir, 80)  # the memory path's checkpoints are unchanged
 
 
+@pytest.mark.slow
 def test_stream_steps_in_short_pieces_train_like_whole_chunks(stream_reference, tmp_path,
                                                                 monkeypatch):
   """A byte budget of 3 batches cuts every 10-step chunk into compiled calls of 2
@@ -192,6 +195,7 @@ def test_stream_steps_in_short_pieces_train_like_whole_chunks(stream_reference, 
   assert final["params_fingerprint"] == expected[-1]["params_fingerprint"]
 
 
+@pytest.mark.slow
 def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path):
   """Stopped by SIGTERM after a random step (a checkpoint holds the stream's
   position), then restarted with the same command."""
@@ -213,6 +217,7 @@ def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path
       np.testing.assert_array_equal(a[name], b[name])
 
 
+@pytest.mark.slow
 def test_checkpoint_whose_recorded_position_disagrees_is_refused(stream_reference):
   stream = _train_stream(_fashion_mnist_config(), seed=0, batch_size=32, total_steps=80,
                          start_step=80, log_every=10)
@@ -224,6 +229,7 @@ def test_checkpoint_whose_recorded_position_disagrees_is_refused(stream_referenc
   stream.close()
 
 
+@pytest.mark.slow
 def test_eval_mode_streams_a_checkpoint(stream_reference, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(stream_reference, workdir)
@@ -240,18 +246,20 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
   with the losses of one process on one device (rtol 1e-3: see test_distributed.py
   for why not bit for bit), and every evaluation counts the 1000 examples once."""
   workdir = str(tmp_path / "run")
+  # Compiled without LLVM's costlier passes: both processes compile every program (27 CPU-s
+  # for 40 steps, 46 with them); compared within tolerances only. 20 steps: two log
+  # lines and an evaluation.
   result = subprocess.run(
       [os.path.join(REPO, "launch", "multiprocess.sh"), "2", f"--workdir={workdir}", *RUN,
-       "--config.num_train_steps=40"], cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable})
+       "--config.num_train_steps=20"], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=with_fast_compile({**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                             "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable}))
   assert result.returncode == 0, result.stderr[-5000:]
   assert "JAX process 1 of 2" in result.stderr and "4 device(s)" in result.stderr
   two_processes = records(workdir)
   expected = {(r["step"], r["split"]): r for r in records(stream_reference)}
   assert [(r["step"], r["split"]) for r in two_processes] == [
-      (10, "train"), (20, "train"), (20, "test[:1000]"), (30, "train"), (40, "train"),
-      (40, "test[:1000]")]
+      (10, "train"), (20, "train"), (20, "test[:1000]")]
   for record in two_processes:
     reference = expected[(record["step"], record["split"])]
     np.testing.assert_allclose(record["loss"], reference["loss"], rtol=1e-3)
@@ -260,7 +268,7 @@ def test_two_processes_stream_like_one(stream_reference, tmp_path):
       assert abs(record["accuracy"] - reference["accuracy"]) <= 2e-3  # two argmax flips
 
 
-# ---- JPEG data, the ImageNet recipe, config and damaged data -----------------------
+# ---- JPEG data, config and damaged data --------------------------------------------
 
 
 def test_jpegs_of_varying_sizes_stream_in_the_memory_order_with_centre_crops(jpeg_dir):
@@ -284,33 +292,6 @@ def test_jpegs_of_varying_sizes_stream_in_the_memory_order_with_centre_crops(jpe
   np.testing.assert_array_equal(np.asarray(images).reshape(-1, 16, 16, 3)[:6],
                                 source.eval.read(range(6), "centre")[0])
   np.testing.assert_array_equal(np.asarray(mask).ravel(), [1] * 6 + [0] * 2)
-
-
-def test_imagenet_recipe_streams_jpeg_data(jpeg_dir, tmp_path, monkeypatch):
-  """configs/imagenet_resnet50.py as it is (stream, random-resized crops, flips,
-  ImageNet normalization, label smoothing, warmup, Nesterov) but for a tiny CNN."""
-  from configs import imagenet_resnet50
-  from research import models
-
-  # A streamed dataset is never read whole, so its mean and std are never measured.
-  monkeypatch.setitem(datasets.NORMALIZATION, "tiny_jpeg_images", datasets.NORMALIZATION["imagenet2012"])
-
-  config = imagenet_resnet50.get_config()
-  assert config.dataset.input == "stream"
-  assert imagenet_resnet50.get_config("imagenette").dataset.input == "memory"
-  assert config.dataset.workers == -1  # one decoding process per core
-  # Threads here, so no processes start (tests/test_stream_workers.py trains with them).
-  config.dataset.update(name="tiny_jpeg_images", data_dir=jpeg_dir, image_size=32, workers=0)
-  config.model = ml_collections.ConfigDict(
-      {"name": "cnn", **models.defaults("cnn"), "conv_features": (8, 16), "dense_features": 16,
-       "dtype": "bfloat16"})
-  # One step per compiled call, so that a single shape is compiled.
-  config.update(batch_size=8, eval_batch_size=4, num_train_steps=4, log_every_steps=1)
-  config.schedule.update(warmup_epochs=0.0, warmup_steps=1)
-  workdir = str(tmp_path / "run")
-  final = train.train_and_evaluate(config_validation.validate(config), workdir)
-  assert final["num_examples"] == 6 and np.isfinite(final["loss"])
-  assert _meta(workdir, 4)["input"]["next_step"] == 4
 
 
 def test_unknown_input_kind_is_refused_with_the_accepted_ones():

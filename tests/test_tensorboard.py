@@ -40,6 +40,7 @@ def _get(port, path):
     return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_the_real_tensorboard_serves_a_finished_runs_scalars(trained_workdir, tmp_path):
   port = _free_port()
   tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -36,6 +37,7 @@ def _start(workdirs, command, timeout=120) -> list[subprocess.CompletedProcess]:
       process.kill()
 
 
+@pytest.mark.slow
 def test_processes_given_different_workdirs_stop_at_once_and_write_nothing(tmp_path):
   workdirs = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
   results = _start(workdirs, lambda workdir: [
@@ -52,6 +54,7 @@ def test_processes_given_different_workdirs_stop_at_once_and_write_nothing(tmp_p
   assert os.listdir(tmp_path) == []  # not even the folders
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_workdir_pass_and_leave_no_token(tmp_path):
   check = ("import sys; from research.run import distributed; "
            "args = dict(a[2:].split('=') for a in sys.argv[1:]); "

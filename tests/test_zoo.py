@@ -59,6 +59,7 @@ def test_every_models_smoke_knobs_are_its_own_declared_knobs():
 
 
 @pytest.mark.parametrize("name", ["resnet8", "vit_ti"])
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters(fashion_mnist, name):
   _, train_split, _ = fashion_mnist
   model = _model(name, **SMALL_KNOBS[name], dtype="bfloat16")
@@ -69,6 +70,7 @@ def test_bfloat16_compute_keeps_float32_parameters(fashion_mnist, name):
   assert logits.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_models_run_on_other_input_shapes_and_class_counts():
   for name, shape in [("resnet8", (40, 40, 3)), ("vit_ti", (30, 30, 3)), ("mlp", (32, 32, 3))]:
     model = models.build(ml_collections.ConfigDict({"name": name, **SMALL_KNOBS[name]}), 7)
@@ -77,6 +79,7 @@ def test_models_run_on_other_input_shapes_and_class_counts():
     assert _quick_jit(lambda: model.apply(variables, jnp.zeros((2, *shape)))).shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_update_in_training_and_stay_frozen_in_evaluation(fashion_mnist):
   _, train_split, test_split = fashion_mnist
   model = _model("resnet8", width=4)
@@ -132,6 +135,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_global_over_a_data_sharded_batch():
   """On 2 devices each holding half the batch, BatchNorm sees the whole batch."""
   # Both steps compiled alike and compared within tolerances: XLA's cheaper optimization.
@@ -178,6 +182,7 @@ def test_config_argument_puts_a_models_knobs_on_the_command_line():
     config.model.depht = 3
 
 
+@pytest.mark.slow
 def test_bad_names_and_knobs_fail_before_any_work(tmp_path):
   from conftest import run_main
 

@@ -31,5 +31,6 @@ def trains_a_few_steps(fashion_mnist, name):
 
 
 @pytest.mark.parametrize("name", sorted(set(SMALL_KNOBS) - RESNETS - DEEP))
+@pytest.mark.slow
 def test_every_model_trains_a_few_steps_on_real_batches(fashion_mnist, name):
   trains_a_few_steps(fashion_mnist, name)

@@ -20,8 +20,13 @@ In a multi-process run only process 0 writes (JAX's rule); all processes read.
 A cache that cannot be used costs a warning, never the run: an unwritable folder is
 found here and the run compiles without a cache; an entry that is damaged is JAX's
 "Error reading persistent compilation cache entry" warning, and that program is compiled.
+An entry without its access-time file (written by a JAX program without a size limit, or
+by a run killed between the two files) would make JAX 0.10 fail every later write ("Error
+writing persistent compilation cache entry ... -atime": it reads every entry's time before
+each write); set_up gives such entries one.
 """
 
+import glob
 import os
 import tempfile
 
@@ -68,8 +73,24 @@ def set_up(setting: str = AUTO) -> str | None:
                     error.strerror or error)
     jax.config.update("jax_enable_compilation_cache", False)
     return None
+  _give_entries_access_times(path)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)  # any size
   return path
+
+
+def _give_entries_access_times(path: str) -> None:
+  """Writes the access-time file JAX's size limit needs for each entry that lacks one (the
+  module docstring), dated by the entry's own modification time, the order JAX keeps."""
+  for entry in glob.glob(os.path.join(glob.escape(path), "*-cache")):
+    access_time = entry[:-len("cache")] + "atime"
+    if os.path.exists(access_time):
+      continue
+    try:
+      stamp = os.stat(entry).st_mtime_ns.to_bytes(8, "little")
+      with open(access_time, "xb") as f:  # never over one another process just wrote
+        f.write(stamp)
+    except OSError:  # written or evicted meanwhile by another process
+      pass
