@@ -18,8 +18,9 @@ original image: training the Inception crop (8-100% of the area, aspect 3/4-4/3,
 224 / 0.875 = 256 and the centre 224 square (`dataset.crop_fraction`); the flip and the
 normalization run on the device. What IS measured (docs/input.md, `make bench-input`):
 the input's images/s per core on 500x375 photographs on a 2-core CPU machine, from
-which the docs estimate the cores a host needs (about 35 Zen 5-class cores, 50 of the
-Zen 3 measured, to feed 8 H100s); GPU step times and host-to-device transfers are not. Watch the input share of the progress line on a real host.
+which the docs estimate the cores a host needs (720 img/s per core through the workers
+on the Zen 3 measured: about 35 cores to feed 8 H100s); GPU step times and host-to-device
+transfers are not. Watch the input share of the progress line on a real host.
 `:imagenette` trains on imagenette/320px-v2 at 128 pixels for 40 epochs, batch 128,
 from memory (`dataset.input="memory"`): its 9.5k images are ~470 MB at 128 pixels,
 decoded and resized once into a cache beside the data and gathered on the device at

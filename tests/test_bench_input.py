@@ -81,3 +81,4 @@ def test_the_runs_docs_input_quotes_print_only_those_rows(tmp_path, runs, rows):
   assert set(rows) <= {name for name in printed} | {"decode,"}
   if runs == "workers=1,workers=2":
     assert "workers 1 -> 2:" in result.stdout
+  assert "leaked shared_memory" not in result.stderr, result.stderr[-3000:]

@@ -153,6 +153,23 @@ class _Reader:
 
   def close(self) -> None:
     self._iterator.close()
+    if self.workers:
+      _finish_shared_memory_frees()
+
+
+def _finish_shared_memory_frees() -> None:
+  """Waits for grain's background frees of the shared-memory batches dropped so far.
+  grain frees a batch's shared memory on a thread pool that Python's exit abandons: a
+  run that ends right after closing its stream would leave those blocks to the
+  resource tracker, which frees them but warns of "leaked shared_memory objects"."""
+  import gc
+
+  from grain.multiprocessing import SharedMemoryArray
+
+  gc.collect()  # the dropped batches' frees are queued by their __del__
+  frees = getattr(SharedMemoryArray, "_del_thread_pool", None)  # absent: frees are inline
+  if frees is not None:
+    frees.apply(int)  # one thread, in order: returns once every earlier free is done
 
 
 class TrainStream:

@@ -202,6 +202,7 @@ def run_workers(builder, data_dir, image_size, batch_size, steps, workers) -> tu
     pieces = (piece for step in range(steps + 1) for piece in stream.batches(step, step + 1))
     return _timed(pieces, steps, batch_size)
   finally:
+    pieces.close()  # drops the last batch before the stream frees what it handed out
     stream.close()
 
 
@@ -381,14 +382,15 @@ def run_ceiling(image_size, batch_size, steps, hand_off: str = "alias",
       images = jax.device_put(images, may_alias=False)
     return jax.block_until_ready((images, labels))
 
+  if hand_off == "none":
+    pieces = (next(stream._reader) for _ in range(steps + 1))
+  else:
+    pieces = (hand_over(piece) for step in range(steps + 1)
+              for piece in stream.batches(step, step + 1))
   try:
-    if hand_off == "none":
-      pieces = (next(stream._reader) for _ in range(steps + 1))
-    else:
-      pieces = (hand_over(piece) for step in range(steps + 1)
-                for piece in stream.batches(step, step + 1))
     return _timed(pieces, steps, batch_size, children=False)
   finally:
+    pieces.close()  # as in run_workers
     stream.close()
 
 
