@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, with_fast_compile
 
 from research.models.cnn import CNN
 from research.models.layers import Conv, max_pool_2x2
@@ -32,6 +32,7 @@ def full_float32_products():
     yield
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.slow
 def test_seed_cnn_has_the_keras_parameter_count_and_output_shape():
   model = CNN(num_classes=10)
@@ -55,6 +56,7 @@ def test_seed_cnn_uses_keras_initializers():
   assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("kernel,strides,padding", [
     ((3, 3), (1, 1), "VALID"), ((3, 3), (1, 1), "SAME"), ((3, 3), (2, 2), "SAME"),
     ((1, 1), (2, 2), "SAME"), ((7, 7), (2, 2), "SAME")])
@@ -71,6 +73,7 @@ def test_im2col_conv_matches_flax_conv(kernel, strides, padding):
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.slow
 def test_max_pool_matches_flax_including_odd_sizes_and_ties():
   # Small integers: most windows hold ties, whose gradient must go to the first maximum
@@ -84,18 +87,24 @@ def test_max_pool_matches_flax_including_odd_sizes_and_ties():
 
 
 def _assert_same_outputs_and_gradients(apply, reference, variables, x):
-  np.testing.assert_allclose(apply(variables, x), reference(variables, x), atol=1e-5)
   loss = lambda f: lambda v, x: jnp.sum(f(v, x) ** 2)
-  for argnum in (0, 1):  # parameters and input
-    ours = jax.grad(loss(apply), argnum)(variables, x)
-    theirs = jax.grad(loss(reference), argnum)(variables, x)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+  @jax.jit  # one program per side: op by op, each custom-gradient layer is dozens of compiles
+  def outputs_and_gradients(v, x):
+    # Gradients of the parameters and of the input, each side computed alone.
+    return ((apply(v, x), jax.grad(loss(apply), (0, 1))(v, x)),
+            (reference(v, x), jax.grad(loss(reference), (0, 1))(v, x)))
+
+  (ours, our_grads), (theirs, their_grads) = outputs_and_gradients(variables, x)
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(their_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 13, 13, 32), (2, 12, 11, 3)])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.slow
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compared within tolerances
 def test_conv_relu_pool_equals_conv_then_relu_then_pool(shape, ties):
   from research.models.layers import ConvReluPool
 
@@ -147,6 +156,7 @@ def test_max_and_first_is_max_and_argmax_with_ties_and_nan():
       y_dot, jnp.argmax(y, 1)[:, None], axis=1)[:, 0])
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("features", [8, 32, 33])
 @pytest.mark.slow
 def test_direct_form_only_for_narrow_shallow_layers_and_equal_to_the_matmul_form(features):
@@ -176,6 +186,7 @@ def test_conv_relu_pool_propagates_nan():
   assert jnp.isnan(pooled[0, 0, 0]).all() and not jnp.isnan(pooled[0, 1:, 1:]).any()
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.slow
 def test_both_cnn_forms_share_parameters_and_outputs():
   x = jax.random.uniform(jax.random.key(3), (4, 28, 28, 1))
@@ -203,6 +214,7 @@ def test_to_bfloat16_is_bit_identical_to_astype():
 
 # Row counts on either side of the weight gradient's two forms (transpose the gradient
 # or the patches, whichever is smaller), and an odd one.
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("shape", [(6, 5, 40), (3, 40), (1, 40)])
 @pytest.mark.parametrize("features", [7, 60])
 @pytest.mark.slow
@@ -229,6 +241,7 @@ def test_bfloat16_matmul_rounds_operands_and_accumulates_in_float32(shape, featu
 @pytest.mark.parametrize("shape, features", [((3, 13, 13, 32), 16), ((2, 12, 11, 8), 16),
                                              ((3, 28, 28, 1), 16), ((2, 12, 11, 4), 64)])
 @pytest.mark.slow
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compared within tolerances
 def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape, features):
   from research.models.layers import ConvReluPool
 
@@ -245,6 +258,7 @@ def test_bfloat16_conv_relu_pool_equals_bfloat16_conv_then_relu_then_pool(shape,
 
 
 # (2, 13, 13, 8): the matmul form; (2, 12, 12, 1): the direct form (a 9-wide layer).
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("shape", [(2, 13, 13, 8), (2, 12, 12, 1)])
 @pytest.mark.slow
 def test_custom_gradients_are_differentiable_again(shape):
@@ -320,6 +334,7 @@ def test_auto_conv_impl_is_im2col_on_cpu_and_lax_conv_elsewhere(monkeypatch):
     layers.resolve_impl("cudnn")
 
 
+@pytest.mark.usefixtures("cheap_compiles")
 @pytest.mark.parametrize("conv_impl", ["im2col", "xla"])
 @pytest.mark.slow
 def test_bfloat16_cnn_stays_close_to_float32(conv_impl):
@@ -360,9 +375,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 images = np.asarray(jax.random.normal(jax.random.key(1), (8, 8, 8, 3)))
 mesh = mesh_lib.make_mesh()
 
+# The same variables for both settings (bn_sync changes no parameter), made by one program.
+variables = jax.jit(lambda: resnet.resnet8(num_classes=3, width=4).init(
+    jax.random.key(0), jnp.zeros((1, 8, 8, 3))))()
+
 def train_apply(bn_sync):
   model = resnet.resnet8(num_classes=3, width=4, bn_sync=bn_sync)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   apply = jax.jit(lambda batch: model.apply(variables, batch, train=True, mutable=["batch_stats"]))
   return lambda batch, sharded=True: jax.device_get(
       apply(mesh_lib.global_batch(batch, mesh) if sharded else batch))
@@ -392,8 +410,9 @@ def test_bn_sync_global_is_the_whole_batch_and_local_each_devices_own_on_4_devic
   running averages are those of the 4 devices averaged."""
   result = subprocess.run(
       [sys.executable, "-c", _BN_SYNC_CHECK], cwd=REPO, capture_output=True, text=True,
-      timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
-                        "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+      timeout=600, env=with_fast_compile({  # compared within tolerances, in one process
+          **os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}))
   assert result.returncode == 0, result.stderr[-3000:]
   found = json.loads(result.stdout.strip().splitlines()[-1])
   assert found["devices"] == 4 and found["same_tree"]
