@@ -66,7 +66,8 @@ def test_bfloat16_compute_keeps_float32_parameters(fashion_mnist, name):
   _, (state, metrics) = _train(model, train_split, num_steps=2)
   assert np.all(np.isfinite(metrics["loss"]))
   assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
-  logits = model.apply({"params": state.params, **state.model_state}, jnp.zeros((1, 28, 28, 1)))
+  logits = _quick_jit(lambda: model.apply({"params": state.params, **state.model_state},
+                                          jnp.zeros((1, 28, 28, 1))))
   assert logits.dtype == jnp.float32
 
 
@@ -95,11 +96,12 @@ def test_batchnorm_statistics_update_in_training_and_stay_frozen_in_evaluation(f
   # Evaluation uses the running averages: per-example outputs do not depend on
   # the rest of the batch, and applying in eval mode mutates nothing.
   variables = {"params": state.params, **state.model_state}
-  whole = model.apply(variables, steps.preprocess(images), train=False)
-  alone = model.apply(variables, steps.preprocess(images[:3]), train=False)
+  # One compiled program (op by op, a ResNet's eval is hundreds of small compiles).
+  whole, alone, (_, mutated) = _quick_jit(lambda: (
+      model.apply(variables, steps.preprocess(images), train=False),
+      model.apply(variables, steps.preprocess(images[:3]), train=False),
+      model.apply(variables, steps.preprocess(images), train=False, mutable=["batch_stats"])))
   np.testing.assert_allclose(whole[:3], alone, rtol=1e-4, atol=1e-5)
-  _, mutated = model.apply(variables, steps.preprocess(images), train=False,
-                           mutable=["batch_stats"])
   for a, b in zip(jax.tree.leaves(mutated), jax.tree.leaves(state.model_state)):
     np.testing.assert_array_equal(a, b)
   again = evaluate(state.params, state.model_state, images, labels, mask)
@@ -121,7 +123,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
     images = rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, (8,)).astype(np.int32)
     step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
-    state = train.create_state(model, tx, (28, 28, 1), 0)
+    state = jax.jit(lambda: train.create_state(model, tx, (28, 28, 1), 0))()  # not op by op
     mesh = mesh_lib.make_mesh()
     sharded, _ = step(state, mesh_lib.global_batch(images, mesh), mesh_lib.global_batch(labels, mesh))
     with jax.default_device(jax.devices()[0]):
