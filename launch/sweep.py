@@ -227,7 +227,7 @@ def run(options, extra: list[str], command_line_args: list[str]) -> int:
   from research.errors import UserError
 
   plan = make_plan(options, extra)
-  slots = study_trial.device_slots(options.workers)
+  slots = study_trial.device_slots(options.workers, base_env)  # the trainers' devices
   if options.launcher == "slurm":
     if shutil.which("sbatch") is None:
       raise UserError("--launcher=slurm needs SLURM's `sbatch`, which is not on PATH here. "

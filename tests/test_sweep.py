@@ -139,6 +139,16 @@ def test_dry_run_lists_the_plan(tmp_path):
   assert not (tmp_path / "study").exists()
 
 
+def test_on_a_gpu_node_the_command_gives_each_worker_its_own_gpus(tmp_path):
+  """The study process keeps JAX on the CPU for itself; its workers' slots come from the
+  trainers' environment: on a 4-GPU node (JAX on CUDA), 2 GPUs each."""
+  result = _sweep(tmp_path / "study", "--space=optimizer.learning_rate=loguniform(1e-4,3e-2)",
+                  "--trials=4", "--workers=2", "--dry_run",
+                  env={"JAX_PLATFORMS": "cuda", "CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "2 worker(s): GPU 0,1; GPU 2,3." in result.stdout, result.stdout
+
+
 def test_the_command_reads_its_flags_once_and_hands_them_on(tmp_path, monkeypatch):
   """Behind the entry point no function reads absl's global FLAGS or sys.argv: two studies
   planned in one process from flags of their own, with a sys.argv that says neither."""

@@ -40,13 +40,13 @@ class Slot:
   description: str
 
 
-def visible_gpus() -> list[str]:
-  """NVIDIA GPUs this process's trainers may use, without starting JAX (which would claim
-  their memory); none when JAX will not run on GPUs (JAX_PLATFORMS=cpu, or no CUDA plugin),
-  whatever nvidia-smi shows."""
-  if backend.planned_platform() != "gpu":
+def visible_gpus(environ=os.environ) -> list[str]:
+  """NVIDIA GPUs the trainers started with `environ` may use, without starting JAX (which
+  would claim their memory); none when JAX will not run on GPUs there (JAX_PLATFORMS=cpu,
+  or no CUDA plugin), whatever nvidia-smi shows."""
+  if backend.planned_platform(environ) != "gpu":
     return []
-  listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+  listed = environ.get("CUDA_VISIBLE_DEVICES")
   if listed is not None:
     return [gpu for gpu in (g.strip() for g in listed.split(",")) if gpu and gpu != "-1"]
   if shutil.which("nvidia-smi") is None:
@@ -59,12 +59,13 @@ def visible_gpus() -> list[str]:
   return [str(index) for index in range(count)]
 
 
-def device_slots(workers: int) -> list[Slot]:
-  """One slot per worker: whole GPUs each on a GPU machine, else a share of the CPU cores."""
+def device_slots(workers: int, environ=os.environ) -> list[Slot]:
+  """One slot per worker: whole GPUs each on a GPU machine, else a share of the CPU cores.
+  `environ`: the trainers' environment (the study process itself keeps JAX on the CPU)."""
   if workers < 1:
     raise UserError(f"--workers={workers} is not accepted: a positive number of trials to run "
                     "at once on this machine.")
-  gpus = visible_gpus()
+  gpus = visible_gpus(environ)
   if gpus:
     if workers > len(gpus):
       raise UserError(f"--workers={workers} needs a GPU each, but this machine shows "
