@@ -29,7 +29,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, run_main
+from conftest import REPO, run_main, with_fast_compile
 
 RTOL = 5e-3
 TEST_EXAMPLES = 10000
@@ -44,11 +44,14 @@ def _env(devices_per_process: int) -> dict:
           "JAX_PLATFORMS": "cpu"}
 
 
-def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, timeout=300):
+def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, timeout=300,
+                  fast_compile=False):
+  """launch/multiprocess.sh; `fast_compile`: with conftest.FAST_COMPILE in every process."""
   command = [os.path.join(REPO, "launch", "multiprocess.sh"), str(num_processes),
              f"--workdir={workdir}", *flags]
+  env = {**os.environ, **_env(devices_per_process), "PYTHON": sys.executable}
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **_env(devices_per_process), "PYTHON": sys.executable})
+                        env=with_fast_compile(env) if fast_compile else env)
 
 
 def _records(workdir, split):
