@@ -8,8 +8,8 @@ a multiple of the device count and padded (every example counted once), the
 train batch must divide by it. The device counts are forced CPU devices
 (`--xla_force_host_platform_device_count`), one fresh process per count.
 
-On 16 devices every recipe trains and evaluates, a group of them per test (one fresh
-process each): the Fashion-MNIST recipes here, the CIFAR-10 ones in
+On 16 devices every recipe trains and evaluates, a group of them per test (the groups of
+a file trained in one fresh process): the Fashion-MNIST recipes here, the CIFAR-10 ones in
 test_device_counts_cifar10.py and the ImageNet ones in test_device_counts_imagenet.py
 (files of their own, so that `make test`'s workers run them side by side).
 """
@@ -129,11 +129,13 @@ def _devices_env(count: int) -> dict:
   return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
 
 
-def train_on_16_devices(group: str, data_dirs: dict, root) -> list[dict]:
-  """Trains the recipes of GROUPS_ON_16_DEVICES[group] at smoke size, one after another in
-  a fresh process with 16 CPU devices (their workdirs are ROOT/MODULE-ARG), checks what
-  every recipe must show and returns their final evaluations."""
-  recipes = GROUPS_ON_16_DEVICES[group]
+def train_on_16_devices(groups: list[str], data_dirs: dict, root) -> dict[str, list[dict]]:
+  """Trains the recipes of GROUPS_ON_16_DEVICES[group] for each of `groups` at smoke size,
+  one after another in one fresh process with 16 CPU devices (their workdirs are
+  ROOT/MODULE-ARG); returns each group's final evaluations, one per recipe, for
+  `check_group`. The groups of one test file share a process: each process costs its
+  imports, JAX's start on 16 devices and the dataset's loading."""
+  recipes = [recipe for group in groups for recipe in GROUPS_ON_16_DEVICES[group]]
   env = with_fast_compile(_devices_env(16))  # compiles dominate: a few programs per recipe
   result = subprocess.run(
       [sys.executable, "-c", _TRAIN_RECIPES, json.dumps(recipes), json.dumps(data_dirs),
@@ -141,6 +143,17 @@ def train_on_16_devices(group: str, data_dirs: dict, root) -> list[dict]:
       env={**os.environ, **env})
   assert result.returncode == 0, result.stderr[-5000:]
   finals = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [f["recipe"] for f in finals] == [f"{module}:{arg}" for module, arg in recipes]
+  by_group, start = {}, 0
+  for group in groups:
+    count = len(GROUPS_ON_16_DEVICES[group])
+    by_group[group], start = finals[start:start + count], start + count
+  return by_group
+
+
+def check_group(group: str, finals: list[dict]) -> None:
+  """What every recipe of `group` must show after training on 16 devices."""
+  recipes = GROUPS_ON_16_DEVICES[group]
   assert [f["recipe"] for f in finals] == [f"{module}:{arg}" for module, arg in recipes]
   for (module, arg), final in zip(recipes, finals):
     recipe = importlib.import_module(f"configs.{module}").get_config(arg)
@@ -155,7 +168,6 @@ def train_on_16_devices(group: str, data_dirs: dict, root) -> list[dict]:
     assert EVAL_EXAMPLES % (-(-final["eval_batch_size"] // 16) * 16), final
     assert final["num_examples"] == EVAL_EXAMPLES, final
     assert np.isfinite(final["loss"]), final
-  return finals
 
 
 def test_every_recipe_is_in_one_group_trained_on_16_devices():
@@ -163,14 +175,21 @@ def test_every_recipe_is_in_one_group_trained_on_16_devices():
   assert sorted(grouped, key=str) == sorted(RECIPES, key=str)
 
 
-@pytest.mark.slow
-def test_fashion_mnist_cnn_recipes_train_and_evaluate_on_16_devices(tmp_path):
-  train_on_16_devices("fashion_mnist_cnn", {}, tmp_path)
+@pytest.fixture(scope="module")
+def fashion_mnist_on_16_devices(tmp_path_factory):
+  return train_on_16_devices(["fashion_mnist_cnn", "fashion_mnist_resnet"], {},
+                             tmp_path_factory.mktemp("16_devices"))
 
 
 @pytest.mark.slow
-def test_fashion_mnist_resnet_recipes_train_and_evaluate_on_16_devices(tmp_path):
-  train_on_16_devices("fashion_mnist_resnet", {}, tmp_path)
+def test_fashion_mnist_cnn_recipes_train_and_evaluate_on_16_devices(fashion_mnist_on_16_devices):
+  check_group("fashion_mnist_cnn", fashion_mnist_on_16_devices["fashion_mnist_cnn"])
+
+
+@pytest.mark.slow
+def test_fashion_mnist_resnet_recipes_train_and_evaluate_on_16_devices(
+    fashion_mnist_on_16_devices):
+  check_group("fashion_mnist_resnet", fashion_mnist_on_16_devices["fashion_mnist_resnet"])
 
 
 # Runs in a fresh process per device count: what every recipe's run checks before data.

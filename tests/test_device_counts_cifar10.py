@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_main
 from test_datasets import Cifar10
-from test_device_counts import _devices_env, train_on_16_devices, write_cifar10
+from test_device_counts import _devices_env, check_group, train_on_16_devices, write_cifar10
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +25,20 @@ def cifar10_dir(tmp_path_factory):
   return str(root / "cifar10")
 
 
-@pytest.mark.slow
-def test_cifar10_resnet_recipes_train_and_evaluate_on_16_devices(cifar10_dir, tmp_path):
-  train_on_16_devices("cifar10_resnet", {"cifar10": cifar10_dir}, tmp_path)
+@pytest.fixture(scope="module")
+def cifar10_on_16_devices(cifar10_dir, tmp_path_factory):
+  return train_on_16_devices(["cifar10_resnet", "cifar10_vit"], {"cifar10": cifar10_dir},
+                             tmp_path_factory.mktemp("16_devices"))
 
 
 @pytest.mark.slow
-def test_cifar10_vit_recipes_train_and_evaluate_on_16_devices(cifar10_dir, tmp_path):
-  train_on_16_devices("cifar10_vit", {"cifar10": cifar10_dir}, tmp_path)
+def test_cifar10_resnet_recipes_train_and_evaluate_on_16_devices(cifar10_on_16_devices):
+  check_group("cifar10_resnet", cifar10_on_16_devices["cifar10_resnet"])
+
+
+@pytest.mark.slow
+def test_cifar10_vit_recipes_train_and_evaluate_on_16_devices(cifar10_on_16_devices):
+  check_group("cifar10_vit", cifar10_on_16_devices["cifar10_vit"])
 
 
 @pytest.mark.parametrize("variable,where", [("RESEARCH_DEVICE_MEMORY_BYTES", "device memory"),

@@ -29,14 +29,14 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, run_main
+from conftest import REPO, run_main, with_fast_compile
 
 RTOL = 5e-3
 TEST_EXAMPLES = 10000
 # 96 divides by 1, 4 and 8 devices but not into 10000: the last eval batch is padded.
 COMMON = ["--config=configs/default.py:smoke", "--config.log_every_steps=1",
           "--config.eval_every_steps=20", "--config.eval_batch_size=96"]
-STEPS = 40
+STEPS = 20  # the 8-device run; the 1-device run that resumes it trains on to 2 * STEPS
 
 
 def _env(devices_per_process: int) -> dict:
@@ -44,11 +44,14 @@ def _env(devices_per_process: int) -> dict:
           "JAX_PLATFORMS": "cpu"}
 
 
-def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, timeout=300):
+def _multiprocess(num_processes: int, workdir, *flags, devices_per_process=2, timeout=300,
+                  fast_compile=False):
+  """launch/multiprocess.sh; `fast_compile`: with conftest.FAST_COMPILE in every process."""
   command = [os.path.join(REPO, "launch", "multiprocess.sh"), str(num_processes),
              f"--workdir={workdir}", *flags]
+  env = {**os.environ, **_env(devices_per_process), "PYTHON": sys.executable}
   return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **_env(devices_per_process), "PYTHON": sys.executable})
+                        env=with_fast_compile(env) if fast_compile else env)
 
 
 def _records(workdir, split):
@@ -79,10 +82,10 @@ def _assert_same_training(workdir, reference, steps):
     assert abs(record["accuracy"] - expected_tests[record["step"]]["accuracy"]) <= 1e-3
 
 
-def one_device_reference(tmp_path_factory) -> str:
-  """The reference: 60 steps on one device, evaluated in unpadded batches of 1000."""
+def one_device_reference(tmp_path_factory, steps: int = 2 * STEPS) -> str:
+  """The reference: `steps` steps on one device, evaluated in unpadded batches of 1000."""
   workdir = str(tmp_path_factory.mktemp("one_device") / "run")
-  result = run_main(workdir, *COMMON, "--config.num_train_steps=60",
+  result = run_main(workdir, *COMMON, f"--config.num_train_steps={steps}",
                     "--config.eval_batch_size=1000", env=_env(1))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "1 device(s)" in result.stderr
@@ -145,14 +148,16 @@ def test_shard_params_splits_params_and_optimizer_state_over_the_devices():
 def test_eight_device_checkpoint_resumes_on_one_device(one_device, eight_devices, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(eight_devices, workdir)
-  result = run_main(workdir, *COMMON, "--config.num_train_steps=60", "--allow_config_change",
-                    env=_env(1))
+  # Evaluated in the reference's unpadded batches of 1000: its compiled evaluation is
+  # reused (the 8-device run above evaluated in padded batches).
+  result = run_main(workdir, *COMMON, f"--config.num_train_steps={2 * STEPS}",
+                    "--config.eval_batch_size=1000", "--allow_config_change", env=_env(1))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from checkpoint step {STEPS}" in result.stderr
   assert "1 device(s)" in result.stderr
-  # Steps 41-60 continue the 8-device run as the uninterrupted 1-device run went on.
-  _assert_same_training(workdir, one_device, range(1, 61))
-  assert [r["step"] for r in _records(workdir, "eval")] == [20, 40, 60]
+  # Steps 21-40 continue the 8-device run as the uninterrupted 1-device run went on.
+  _assert_same_training(workdir, one_device, range(1, 2 * STEPS + 1))
+  assert [r["step"] for r in _records(workdir, "eval")] == [STEPS, 2 * STEPS]
 
 
 @pytest.mark.slow
