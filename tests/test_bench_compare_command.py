@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, with_fast_compile
-from test_bench_command import QUICK_THROUGHPUT, QUICK_TRAINING
+from conftest import REPO
+from test_bench_command import QUICK_THROUGHPUT, QUICK_TRAINING, with_cheap_compile
 
 
 def _shared_bench() -> str:
@@ -73,7 +73,7 @@ def test_make_bench_compare_runs_ours_and_the_keras_reference(tmp_path):
              "--batch_sizes=32", "--throughput_steps=10", QUICK_THROUGHPUT, f"--out={out}",
              *[f"--train_flag={flag}" for flag in QUICK_TRAINING]]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800,
-                          env=with_fast_compile())
+                          env=with_cheap_compile())
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out / "bench_compare.json") as f:
     report = json.load(f)

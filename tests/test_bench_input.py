@@ -21,12 +21,19 @@ def _documented_command() -> list[str]:
   return shlex.split(block.strip())
 
 
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory):
+  """One --photos_dir for the file's runs: the first prepares the 24 photographs through
+  TFDS, the others find them prepared (the builder's version names the count)."""
+  return tmp_path_factory.mktemp("bench_input")
+
+
 @pytest.mark.slow
-def test_bench_input_prints_every_run_side_by_side(tmp_path):
+def test_bench_input_prints_every_run_side_by_side(photos_dir):
   command = _documented_command()
   assert command[:3] == ["python", "-m", "research.bench_input"]
   result = subprocess.run(
-      [sys.executable, *command[1:], f"--photos_dir={tmp_path}",
+      [sys.executable, *command[1:], f"--photos_dir={photos_dir}",
        "--examples=24", "--batch_size=8", "--steps=2", "--ceiling_batch=32"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -58,20 +65,20 @@ def test_bench_input_prints_every_run_side_by_side(tmp_path):
     assert rate > 0 and per_core > 0 and per_cpu_second > 0
   assert "workers 1 -> 2:" in out
   # Written through TFDS: the array_record files and their metadata.
-  prepared = os.path.join(tmp_path, "bench_photos", "1.0.24")
+  prepared = os.path.join(photos_dir, "bench_photos", "1.0.24")
   assert any(name.endswith("array_record-00000-of-00001") for name in os.listdir(prepared))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runs,rows", [("workers=1,workers=2", ("workers=1", "workers=2")),
                                        ("workers=1", ("workers=1",)), ("decode", ("decode,",))])
-def test_the_runs_docs_input_quotes_print_only_those_rows(tmp_path, runs, rows):
+def test_the_runs_docs_input_quotes_print_only_those_rows(photos_dir, runs, rows):
   """`python -m research.bench_input --runs=...` in the forms docs/input.md quotes."""
   with open(os.path.join(REPO, "docs", "input.md")) as f:
     assert f"research.bench_input --runs={runs}`" in f.read().replace("\n", " ")
   result = subprocess.run(
       [sys.executable, "-m", "research.bench_input", f"--runs={runs}",
-       f"--photos_dir={tmp_path}", "--examples=24", "--batch_size=8", "--steps=2"],
+       f"--photos_dir={photos_dir}", "--examples=24", "--batch_size=8", "--steps=2"],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]

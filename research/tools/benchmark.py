@@ -17,6 +17,7 @@ JAX: a TPU has one owner, and JAX takes 75% of a GPU's memory in the first proce
 that opens it.
 
   python -m research.benchmark [--recipes=seed,seed_bf16,resnet20] [--resnet_epochs=2]
+      [--resnet_width=16]
 """
 
 import functools
@@ -39,6 +40,9 @@ _RECIPES = flags.DEFINE_list("recipes", ["seed"], "Which recipes to benchmark: s
 BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32", "256", "1024"], "Throughput batch sizes.")
 _EPOCHS = flags.DEFINE_integer("resnet_epochs", 2,
                                "Epochs of the ResNet-20 training run (its recipe warms up for 1).")
+_WIDTH = flags.DEFINE_integer(
+    "resnet_width", 16, "Width of the ResNet-20 recipe, in its throughput and training run "
+    "alike (16: the classic; fewer for a quick bench, e.g. in the tests).", lower_bound=1)
 OUT_DIR = flags.DEFINE_string("out", "build", "Where bench.md and bench.json go.")
 MICROBATCH = flags.DEFINE_integer("microbatch", 64, "config.microbatch_size for throughput "
                                    "batches larger than this, on CPU only (0: none).")
@@ -235,14 +239,16 @@ def microbatch_overrides(batch_size: int, platform: str | None = None) -> dict:
   return {"microbatch_size": size} if size else {}
 
 
-def machine() -> dict:
-  """Devices of this process's JAX backend and, on CPU, the measured fp32 matmul peak."""
+def machine(measure_peak: bool = True) -> dict:
+  """Devices of this process's JAX backend and, on CPU, the measured fp32 matmul peak
+  (None without `measure_peak`: for callers that report no fraction of it)."""
   import jax
 
   platform = jax.default_backend()
   return {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
           "platform": platform, "device_kind": jax.devices()[0].device_kind,
-          "matmul_peak_gflops": matmul_peak_gflops() if platform == "cpu" else None}
+          "matmul_peak_gflops": (matmul_peak_gflops() if platform == "cpu" and measure_peak
+                                 else None)}
 
 
 def in_child(what: str, *args) -> dict:
@@ -277,6 +283,8 @@ def main(argv):
   results = {"machine": in_child("machine"), "recipes": {}}
   for name in _RECIPES.value:
     config_file, overrides = RECIPES[name]
+    if name == "resnet20":
+      overrides = {**overrides, "model.width": _WIDTH.value}
     run_overrides = command_line.override_flags(overrides)
     if name == "resnet20":
       run_overrides.append(f"--config.num_epochs={_EPOCHS.value}")
@@ -284,7 +292,7 @@ def main(argv):
                      int(b)) for b in BATCH_SIZES.value]
     results["recipes"][name] = {"throughput": rows, "training": training_run(config_file,
                                                                              run_overrides),
-                                "peak": peak_for(results, name)}
+                                "peak": peak_for(results, name), "overrides": overrides}
     print(f"{name}: done", file=sys.stderr, flush=True)
   table = markdown(results)
   print(table)
