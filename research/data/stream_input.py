@@ -52,6 +52,7 @@ Evaluation. `EvalStream` reads a split in order, in batches of `eval_batch_size`
 and masked: every example counts exactly once.
 """
 
+import atexit
 import functools
 import math
 import os
@@ -120,6 +121,9 @@ class _Reader:
   def __init__(self, dataset, ahead: int, workers: int, threads: int):
     self.workers = workers = worker_count(workers)
     if workers:
+      # Runs before multiprocessing's own exit handler (registered earlier; atexit is LIFO).
+      atexit.unregister(_finish_shared_memory_frees)
+      atexit.register(_finish_shared_memory_frees)
       if not flags.FLAGS.is_parsed():  # grain reads its flags when it starts workers
         flags.FLAGS.mark_as_parsed()
       # In a worker the batches are computed one at a time: the parallelism is the workers.
@@ -153,20 +157,18 @@ class _Reader:
 
   def close(self) -> None:
     self._iterator.close()
-    if self.workers:
-      _finish_shared_memory_frees()
 
 
 def _finish_shared_memory_frees() -> None:
-  """Waits for grain's background frees of the shared-memory batches dropped so far.
-  grain frees a batch's shared memory on a thread pool that Python's exit abandons: a
-  run that ends right after closing its stream would leave those blocks to the
-  resource tracker, which frees them but warns of "leaked shared_memory objects"."""
+  """At exit, before Python abandons grain's pool of background frees of shared-memory
+  batches: the batches dropped so far are freed, else the resource tracker frees them
+  but warns of "leaked shared_memory objects". Registered once, with the first reader
+  that starts worker processes."""
   import gc
 
   from grain.multiprocessing import SharedMemoryArray
 
-  gc.collect()  # the dropped batches' frees are queued by their __del__
+  gc.collect()  # batches dropped in reference cycles queue their frees in __del__
   frees = getattr(SharedMemoryArray, "_del_thread_pool", None)  # absent: frees are inline
   if frees is not None:
     frees.apply(int)  # one thread, in order: returns once every earlier free is done

@@ -202,7 +202,6 @@ def run_workers(builder, data_dir, image_size, batch_size, steps, workers) -> tu
     pieces = (piece for step in range(steps + 1) for piece in stream.batches(step, step + 1))
     return _timed(pieces, steps, batch_size)
   finally:
-    pieces.close()  # drops the last batch before the stream frees what it handed out
     stream.close()
 
 
@@ -390,7 +389,6 @@ def run_ceiling(image_size, batch_size, steps, hand_off: str = "alias",
   try:
     return _timed(pieces, steps, batch_size, children=False)
   finally:
-    pieces.close()  # as in run_workers
     stream.close()
 
 
