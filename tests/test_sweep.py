@@ -130,8 +130,9 @@ def test_a_bad_study_is_refused_in_one_line_and_writes_nothing(tmp_path, flags, 
 
 
 def test_dry_run_lists_the_plan(tmp_path):
+  # The trainers on the CPU (on a GPU box too: its slots are the next test's).
   result = _sweep(tmp_path / "study", "--space=optimizer.learning_rate=loguniform(1e-4,3e-2)",
-                  "--trials=5", "--workers=2", "--dry_run")
+                  "--trials=5", "--workers=2", "--dry_run", env={"JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-2000:]
   assert "tpe search, 5 trials, pruner median" in result.stdout
   assert "2 worker(s): CPU cores" in result.stdout
