@@ -14,6 +14,8 @@ from research import models
 from research.data import datasets
 from research.models import layers
 from research.run import steps, train
+from test_zoo_resnets import assert_repeats_the_blocks_of
+from test_zoo_training import REPEATS
 
 CONV_MODELS = [name for name, entry in models.MODELS.items() if "conv_impl" in entry.knobs]
 # Small versions of each (same layers and depth, fewer channels): compile time dominates.
@@ -28,25 +30,26 @@ def _model(name: str, conv_impl: str, dtype: str = "float32"):
   return models.build(config, num_classes=10)
 
 
-# The ResNet families, compile-bound, each in a file of its own so that no file takes minutes
-# and `make test`'s two workers run them side by side: test_accelerator_forms_cifar.py and
-# test_accelerator_forms_imagenet.py.
-CIFAR_RESNETS = ["resnet32", "resnet56"]
-IMAGENET_RESNETS = ["resnet18", "resnet34", "resnet50"]
+# The ImageNet ResNets (basic blocks, bottlenecks), compile-bound, are in a file of their own
+# so that no file takes minutes: test_accelerator_forms_imagenet.py.
+IMAGENET_RESNETS = ["resnet18", "resnet50"]
+# Every other convolutional model is one of the compared models with more blocks (REPEATS:
+# the same class, blocks and knobs, only the depth differs): the same layers, in both forms.
 
 
 def test_every_convolutional_model_of_the_zoo_is_covered():
   assert set(CONV_MODELS) == {"cnn", "resnet8", "resnet14", "resnet20", "resnet32", "resnet56",
                               "resnet18", "resnet34", "resnet50", "wide_resnet"}
-  here = {"cnn", "resnet8", "resnet14", "resnet20", "wide_resnet"}
-  assert set(CONV_MODELS) == here | set(CIFAR_RESNETS) | set(IMAGENET_RESNETS)
+  here = {"cnn", "resnet8", "wide_resnet"}
+  assert set(CONV_MODELS) == here | set(IMAGENET_RESNETS) | set(REPEATS)
+  for deep, compared in REPEATS.items():
+    assert compared in here | set(IMAGENET_RESNETS)
+    assert_repeats_the_blocks_of(deep, compared)
 
 
-# Each compiles two programs of a whole model and its gradient (5-60 s here): the seed CNN
-# and resnet8 (whose blocks resnet14-56 repeat) always, the rest as slow tests.
+# Each compiles two programs of a whole model and its gradient (5-15 s here).
 @pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compared within tolerances
-@pytest.mark.parametrize("name", ["cnn", "resnet8", *[
-    pytest.param(name, marks=pytest.mark.slow) for name in ("resnet14", "resnet20", "wide_resnet")]])
+@pytest.mark.parametrize("name", ["cnn", "resnet8", "wide_resnet"])
 @pytest.mark.slow
 def test_xla_convolutions_give_the_im2col_outputs_and_gradients_in_float32(name):
   forms_agree(name)

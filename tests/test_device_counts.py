@@ -93,8 +93,7 @@ from research.data import datasets
 from research.run import train
 # ResNets with one block per stage, their stem, block kind and knobs unchanged: depth sets
 # the compile time (ResNet-56's recipe took 87 CPU-s here, ResNet-20's 32, mostly
-# compiling), not what 16 devices do; every depth trains in test_zoo_resnets.py and
-# test_zoo_deep.py.
+# compiling), not what 16 devices do; the depths are tested in test_zoo_resnets.py.
 for name, entry in list(models.MODELS.items()):
   preset = getattr(entry.constructor, "keywords", {})
   shallow = ({"blocks_per_stage": 1} if "blocks_per_stage" in preset else

@@ -195,6 +195,7 @@ def test_global_norm_clipping_bounds_the_step():
   assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: both sides compiled alike
 @pytest.mark.parametrize("name", ["sgd", "momentum"])
 @pytest.mark.slow
 def test_k_micro_batches_equal_one_step_on_the_k_times_larger_batch(fashion_mnist, name):

@@ -18,6 +18,7 @@ def _state(model, tx):
   return train.create_state(model, tx, (28, 28, 1), seed=0)
 
 
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compile-bound
 @pytest.mark.slow
 def test_loss_falls_over_a_few_steps_on_real_batches(fashion_mnist):
   _, train_split, _ = fashion_mnist
@@ -30,6 +31,7 @@ def test_loss_falls_over_a_few_steps_on_real_batches(fashion_mnist):
   assert losses[-10:].mean() < 0.7 * losses[:10].mean()
 
 
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compile-bound
 @pytest.mark.slow
 def test_train_many_equals_single_steps(fashion_mnist):
   _, train_split, _ = fashion_mnist
@@ -80,6 +82,7 @@ def test_evaluation_counts_every_test_example_once(fashion_mnist, batch_size):
   assert int(totals["accuracy"]["correct"]) == correct
 
 
+@pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compile-bound
 @pytest.mark.slow
 def test_microbatched_step_matches_one_whole_batch(fashion_mnist):
   _, train_split, _ = fashion_mnist

@@ -1,8 +1,8 @@
 """The model zoo: names and knobs, bfloat16 compute, other shapes, BatchNorm statistics.
 
 Every model's few training steps on real Fashion-MNIST are in test_zoo_training.py and
-test_zoo_deep.py (files of their own, so that `make test`'s workers run them side by side);
-they use this file's SMALL_KNOBS and helpers.
+test_zoo_resnets.py (files of their own, so that `make test`'s workers run them side by
+side); they use this file's SMALL_KNOBS and helpers.
 """
 
 import functools
