@@ -54,30 +54,8 @@ def _share_compiled_programs() -> None:
 _share_compiled_programs()
 
 
-# The longest files (seconds on one worker of a 2-core machine), handed out first by `make
-# test`'s two workers (one file per worker at a time, --dist loadfile): the rest fill in
-# around them, rather than one long file running alone at the end while the other worker
-# idles. xdist's own order (most tests first) put one-test files such as these last.
-# A name that no longer exists fails test_layout.py; a slow file missing here costs time only.
-LONGEST_FIRST = ["test_multiprocess.py", "test_bench_compare_command.py", "test_models.py",
-                 "test_bench_command.py", "test_device_moves.py", "test_faults.py",
-                 "test_accelerator_forms_imagenet.py", "test_study_interruptions.py",
-                 "test_streaming.py", "test_resume.py", "test_check_accelerator.py",
-                 "test_device_counts_imagenet.py", "test_errors.py", "test_properties.py",
-                 "test_accelerator_forms.py", "test_study.py", "test_stream_workers.py",
-                 "test_zoo_resnets.py", "test_zoo.py", "test_prepare_data.py"]
-
-
-def pytest_configure(config):
-  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order given below
-    config.option.loadscopereorder = False
-
-
 def pytest_collection_modifyitems(config, items):
-  """Puts LONGEST_FIRST's files first, in that order; skips `cpu_only` tests when JAX's
-  backend is not the CPU (research/backend.py)."""
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+  """Skips `cpu_only` tests when JAX's backend is not the CPU (research/backend.py)."""
   marked = [item for item in items if item.get_closest_marker("cpu_only")]
   if not marked:
     return

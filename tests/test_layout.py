@@ -77,11 +77,3 @@ def test_commands_run_their_module():
     target = re.search(r'run_module\("research\.(\w+)\.(\w+)"', text)
     assert target, name
     assert os.path.isfile(os.path.join(RESEARCH, target[1], target[2] + ".py")), name
-
-
-def test_the_files_conftest_hands_out_first_exist():
-  from conftest import LONGEST_FIRST
-
-  tests = os.path.dirname(os.path.abspath(__file__))
-  assert not [name for name in LONGEST_FIRST if not os.path.isfile(os.path.join(tests, name))]
-  assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
