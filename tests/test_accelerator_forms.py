@@ -33,14 +33,14 @@ def _model(name: str, conv_impl: str, dtype: str = "float32"):
 # The ImageNet ResNets (basic blocks, bottlenecks), compile-bound, are in a file of their own
 # so that no file takes minutes: test_accelerator_forms_imagenet.py.
 IMAGENET_RESNETS = ["resnet18", "resnet50"]
-# Every other convolutional model is one of the compared models with more blocks (REPEATS:
-# the same class, blocks and knobs, only the depth differs): the same layers, in both forms.
 
 
 def test_every_convolutional_model_of_the_zoo_is_covered():
   assert set(CONV_MODELS) == {"cnn", "resnet8", "resnet14", "resnet20", "resnet32", "resnet56",
                               "resnet18", "resnet34", "resnet50", "wide_resnet"}
   here = {"cnn", "resnet8", "wide_resnet"}
+  # Every other one is a compared model with more blocks (REPEATS: the same class, blocks
+  # and knobs, only the depth differs): the same layers, in both forms.
   assert set(CONV_MODELS) == here | set(IMAGENET_RESNETS) | set(REPEATS)
   for deep, compared in REPEATS.items():
     assert compared in here | set(IMAGENET_RESNETS)
