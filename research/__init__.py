@@ -14,7 +14,8 @@ the maps and the direction):
 
 The ground floor, used by every folder:
 
-  main.py     `python -m research.main`: flags -> config checks -> run.train.train_and_evaluate
+  main.py     `python -m research.main`: its flags, logging, and errors as one line + exit 2
+  program.py  what main runs with the flags' values: set-up, config checks, train or eval
   errors.py   UserError and TrainingFailure: mistakes and failures reported in one line
   knobs.py    a config field's declaration, made next to the code that reads it
   backend.py  where a run executes (CPU or accelerator forms), decided once

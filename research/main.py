@@ -2,20 +2,19 @@
 
 Every config field can be overridden with `--config.FIELD=VALUE`; a config file
 can take an argument: `--config=configs/default.py:smoke`. The work happens in
-`research.run.train`; this file parses flags, reports the set-up, validates the config
-(research/config/config_validation.py) and turns user mistakes into a message and exit
-status 2 (no traceback; `--verbose` shows it).
+`research.program` (set-up, then `research.run.train`); this file parses flags, sets
+up logging and turns user mistakes into a message and exit status 2 (no traceback;
+`--verbose` shows it).
 """
 
-import errno
 import logging as std_logging
-import os
 import sys
 
 from absl import app, flags, logging
 
+from research import program
 from research.config import command_line
-from research.errors import TrainingFailure, UserError, end_within
+from research.errors import UserError, end_within
 
 # --config (a config file, default configs/default.py) is defined by
 # command_line.parse, which turns every flag mistake into a UserError.
@@ -86,22 +85,6 @@ def _set_up_logging(verbose: bool) -> None:
     std_logging.getLogger().addHandler(console)
 
 
-def _stored_config(workdir: str, command_config):
-  """The config a workdir was trained with; only `eval.*` comes from the command line.
-  A damaged config.json is rebuilt (not rewritten) from the newest readable checkpoint."""
-  from research.config import workdir_config
-  from research.run import workdir_layout
-
-  workdir_layout.check(workdir, writing=False)
-  stored = workdir_config.stored(workdir, repair=False)
-  if stored is None:
-    raise UserError(f"--mode=eval needs {os.path.join(workdir, 'config.json')} (written by "
-                    "training): is --workdir the workdir of a training run?")
-  stored = workdir_config.read_stored(stored)  # fields newer code added take their defaults
-  stored.eval = command_config.eval
-  return stored
-
-
 def _exit_with_message(error: UserError, verbose: bool):
   if verbose:
     end_within(error.exit_code)
@@ -116,59 +99,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _exit_with_message(e, "--verbose" in argv)
 
 
-# Faults of the machine rather than of the code: a message, not a traceback.
-_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
-
-
 def main(argv):
   _set_up_logging(_VERBOSE.value)
   try:
-    _run(argv)
+    if len(argv) > 1:
+      raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}. Every setting is a flag: "
+                      "--workdir=DIR, --config=FILE, --config.FIELD=VALUE.")
+    program.run(_WORKDIR.value, flags.FLAGS.config, mode=_MODE.value,
+                allow_config_change=_ALLOW_CONFIG_CHANGE.value, allow_cpu=_ALLOW_CPU.value,
+                coordinator_address=_COORDINATOR_ADDRESS.value,
+                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   except UserError as e:
     _exit_with_message(e, _VERBOSE.value)
-  except OSError as e:
-    if e.errno not in _DISK_ERRORS:
-      end_within(1)
-      raise
-    _exit_with_message(TrainingFailure(
-        f"Writing {e.filename or 'a file'} failed: {e.strerror}. Free some space (or fix the "
-        "permissions) and rerun the same command: it resumes from the last checkpoint."),
-        _VERBOSE.value)
   except BaseException as e:  # a bug's traceback, preemption's exit status: still end promptly
     end_within(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
     raise
-
-
-def _run(argv) -> None:
-  if len(argv) > 1:
-    raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}. Every setting is a flag: "
-                    "--workdir=DIR, --config=FILE, --config.FIELD=VALUE.")
-  if not _WORKDIR.value:
-    raise UserError("--workdir is required, e.g. --workdir=runs/default")
-  config = flags.FLAGS.config
-  if config.get("deterministic"):
-    # Read by XLA when the GPU backend starts, hence before JAX is imported.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_gpu_deterministic_ops=true").strip()
-  import jax
-
-  from research import backend
-  from research.config import config_validation
-  from research.run import compile_cache, distributed, train
-
-  how = distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)  # before anything touches a device
-  backend.check_accelerator_used(jax.default_backend(), _ALLOW_CPU.value)
-  distributed.check_shared_workdir(_WORKDIR.value)  # all processes see one workdir, or exit 2
-  compile_cache.set_up(config.get("compile_cache", compile_cache.AUTO))  # before any compile
-  logging.info("JAX process %d of %d (%s), devices: %s", jax.process_index(),
-               jax.process_count(), how, jax.devices())
-  if _MODE.value == "eval":
-    train.evaluate_checkpoint(_stored_config(_WORKDIR.value, config), _WORKDIR.value)
-  else:
-    # Mistakes the config alone shows fail here, before the run takes the workdir's lock.
-    checked = config_validation.validate(config)
-    train.train_and_evaluate(checked, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

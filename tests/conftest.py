@@ -6,11 +6,13 @@ reason; tests that force several host devices run their subprocesses on the CPU
 platform, the only one those flags apply to.
 """
 
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+import typing
 
 import pytest
 
@@ -124,6 +126,53 @@ def run_main(workdir, *flags, timeout=600, env=None):
                         env={**os.environ, **(_cpu_if_forced_devices(env) or {})})
 
 
+class Ran(typing.NamedTuple):
+  """What `run_here` saw: the exit status `research.main` would have ended with, and its
+  stderr (the run's log lines; for a UserError, main's last line "error: MESSAGE")."""
+  returncode: int
+  stderr: str
+
+
+def run_here(workdir, *flags) -> Ran:
+  """`run_main(workdir, *flags)`'s run in this process, for runs whose subject is not the
+  command line: the same config parser, then what main runs once its process is set up
+  (`research.program.train_or_evaluate`). It saves a fresh interpreter's imports and
+  JAX start-up (~5 CPU-s a run). Flags: --config=FILE[:ARG], --config.FIELD=VALUE,
+  --mode=MODE, --allow_config_change. An exception other than a UserError propagates."""
+  import logging
+
+  from research import program
+  from research.config import command_line
+  from research.errors import UserError
+
+  config_file, mode, allow_config_change, overrides = command_line.DEFAULT_CONFIG, "train", False, []
+  for flag in flags:
+    if flag.startswith("--config="):
+      config_file = flag[len("--config="):]
+    elif flag.startswith("--mode="):
+      mode = flag[len("--mode="):]
+    elif flag == "--allow_config_change":
+      allow_config_change = True
+    else:
+      overrides.append(flag)
+  lines = io.StringIO()
+  handler = logging.StreamHandler(lines)
+  handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(logging.INFO)
+  try:
+    program.train_or_evaluate(str(workdir), command_line.parse_config(overrides, config_file),
+                              mode, allow_config_change)
+    return Ran(0, lines.getvalue())
+  except UserError as error:
+    return Ran(error.exit_code, f"{lines.getvalue()}error: {error}\n")
+  finally:
+    absl_logger.removeHandler(handler)
+    absl_logger.setLevel(level)
+
+
 # Fields of metrics.jsonl that measure time: they differ between otherwise identical runs.
 TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
 
@@ -168,7 +217,7 @@ def trained_workdir(tmp_path_factory):
   """One short real run (300 steps, ~0.8 test accuracy, steps 100-150 profiled)
   shared by the report, prediction and run.json tests."""
   workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  result = run_main(workdir, "--config=configs/default.py:smoke", "--config.profile_steps=100,50")
+  result = run_here(workdir, "--config=configs/default.py:smoke", "--config.profile_steps=100,50")
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 

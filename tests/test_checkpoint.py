@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import run_here
 from research.errors import UserError
 from research.run import checkpoint
 
@@ -226,7 +226,7 @@ def test_damaged_newest_step_and_config_json_the_run_resumes_and_rewrites_them(s
   _damage(os.path.join(workdir, "checkpoints", "20"), "_CHECKPOINT_METADATA", "truncated")
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write('{"model": {"na')
-  result = run_main(workdir, "--config=configs/default.py:smoke", *SMALL_RUN, timeout=300)
+  result = run_here(workdir, "--config=configs/default.py:smoke", *SMALL_RUN)
   assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert "config.json cannot be read" in result.stderr
   assert "using the config stored in checkpoint step 15" in result.stderr
@@ -244,7 +244,7 @@ def test_eval_mode_with_a_damaged_config_json_uses_the_checkpoints_config(small_
   shutil.copytree(source, workdir)
   with open(os.path.join(workdir, "config.json"), "wb") as f:
     f.write(b"\x00" * 100)
-  result = run_main(workdir, "--mode=eval", "--config.eval.split=test[:100]", timeout=300)
+  result = run_here(workdir, "--mode=eval", "--config.eval.split=test[:100]")
   assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
   assert "using the config stored in checkpoint step 20" in result.stderr
   assert "Checkpoint step 20 on test[:100]" in result.stderr

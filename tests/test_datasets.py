@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.image_classification import cifar
 
-from conftest import run_main, with_fast_compile
+from conftest import run_here
 from research.data import datasets
 from research.errors import UserError
 
@@ -128,14 +128,14 @@ def test_normalization_constants_exist_for_the_supported_datasets():
 
 
 @pytest.mark.slow
-def test_cifar10_resnet_recipe_trains_on_cifar10_format_data(cifar10_dir, tmp_path):
+def test_cifar10_resnet_recipe_trains_on_cifar10_format_data(cifar10_dir, tmp_path,
+                                                             cheap_compiles):
   data_dir, _ = cifar10_dir
   # Compiling dominates (ResNet-20's initialization alone takes 22 s with LLVM's costlier
   # passes, 2.5 s without): 55 CPU-s with them, 20 without.
-  result = run_main(str(tmp_path / "run"), "--config=configs/cifar10_resnet.py:smoke",
+  result = run_here(str(tmp_path / "run"), "--config=configs/cifar10_resnet.py:smoke",
                     f"--config.dataset.data_dir={data_dir}", "--config.model.width=4",
-                    "--config.batch_size=8", "--config.eval_batch_size=4",
-                    env=with_fast_compile())
+                    "--config.batch_size=8", "--config.eval_batch_size=4")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Final test accuracy" in result.stderr
 

@@ -1,7 +1,8 @@
 """User mistakes end in one clear message, exit status 2, no traceback, nothing written.
 
 Flag mistakes run `python -m research.main` as a user would; impossible values are
-also checked in-process through `command_line.parse_config`, the parser main uses.
+also checked in-process through `command_line.parse_config`, the parser main uses, and
+mistakes found once the config is parsed through `run_here` (what main then runs).
 """
 
 import json
@@ -10,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import run_main, tree_digest
+from conftest import run_here, run_main, tree_digest
 from research.config import command_line, config_validation, workdir_config
 from research.errors import UserError
 
@@ -103,7 +104,7 @@ def test_impossible_values_are_refused_with_field_value_and_accepted(override, f
 @pytest.mark.slow
 def test_zero_epochs_fails_before_anything_is_written(tmp_path):
   workdir = str(tmp_path / "run")
-  _refused(run_main(workdir, SMOKE, "--config.num_epochs=0", "--config.num_train_steps=0"),
+  _refused(run_here(workdir, SMOKE, "--config.num_epochs=0", "--config.num_train_steps=0"),
            workdir, "--config.num_epochs=0", "a positive number")
 
 
@@ -126,7 +127,7 @@ def test_image_size_the_model_cannot_take(tmp_path):
       "  config.model.conv_features = (32, 64, 128, 256)\n"
       "  return config\n")
   workdir = str(tmp_path / "run")
-  result = run_main(workdir, f"--config={config_file}")
+  result = run_here(workdir, f"--config={config_file}")
   _refused(result, workdir, "model.name='cnn'", "model.conv_features=(32, 64, 128, 256)",
            "cannot take images of shape (28, 28, 1)")
 
@@ -177,14 +178,14 @@ def test_attention_heads_that_do_not_divide_the_width():
 @pytest.mark.slow
 def test_eval_batch_larger_than_the_eval_split(tmp_path):
   workdir = str(tmp_path / "run")
-  result = run_main(workdir, SMOKE, "--config.eval_batch_size=20000")
+  result = run_here(workdir, SMOKE, "--config.eval_batch_size=20000")
   _refused(result, workdir, "--config.eval_batch_size=20000", "at most 10000")
 
 
 @pytest.mark.slow
 def test_empty_split_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
-  result = run_main(workdir, SMOKE, "--config.dataset.eval_split=test[:0]")
+  result = run_here(workdir, SMOKE, "--config.dataset.eval_split=test[:0]")
   _refused(result, workdir, "'test[:0]'", "Accepted:")
 
 
@@ -235,12 +236,12 @@ def test_stored_config_differs_lists_the_fields_and_needs_explicit_consent(tmp_p
 @pytest.mark.slow
 def test_non_finite_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
-  good = run_main(workdir, SMOKE, "--config.num_train_steps=50")
+  good = run_here(workdir, SMOKE, "--config.num_train_steps=50")
   assert good.returncode == 0, good.stderr[-3000:]
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   before = tree_digest(checkpoint_dir)
 
-  exploding = run_main(workdir, SMOKE, "--config.num_train_steps=100", "--allow_config_change",
+  exploding = run_here(workdir, SMOKE, "--config.num_train_steps=100", "--allow_config_change",
                        "--config.optimizer.learning_rate=1e30")
   assert exploding.returncode == 1, exploding.stderr[-3000:]
   assert "Traceback" not in exploding.stderr

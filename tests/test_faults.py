@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main, tree_digest
+from conftest import REPO, run_here, run_main, tree_digest
 from research.data import prepare_data
 from research.errors import UserError
 from research.run import workdir_layout, workdir_lock
@@ -273,7 +273,7 @@ def test_workdir_not_writable(tmp_path, small_tmpfs):
     parent.mkdir(mode=0o555)
     reason = "Permission denied"
   workdir = str(parent / "run")
-  message = _error(run_main(workdir, SMOKE))
+  message = _error(run_here(workdir, SMOKE))
   assert f"--workdir={workdir} cannot be written: {reason}" in message
 
 
@@ -298,7 +298,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, small_tm
   # With space again (a copy elsewhere), the same command resumes from step 50 and finishes.
   roomy = str(tmp_path / "roomy")
   shutil.copytree(workdir, roomy)
-  resumed = run_main(roomy, *flags)
+  resumed = run_here(roomy, *flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from checkpoint step 50" in resumed.stderr
 
@@ -423,7 +423,7 @@ def _wrong_kind(workdir, name):
 @pytest.mark.slow
 def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finished_workdir,
                                                                          tmp_path, name):
-  from research import main
+  from research import program
   from research.config import command_line, config_validation
   from research.run import train
 
@@ -435,7 +435,7 @@ def test_each_workdir_path_of_the_wrong_kind_is_refused_in_train_and_eval(finish
   with pytest.raises(UserError) as training:
     train.train_and_evaluate(config_validation.validate(config), workdir)
   with pytest.raises(UserError) as evaluation:
-    main._stored_config(workdir, config)
+    program.train_or_evaluate(workdir, config, mode="eval")
   for error in (training, evaluation):
     assert f"{os.path.join(workdir, name)} {fragment}" in str(error.value)
     assert "nothing was changed" in str(error.value)
@@ -486,9 +486,9 @@ def test_wrong_kind_from_the_command_line_is_one_line_and_exit_2(finished_workdi
 def test_a_workdir_that_is_a_file_says_so(tmp_path):
   existing = tmp_path / "notes.txt"
   existing.write_text("my notes\n")
-  message = _error(run_main(str(existing), SMOKE, timeout=120))
+  message = _error(run_here(str(existing), SMOKE))
   assert f"--workdir={existing} is a file, not a folder" in message
-  below = _error(run_main(str(existing / "run"), SMOKE, timeout=120))
+  below = _error(run_here(str(existing / "run"), SMOKE))
   assert f"cannot be created: {existing} is a file, not a folder" in below
   assert existing.read_text() == "my notes\n"
 

@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import records, run_main
+from conftest import records, run_here
 from test_resume import RUN
 
 
 def _finished_run(tmp_path_factory, name, steps):
   workdir = str(tmp_path_factory.mktemp(name))
-  result = run_main(workdir, *RUN[:1], f"--config.num_train_steps={steps}", *RUN[2:])
+  result = run_here(workdir, *RUN[:1], f"--config.num_train_steps={steps}", *RUN[2:])
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -44,7 +44,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(run_of_90_st
   for name in os.listdir(data_dir):
     path = os.path.join(data_dir, name)
     os.truncate(path, os.path.getsize(path) // 2)
-  longer = run_main(workdir, *RUN[:1], "--config.num_train_steps=120", *RUN[2:],
+  longer = run_here(workdir, *RUN[:1], "--config.num_train_steps=120", *RUN[2:],
                     "--allow_config_change")
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert "Skipping checkpoint step 90" in longer.stderr
@@ -57,21 +57,21 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(run_of_90_st
 def test_eval_mode_evaluates_a_chosen_step_without_training(run_of_90_steps, tmp_path):
   workdir = _copy(run_of_90_steps, tmp_path)
   before = records(workdir)
-  result = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=60")
+  result = run_here(workdir, "--mode=eval", "--config.eval.checkpoint_step=60")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval.jsonl")) as f:
     record = json.loads(f.readline())
   assert record["step"] == 60 and record["split"] == "test" and record["num_examples"] == 10000
   assert 0 < record["accuracy"] <= 1 and len(record["params_fingerprint"]) == 12
   assert records(workdir) == before  # no training happened
-  missing = run_main(workdir, "--mode=eval", "--config.eval.checkpoint_step=61")
+  missing = run_here(workdir, "--mode=eval", "--config.eval.checkpoint_step=61")
   assert missing.returncode == 2 and "one of the steps [60, 80, 90]" in missing.stderr
 
 
 @pytest.mark.slow
 def test_init_from_another_run_and_head_reinitialization(run_of_30_steps, tmp_path):
   source = run_of_30_steps
-  fine_tuned = run_main(str(tmp_path / "fine_tuned"), *RUN[:1], "--config.num_train_steps=10",
+  fine_tuned = run_here(str(tmp_path / "fine_tuned"), *RUN[:1], "--config.num_train_steps=10",
                         f"--config.init_from={source}")
   assert fine_tuned.returncode == 0, fine_tuned.stderr[-3000:]
   assert f"Initialized from {source} step 30" in fine_tuned.stderr

@@ -6,7 +6,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import interrupt_at_step, last_train_step, records, run_main
+from conftest import interrupt_at_step, last_train_step, records, run_here, run_main
 
 # Evaluations on a tenth of the test split: a run's records (evaluations included) are
 # compared whole, and 10,000 examples would triple each evaluation's share of the run.
@@ -25,8 +25,9 @@ def _final_params(workdir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+  """The uninterrupted run, in this process (the runs compared with it have their own)."""
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  result = run_main(workdir, *RUN)
+  result = run_here(workdir, *RUN)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 

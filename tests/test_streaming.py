@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, interrupt_at_step, records, run_main, with_fast_compile
+from conftest import REPO, interrupt_at_step, records, run_here, run_main, with_fast_compile
 from research import mesh as mesh_lib
 from research.config import config_validation
 from research.data import datasets, data_source, stream_input
@@ -233,7 +233,7 @@ def test_checkpoint_whose_recorded_position_disagrees_is_refused(stream_referenc
 def test_eval_mode_streams_a_checkpoint(stream_reference, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(stream_reference, workdir)
-  result = run_main(workdir, "--mode=eval", "--config.eval.split=test[1000:1500]")
+  result = run_here(workdir, "--mode=eval", "--config.eval.split=test[1000:1500]")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval.jsonl")) as f:
     record = json.loads(f.readline())

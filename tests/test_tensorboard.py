@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import REPO, interrupt_at_step, run_main
+from conftest import REPO, interrupt_at_step, run_here
 
 
 def _metrics_points(workdir) -> dict:
@@ -101,7 +101,7 @@ def test_after_a_kill_and_a_resume_every_tag_has_one_point_per_step(tmp_path):
   killed = _tensorboard_points(workdir)
   assert max(step for step, _ in killed["train/loss"]) > 50  # points the resume takes back
 
-  resumed = run_main(workdir, *RUN)
+  resumed = run_here(workdir, *RUN)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from checkpoint step 50" in resumed.stderr
   shown, expected = _tensorboard_points(workdir), _metrics_points(workdir)

@@ -186,13 +186,13 @@ def test_config_argument_puts_a_models_knobs_on_the_command_line():
 
 @pytest.mark.slow
 def test_bad_names_and_knobs_fail_before_any_work(tmp_path):
-  from conftest import run_main
+  from conftest import run_here
 
   for flag, expected in [("--config.model.name=resnet99", "one of 'cnn', 'mlp'"),
                          ("--config.optimizer.name=adagrad", "one of 'sgd', 'momentum'"),
                          ("--config.schedule.name=linear", "one of 'constant', 'cosine'"),
                          ("--config.dataset.name=no_such_set", "not a TFDS dataset")]:
     workdir = tmp_path / flag.split("=")[0].rsplit(".", 1)[-1]
-    result = run_main(str(workdir), "--config=configs/default.py", flag)
+    result = run_here(str(workdir), "--config=configs/default.py", flag)
     assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not workdir.exists()
