@@ -173,6 +173,26 @@ def run_here(workdir, *flags) -> Ran:
     absl_logger.setLevel(level)
 
 
+def parse_as_main(command: list[str]):
+  """(config, flag values) that `python -m research.main` makes of `command` (an argv as
+  command_line.main_command builds it), parsed in this process: main's own flags and the
+  --config parser it uses (command_line.parse). A mistake raises main's UserError."""
+  import copy
+
+  from absl import flags
+
+  from research import main  # defines its flags in absl's FLAGS
+  from research.config import command_line
+
+  assert command[:3] == [sys.executable, "-m", "research.main"], command[:3]
+  flag_values = flags.FlagValues()
+  for flag in flags.FLAGS.get_flags_for_module(main):  # copies: this parse leaves FLAGS alone
+    flag_values[flag.name] = copy.deepcopy(flag)
+  remaining = command_line.parse(command[2:], flag_values)  # argv[0]: the program
+  assert remaining == ["research.main"], remaining
+  return flag_values["config"].value, flag_values
+
+
 # Fields of metrics.jsonl that measure time: they differ between otherwise identical runs.
 TIMING_FIELDS = {"elapsed", "steps_per_sec", "train_seconds", "input_sec", "compute_sec"}
 

@@ -2,17 +2,16 @@
 does not list says how to set it; a command built by `main_command` parses back, through
 research.main's own flags, to the values it was built from."""
 
-import copy
 import math
 import re
 import sys
 
 import numpy as np
 import pytest
-from absl import flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import parse_as_main
 from research.config import command_line
 from research.errors import UserError
 
@@ -83,20 +82,6 @@ def test_the_help_lists_every_field_with_its_declaration():
 CNN = "configs/default.py:model=cnn"  # lists the cnn's knobs: a tuple field among them
 
 
-def _as_main_parses(command: list[str]):
-  """(config, flag values) that `python -m research.main` makes of `command`: its own
-  --workdir and --mode flags, and the --config parser it uses (command_line.parse)."""
-  from research import main  # defines its flags in absl's FLAGS
-
-  assert command[:3] == [sys.executable, "-m", "research.main"]
-  flag_values = flags.FlagValues()
-  for holder in (main._WORKDIR, main._MODE):  # copies: this parse leaves FLAGS alone
-    flag_values[holder.name] = copy.deepcopy(flags.FLAGS[holder.name])
-  remaining = command_line.parse(command[2:], flag_values)  # argv[0]: the program
-  assert remaining == ["research.main"], remaining
-  return flag_values["config"].value, flag_values
-
-
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=30)
 FINITE = st.floats(allow_nan=False, allow_infinity=False)
 
@@ -113,7 +98,7 @@ def test_a_built_command_parses_back_to_the_values_it_was_built_from(
             "schedule.boundaries_steps": dropped}
   command = command_line.main_command(CNN, "runs/x y", command_line.override_flags(values),
                                       mode="eval")
-  config, parsed = _as_main_parses(command)
+  config, parsed = parse_as_main(command)
   assert parsed["workdir"].value == "runs/x y" and parsed["mode"].value == "eval"
   got = config.optimizer.learning_rate
   assert got == learning_rate or (math.isnan(got) and math.isnan(learning_rate))
@@ -132,7 +117,7 @@ def test_text_values_reach_the_field_as_typed_and_the_last_flag_wins():
                  *command_line.override_flags({"batch_size": 128, "model.conv_features":
                                                "(16, 32)", "optimizer.learning_rate": "1e-3"})])
   assert command[3:5] == [f"--config={CNN}", "--workdir=w"]  # --config before its overrides
-  config, parsed = _as_main_parses(command)
+  config, parsed = parse_as_main(command)
   assert config.batch_size == 128 and config.model.conv_features == (16, 32)
   assert config.optimizer.learning_rate == 1e-3
   assert parsed["mode"].value == "train"  # no --mode: research.main's default

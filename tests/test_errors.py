@@ -1,17 +1,19 @@
 """User mistakes end in one clear message, exit status 2, no traceback, nothing written.
 
-Flag mistakes run `python -m research.main` as a user would; impossible values are
-also checked in-process through `command_line.parse_config`, the parser main uses, and
-mistakes found once the config is parsed through `run_here` (what main then runs).
+Flag mistakes are parsed in-process as `research.main` parses them (its flags and
+`command_line.parse`), and a few run `python -m research.main` as a user would;
+impossible values are checked through `command_line.parse_config`, the parser main uses,
+and mistakes found once the config is parsed through `run_here` (what main then runs).
 """
 
 import json
 import os
 import re
+import sys
 
 import pytest
 
-from conftest import run_here, run_main, tree_digest
+from conftest import parse_as_main, run_here, run_main, tree_digest
 from research.config import command_line, config_validation, workdir_config
 from research.errors import UserError
 
@@ -47,10 +49,24 @@ def _refused(result, workdir, *fragments, status=2):
     (["--config=configs/default.py:tiny"], ["Unknown config argument 'tiny'",
                                             "'smoke', 'model=NAME'"]),
     (["--config.seed=1", SMOKE], ["before a value for --config"]),
-    (["positional"], ["Unexpected arguments: positional"]),
+])
+def test_flag_mistakes_name_the_flag_the_value_and_what_is_accepted(tmp_path, flags, fragments):
+  # The parse research.main runs (its own flags, command_line.parse), in this process; the
+  # program's one line and exit status for such a mistake: the test below.
+  workdir = str(tmp_path / "run")
+  with pytest.raises(UserError) as error:
+    parse_as_main([sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags])
+  for fragment in fragments:
+    assert fragment in str(error.value), str(error.value)
+  assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--config.optimzer.lr=0.1"], ["--config.optimzer.lr='0.1'", "no field 'optimzer'"]),
+    (["positional"], ["Unexpected arguments: positional"]),  # found by main after the parse
 ])
 @pytest.mark.slow
-def test_flag_mistakes_name_the_flag_the_value_and_what_is_accepted(tmp_path, flags, fragments):
+def test_a_flag_mistake_ends_the_program_with_one_line_and_exit_2(tmp_path, flags, fragments):
   workdir = str(tmp_path / "run")
   _refused(run_main(workdir, *flags), workdir, *fragments)
 
