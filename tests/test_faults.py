@@ -184,7 +184,7 @@ def test_second_run_refused_while_live_then_stale_lock_taken_over(tmp_path):
     owner = _lock_owner(workdir)
     assert owner["pid"] == first.process.pid and owner["host"] == socket.gethostname()
 
-    second = run_main(workdir, *LONG)
+    second = run_here(workdir, *LONG)
     message = _error(second)
     assert (f"in use by a live run (pid {first.process.pid} on host {socket.gethostname()}"
             in message)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import interrupt_at_step, records, run_main
+from conftest import interrupt_at_step, records, run_here, run_main
 from research import mesh as mesh_lib
 from research.data import datasets, data_source, stream_input
 from research.errors import TrainingFailure
@@ -110,10 +110,10 @@ def test_stream_run_with_workers_killed_resumes_bit_identical(tmp_path):
   """SIGKILL (no checkpoint on the way out) after step 25 of the 40-step stream run with
   2 decoding processes, then the same command with 1: the newest checkpoint (step 20)
   resumes to the parameters of the uninterrupted run, bit for bit. That run decodes
-  with threads (workers=0): no worker processes to start (each costs seconds of
-  imports), and a third worker count that must change nothing."""
+  with threads (workers=0), in this process: no worker processes or interpreter to start
+  (each costs seconds of imports), and a third worker count that must change nothing."""
   reference = str(tmp_path / "reference")
-  result = run_main(reference, *RUN, "--config.dataset.workers=0",
+  result = run_here(reference, *RUN, "--config.dataset.workers=0",
                     "--config.num_train_steps=40")
   assert result.returncode == 0, result.stderr[-3000:]
   workdir = str(tmp_path / "run")
