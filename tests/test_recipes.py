@@ -9,7 +9,7 @@ import pytest
 from research import models
 from research.config import config_validation
 from research.run import optim
-from conftest import records, run_main
+from conftest import records, run_here
 
 # (config module, argument) for every variant the recipes accept.
 RECIPES = [("default", None), ("default", "smoke"), ("default", "model=resnet20,optimizer=lamb"),
@@ -43,7 +43,7 @@ def test_fashion_mnist_resnet_recipe_trains_and_learns(tmp_path):
   Its steps at full width are most of the cost, so it is compiled as the recipe is (the
   less optimized code would run them slower)."""
   workdir = tmp_path / "run"
-  result = run_main(workdir, "--config=configs/fashion_mnist_resnet.py:smoke",
+  result = run_here(workdir, "--config=configs/fashion_mnist_resnet.py:smoke",
                     "--config.num_train_steps=24", "--config.eval_every_steps=24",
                     "--config.log_every_steps=8", "--config.dataset.eval_split=test[:1000]")
   assert result.returncode == 0, result.stderr[-3000:]
