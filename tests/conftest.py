@@ -145,7 +145,8 @@ def run_here(workdir, *flags) -> Ran:
   from research.config import command_line
   from research.errors import UserError
 
-  config_file, mode, allow_config_change, overrides = command_line.DEFAULT_CONFIG, "train", False, []
+  config_file, mode, allow_config_change = command_line.DEFAULT_CONFIG, "train", False
+  overrides = []
   for flag in flags:
     if flag.startswith("--config="):
       config_file = flag[len("--config="):]
