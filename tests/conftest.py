@@ -135,27 +135,15 @@ class Ran(typing.NamedTuple):
 
 def run_here(workdir, *flags) -> Ran:
   """`run_main(workdir, *flags)`'s run in this process, for runs whose subject is not the
-  command line: the same config parser, then what main runs once its process is set up
-  (`research.program.train_or_evaluate`). It saves a fresh interpreter's imports and
-  JAX start-up (~5 CPU-s a run). Flags: --config=FILE[:ARG], --config.FIELD=VALUE,
-  --mode=MODE, --allow_config_change. An exception other than a UserError propagates."""
+  command line: the flags parsed as main parses them (`parse_as_main`), then what main
+  runs once its process is set up (`research.program.train_or_evaluate`). It saves a
+  fresh interpreter's imports and JAX start-up (~5 CPU-s a run). An exception other than
+  a UserError propagates."""
   import logging
 
   from research import program
-  from research.config import command_line
   from research.errors import UserError
 
-  config_file, mode, allow_config_change = command_line.DEFAULT_CONFIG, "train", False
-  overrides = []
-  for flag in flags:
-    if flag.startswith("--config="):
-      config_file = flag[len("--config="):]
-    elif flag.startswith("--mode="):
-      mode = flag[len("--mode="):]
-    elif flag == "--allow_config_change":
-      allow_config_change = True
-    else:
-      overrides.append(flag)
   lines = io.StringIO()
   handler = logging.StreamHandler(lines)
   handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
@@ -164,8 +152,10 @@ def run_here(workdir, *flags) -> Ran:
   absl_logger.addHandler(handler)
   absl_logger.setLevel(logging.INFO)
   try:
-    program.train_or_evaluate(str(workdir), command_line.parse_config(overrides, config_file),
-                              mode, allow_config_change)
+    config, parsed = parse_as_main(
+        [sys.executable, "-m", "research.main", f"--workdir={workdir}", *flags])
+    program.train_or_evaluate(parsed["workdir"].value, config, parsed["mode"].value,
+                              parsed["allow_config_change"].value)
     return Ran(0, lines.getvalue())
   except UserError as error:
     return Ran(error.exit_code, f"{lines.getvalue()}error: {error}\n")
