@@ -115,6 +115,15 @@ def test_unknown_dataset_and_split_fail_with_what_is_accepted(cifar10_dir):
     datasets.load(_dataset_config("cifar10", data_dir, eval_split="validation"))
 
 
+def test_the_tfds_module_named_for_each_dataset_defines_its_builder():
+  """prepare_data imports that one module so that tfds.builder need not import them all: a
+  TFDS release that moves a builder elsewhere fails here (the run would only be slower)."""
+  from research.data import prepare_data
+
+  for name, module in prepare_data._TFDS_MODULES.items():
+    assert tfds.builder_cls(name).__module__ == f"tensorflow_datasets.{module}", name
+
+
 def test_normalization_constants_exist_for_the_supported_datasets():
   for name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012",
                "imagenette/320px-v2"):

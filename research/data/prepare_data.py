@@ -16,8 +16,10 @@ Run as `python -m research.prepare_data --dataset=fashion_mnist` (`make data`);
 `--source_dir=DIR` prepares from a folder of the original files instead (no network).
 """
 
+import contextlib
 import dataclasses
 import gzip
+import importlib
 import os
 import shutil
 import socket
@@ -66,10 +68,24 @@ def default_data_dir() -> str:
   return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
+# The TFDS module defining each dataset the configs name. Without it imported first,
+# tfds.builder finds a dataset defined the older way by importing every dataset module TFDS
+# has: about 0.27 CPU-s, in every run. Other names take that path.
+_TFDS_MODULES = {
+    "fashion_mnist": "image_classification.mnist", "mnist": "image_classification.mnist",
+    "kmnist": "image_classification.mnist", "cifar10": "image_classification.cifar",
+    "cifar100": "image_classification.cifar",
+}
+
+
 def builder_for(name: str, data_dir: str | None):
   """Returns the TFDS builder, or a UserError naming the known datasets."""
   import tensorflow_datasets as tfds
 
+  module = _TFDS_MODULES.get(name.split("/")[0].split(":")[0])
+  if module:
+    with contextlib.suppress(ImportError):  # moved in another TFDS: the slow path finds it
+      importlib.import_module(f"tensorflow_datasets.{module}")
   data_dir = data_dir or default_data_dir()
   try:
     return tfds.builder(name, data_dir=data_dir, file_format="array_record")
