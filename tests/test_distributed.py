@@ -32,8 +32,8 @@ import pytest
 from conftest import REPO, run_main, with_fast_compile
 
 RTOL = 5e-3
-TEST_EXAMPLES = 10000
-# 96 divides by 1, 4 and 8 devices but not into 10000: the last eval batch is padded.
+TEST_EXAMPLES = 1000  # the smoke preset's eval split, test[:1000]
+# 96 divides by 1, 4 and 8 devices but not into 1000: the last eval batch is padded.
 COMMON = ["--config=configs/default.py:smoke", "--config.log_every_steps=1",
           "--config.eval_every_steps=20", "--config.eval_batch_size=96"]
 STEPS = 20  # the 8-device run; the 1-device run that resumes it trains on to 2 * STEPS
@@ -77,9 +77,9 @@ def _assert_same_training(workdir, reference, steps):
   for record in tests:
     assert record["num_examples"] == TEST_EXAMPLES  # every example once, padding masked out
     np.testing.assert_allclose(record["loss"], expected_tests[record["step"]]["loss"], rtol=RTOL)
-    # A float flip may turn an example's argmax (5 of the 10000 seen with shard_params and
-    # a preemption); allow ten.
-    assert abs(record["accuracy"] - expected_tests[record["step"]]["accuracy"]) <= 1e-3
+    # A float flip may turn an example's argmax (5 of 10000 seen with shard_params and a
+    # preemption); allow two of the 1000.
+    assert abs(record["accuracy"] - expected_tests[record["step"]]["accuracy"]) <= 2e-3
 
 
 def one_device_reference(tmp_path_factory, steps: int = 2 * STEPS) -> str:

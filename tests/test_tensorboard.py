@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, interrupt_at_step, run_here
+from research.run import run_log
 
 
 def _metrics_points(workdir) -> dict:
@@ -25,7 +26,8 @@ def _metrics_points(workdir) -> dict:
       record = json.loads(line)
       for key, value in record.items():
         if key not in ("step", "split", "epoch", "elapsed") and isinstance(value, (int, float)):
-          points.setdefault(f"{record['split']}/{key}", []).append((record["step"], value))
+          tag = f"{run_log.split_tag(record['split'])}/{key}"  # "test[:1000]": test.start_to_1000
+          points.setdefault(tag, []).append((record["step"], value))
   return points
 
 
@@ -117,7 +119,6 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
   short ends its file, and the first file keeps its name (it sorts before new ones)."""
   from tensorboardX import SummaryWriter
 
-  from research.run import run_log
 
   directory = tmp_path / "tensorboard"
   first = SummaryWriter(str(directory), filename_suffix=".a")
@@ -144,7 +145,6 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
 
 
 def test_evaluations_are_tagged_by_the_split_they_name_and_old_records_read_as_before():
-  from research.run import run_log
 
   new = {"step": 5, "split": "train[90%:]", "kind": "eval", "accuracy": 0.5, "elapsed": 1.0}
   old = {"step": 5, "split": "test", "accuracy": 0.5, "elapsed": 1.0}  # before splits were named
