@@ -35,7 +35,7 @@ def test_the_checkpoint_recipe_reads_rebuilds_and_evaluates_a_run(trained_workdi
 
 
 SMOKE_SIZE = ["--config.num_train_steps=20", "--config.log_every_steps=10",
-              "--config.eval_every_steps=20"]
+              "--config.eval_every_steps=20", "--config.dataset.eval_split=test[:1000]"]
 
 
 def _quick_tour_commands() -> list[list[str]]:
@@ -55,7 +55,8 @@ def test_the_readmes_quick_tour_runs_at_smoke_size(tmp_path):
   assert len(commands) >= 5 and all(c[:2] == ["python", "-m"] for c in commands), commands
   assert any("--mode=eval" in c for c in commands)
   for command in commands:
-    # Workdirs under runs/ go to a temporary folder; training runs shrink to 20 steps.
+    # Workdirs under runs/ go to a temporary folder; training runs shrink to 20 steps and
+    # evaluations of 1,000 test images.
     command = [sys.executable, *[arg.replace("runs/", f"{tmp_path}/runs/") for arg in command[1:]]]
     if command[2] == "research.main" and "--mode=eval" not in command:
       command += SMOKE_SIZE
