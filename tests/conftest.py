@@ -225,12 +225,26 @@ def interrupt_at_step(workdir, flags, sig, at_step, after_checkpoint=None) -> tu
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-  """One short real run (300 steps, ~0.8 test accuracy, steps 100-150 profiled)
-  shared by the report, prediction and run.json tests."""
-  workdir = str(tmp_path_factory.mktemp("trained") / "run")
-  result = run_here(workdir, "--config=configs/default.py:smoke", "--config.profile_steps=100,50")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir
+  """One short real run (300 steps, ~0.8 test accuracy, steps 100-150 profiled) shared by
+  the report, prediction, run.json, TensorBoard and documentation tests: trained once per
+  `pytest` session, under xdist by the first worker to need it while the others wait on
+  its lock (pytest-xdist's recipe), in the folder the session's workers share. Its tests
+  read it; the report test alone writes into it (report/, which the others never read)."""
+  import filelock
+
+  # The workers' folders are popen-gwN in the session's own folder; without xdist,
+  # that parent holds other sessions' folders too.
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+  workdir = root / "trained" / "run"
+  with filelock.FileLock(str(root / "trained.lock")):
+    if not (workdir / "run.json").exists():
+      result = run_here(str(workdir), "--config=configs/default.py:smoke",
+                        "--config.profile_steps=100,50")
+      assert result.returncode == 0, result.stderr[-3000:]
+  status = json.loads((workdir / "run.json").read_text())["status"]
+  assert status == "finished", f"the shared run in {workdir} ended {status} (on another worker)"
+  return str(workdir)
 
 
 def tree_digest(directory) -> dict:
