@@ -15,8 +15,9 @@ WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 # Two workers (the machine's two cores); a test file stays on one worker, so its
 # module-wide fixtures (a trained workdir, say) are built once. Compiled programs are
-# shared by every test and run through JAX's compilation cache (tests/conftest.py).
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# shared by every test and run through JAX's compilation cache (tests/conftest.py). Files
+# are handed out in tests/conftest.py's order (START_FIRST), not xdist's.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: train test test-fast data postgres bench bench-compare bench-input check-accelerator clean
 

@@ -6,6 +6,7 @@ reason; tests that force several host devices run their subprocesses on the CPU
 platform, the only one those flags apply to.
 """
 
+import collections
 import io
 import json
 import os
@@ -56,8 +57,21 @@ def _share_compiled_programs() -> None:
 _share_compiled_programs()
 
 
+# One-test files of a minute or more. xdist hands files out by test count, most first
+# (its default, which `make test` turns off), so these came last and often left one worker
+# running one of them alone for 80-100 s at the end; started first, they share the cores
+# with the other worker's files.
+START_FIRST = ("test_bench_command.py", "test_check_accelerator.py", "test_prepare_data.py",
+               "test_bench_compare_command.py")
+
+
 def pytest_collection_modifyitems(config, items):
-  """Skips `cpu_only` tests when JAX's backend is not the CPU (research/backend.py)."""
+  """Orders the files (START_FIRST, then by test count, most first); skips `cpu_only`
+  tests when JAX's backend is not the CPU (research/backend.py)."""
+  counts = collections.Counter(item.path.name for item in items)
+  first = {name: rank for rank, name in enumerate(START_FIRST)}
+  items.sort(key=lambda item: (first.get(item.path.name, len(first)), -counts[item.path.name],
+                               item.path.name))  # stable: a file's tests keep their order
   marked = [item for item in items if item.get_closest_marker("cpu_only")]
   if not marked:
     return
