@@ -109,7 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.num_train_steps = 300
       config.log_every_steps = 50
       config.eval_every_steps = 150
-      # A tenth of the test split: all 10,000 cost more than the 300 steps' training.
+      # A tenth of the test split: two evaluations of all 10,000 cost nearly as much as the
+      # 300 steps of training (3.8 CPU-s against 4.3 on 2 Zen 3 cores).
       config.dataset.eval_split = "test[:1000]"
     elif item.startswith("model="):
       config.model = {"name": item[len("model="):], **models.defaults(item[len("model="):])}
