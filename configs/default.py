@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # NVIDIA GPUs, one bfloat16 pass on TPU, float32 on CPU), "high" or "highest" (full
   # float32 everywhere: results that carry over from CPU, slower on accelerators).
   config.matmul_precision = "default"
-  # GPU only: deterministic XLA reductions (slower); CPU runs are deterministic anyway.
+  # GPU only: deterministic XLA reductions, no autotuning (slower); CPU runs are
+  # deterministic anyway.
   config.deterministic = False
   # Split params and optimizer state over the devices (FSDP-style) instead of
   # replicating them: for models too big for one device's memory.

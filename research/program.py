@@ -27,9 +27,12 @@ def run(workdir: str, config, *, mode: str = "train", allow_config_change: bool 
   if not workdir:
     raise UserError("--workdir is required, e.g. --workdir=runs/default")
   if config.get("deterministic"):
-    # Read by XLA when the GPU backend starts, hence before JAX is imported.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_gpu_deterministic_ops=true").strip()
+    # Read by XLA when the GPU backend starts, hence before JAX is imported. Autotuning off
+    # too: it times kernels and may pick another (deterministic) one in each process that
+    # compiles. On an H200 (2026-12-04), two runs with the first flag alone ended with
+    # different params; with both, equal ones.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops"
+                               "=true --xla_gpu_autotune_level=0").strip()
   import jax
 
   from research import backend
