@@ -19,15 +19,12 @@ from research.run import run_log
 
 
 def _metrics_points(workdir) -> dict:
-  """{tag: [(step, value)]} as TensorBoard should show metrics.jsonl."""
+  """{tag: [(step, value)]} as TensorBoard should show metrics.jsonl: each record's scalars
+  under the tags the writer gives them (run_log._scalars, whose naming is tested below)."""
   points = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      for key, value in record.items():
-        if key not in ("step", "split", "epoch", "elapsed") and isinstance(value, (int, float)):
-          tag = f"{run_log.split_tag(record['split'])}/{key}"  # "test[:1000]": test.start_to_1000
-          points.setdefault(tag, []).append((record["step"], value))
+  for record in run_log.read_records(os.path.join(workdir, "metrics.jsonl")):
+    for tag, value in run_log._scalars(record).items():
+      points.setdefault(tag, []).append((record["step"], value))
   return points
 
 
@@ -119,7 +116,6 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
   short ends its file, and the first file keeps its name (it sorts before new ones)."""
   from tensorboardX import SummaryWriter
 
-
   directory = tmp_path / "tensorboard"
   first = SummaryWriter(str(directory), filename_suffix=".a")
   for step in (10, 20, 30):  # the killed run: 30 is past the checkpoint at 20
@@ -145,7 +141,6 @@ def test_event_files_are_rewritten_to_metrics_points_whatever_a_kill_left(tmp_pa
 
 
 def test_evaluations_are_tagged_by_the_split_they_name_and_old_records_read_as_before():
-
   new = {"step": 5, "split": "train[90%:]", "kind": "eval", "accuracy": 0.5, "elapsed": 1.0}
   old = {"step": 5, "split": "test", "accuracy": 0.5, "elapsed": 1.0}  # before splits were named
   train = {"step": 5, "split": "train", "loss": 0.3, "elapsed": 1.0}
