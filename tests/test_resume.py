@@ -50,7 +50,7 @@ def test_interrupted_run_ends_bit_identical_to_uninterrupted(reference, tmp_path
     assert "Preempted" in stderr and "checkpoint at step" in stderr
   stopped = last_train_step(workdir)
   assert at_step <= stopped < 240, stopped
-  resumed = run_main(workdir, *RUN)
+  resumed = run_here(workdir, *RUN)  # the resume is the subject, not its process
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resumed from checkpoint step" in resumed.stderr
   assert records(workdir) == records(reference)

@@ -207,7 +207,7 @@ def test_interrupted_stream_run_resumes_bit_identical(stream_reference, tmp_path
   assert at_step <= stopped_at < 80
   assert _meta(workdir, stopped_at)["input"]["next_step"] == stopped_at
 
-  resumed = run_main(workdir, *RUN)
+  resumed = run_here(workdir, *RUN)  # the reference ran in a process of its own
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from checkpoint step {stopped_at}" in resumed.stderr
   assert records(workdir) == records(stream_reference)

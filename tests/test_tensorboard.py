@@ -69,12 +69,10 @@ def test_the_real_tensorboard_serves_a_finished_runs_scalars(trained_workdir, tm
       np.testing.assert_allclose([value for _, _, value in served],
                                  [value for _, value in points], rtol=1e-6)
   finally:
-    server.send_signal(signal.SIGINT)
-    try:
-      server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      server.kill()
-      server.wait()
+    # Killed, not stopped by SIGINT: on a loaded machine its shutdown waited out a 20 s
+    # timeout while its reloader thread read the files; how it stops is not tested here.
+    server.kill()
+    server.wait()
 
 
 def _tensorboard_points(workdir) -> dict:
