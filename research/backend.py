@@ -13,6 +13,8 @@ the models consult instead of asking JAX (or the config) again:
 Both loop forms run the same steps and give bit-identical results (tests/test_steps.py).
   * `benchmark_microbatch`: whether `make bench` splits a large batch into micro-batches
     (on CPU, where small micro-batches stay in cache; accelerators measure the batch as given).
+  * `analysis_compile_options`: how `make bench` compiles a program it only counts the
+    FLOPs of and never runs.
 
 Also here: the config's matmul precision (`numerics`), applied in one place around
 everything a run traces, and the check that an accelerator present on the machine is
@@ -64,6 +66,16 @@ class Backend:
     above `size` (0: never) as micro-batches of `size`, a CPU cache trick; accelerators
     measure the batch as given, or their throughput would be understated."""
     return size if self.platform == "cpu" and size and batch_size > size else 0
+
+  @property
+  def analysis_compile_options(self) -> dict:
+    """XLA options for a program compiled only for its cost analysis, never run. On CPU:
+    LLVM's cheapest code generation, half the compile time; the analysis reads the
+    optimized HLO, which these options leave alone (tests/test_benchmark.py checks the
+    counts are equal). Elsewhere the defaults (not measured there)."""
+    if self.platform != "cpu":
+      return {}
+    return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def current(platform: str | None = None) -> Backend:

@@ -29,6 +29,29 @@ def test_throughput_counts_the_models_flops_not_the_fast_forms(fashion_mnist):
   assert f"| seed | 7.5 | 6.5 | 0.9100 | 800 | {row['flops_per_image'] / 1e6:.1f} (" in table
 
 
+@pytest.mark.cpu_only
+def test_a_step_compiled_for_its_flops_only_counts_as_the_full_compile(fashion_mnist):
+  """train_step_flops compiles with Backend.analysis_compile_options (LLVM's cheapest code,
+  never run): XLA's cost analysis is that of the default compile, key for key."""
+  import functools
+
+  import jax
+
+  from research import backend, mesh as mesh_lib
+  from research.run import steps, train
+
+  info, train_split, _ = fashion_mnist
+  config = benchmark.load_config("configs/default.py", {"batch_size": 8})
+  model, tx, init_fn, _ = train.build_model_and_state(config, info, mesh_lib.make_mesh())
+  step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
+  lowered = step.lower(init_fn(0), train_split.images[:8], train_split.labels[:8])
+  options = backend.current().analysis_compile_options
+  assert options  # on the CPU: cheaper than the defaults
+  full = lowered.compile().cost_analysis()
+  assert lowered.compile(options).cost_analysis() == full
+  assert (full[0] if isinstance(full, list) else full)["flops"] > 1e6
+
+
 def test_side_by_side_table_gives_every_peer_to_ours_ratio_and_its_median():
   from research.tools import bench_compare
 

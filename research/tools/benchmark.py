@@ -222,10 +222,12 @@ def train_step_flops(model, tx, state, images, labels) -> float:
   analysis counts a scan body once, so no micro-batch split here."""
   import jax
 
+  from research import backend
   from research.run import steps
 
   step = jax.jit(functools.partial(steps.train_step, apply_fn=model.apply, tx=tx))
-  cost = step.lower(state, images, labels).compile().cost_analysis()
+  options = backend.current().analysis_compile_options
+  cost = step.lower(state, images, labels).compile(options).cost_analysis()
   return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
