@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import REPO, with_fast_compile
 
+from research import backend
 from research.models.cnn import CNN
 from research.models.layers import Conv, max_pool_2x2
 
@@ -292,7 +293,8 @@ def test_bfloat16_seed_cnn_step_runs_its_products_in_bfloat16_on_ynnpack():
   x = jnp.zeros((32, 28, 28, 1))
   variables = model.init(jax.random.key(0), x)
   step = jax.jit(jax.grad(lambda v, x: jnp.sum(model.apply(v, x) ** 2)))
-  hlo = step.lower(variables, x).compile().as_text()
+  # Compiled to be read, never run: research/backend.py's options for that (same HLO).
+  hlo = step.lower(variables, x).compile(backend.current().analysis_compile_options).as_text()
   dots, header = [], ""  # (the signature of the computation holding it, a dot)
   for line in hlo.splitlines():
     if line.startswith(("%", "ENTRY")):
