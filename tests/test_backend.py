@@ -39,6 +39,27 @@ def test_backend_is_resolved_from_jax_and_pieces_are_binary_digits():
   assert CPU.benchmark_microbatch(256, 0) == 0 and ACCELERATOR.benchmark_microbatch(256, 64) == 0
 
 
+@pytest.mark.cpu_only
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnn", "resnet8"])  # Keras' initializers; the ResNets'
+def test_the_initial_state_compiled_for_one_run_has_the_default_compiles_bits(name):
+  """A run compiles its initial state with Backend.init_compile_options (quicker to
+  compile): the parameters and optimizer state must be the default compile's, bit for bit,
+  or a seed would give other weights than before (level 0 changes the ResNets' weights)."""
+  import ml_collections
+
+  from research import models
+
+  config = ml_collections.ConfigDict({"name": name, **models.defaults(name)})
+  model = models.build(config, num_classes=10)
+  lowered = jax.jit(lambda: train.create_state(model, optax.adam(1e-3), (28, 28, 1), 0)).lower()
+  options = backend.current().init_compile_options
+  assert options  # on the CPU: not the defaults
+  for quick, default in zip(jax.tree.leaves(lowered.compile(options)()),
+                            jax.tree.leaves(lowered.compile()())):
+    np.testing.assert_array_equal(quick, default)
+
+
 @pytest.fixture(scope="module")
 def small_run(fashion_mnist):
   """A small CNN, its optimizer, a 4,096-example split and the jitted train_many."""
@@ -50,12 +71,17 @@ def small_run(fashion_mnist):
   return model, tx, split, train_many
 
 
+def _initial_state(model, tx):
+  """train.create_state compiled as one program (op by op, each operation compiles alone)."""
+  return jax.jit(lambda: train.create_state(model, tx, (28, 28, 1), 0))()
+
+
 def _chunks(small_run, where, stops=(7, 12)):
   model, tx, split, train_many = small_run
   mesh = mesh_lib.make_mesh()
   feed = data_source.memory_feed(train_many, split, mesh, seed=0, batch_size=32, rows=8,
                                  where=where)
-  state, step, metrics = train.create_state(model, tx, (28, 28, 1), 0), 0, []
+  state, step, metrics = _initial_state(model, tx), 0, []
   for stop in stops:
     state, chunk_metrics, _ = feed.chunk(state, step, stop)
     metrics.append(chunk_metrics)
@@ -85,7 +111,7 @@ def _while_loops(compiled_text: str) -> list[str]:
 @pytest.mark.slow
 def test_accelerator_form_compiles_a_loop_with_a_known_trip_count(small_run):
   model, tx, split, _ = small_run
-  state = train.create_state(model, tx, (28, 28, 1), 0)
+  state = _initial_state(model, tx)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
   indices = jnp.asarray(datasets.batch_indices(0, 0, 8, 32, len(split)))
   images, labels = jnp.asarray(split.images), jnp.asarray(split.labels)

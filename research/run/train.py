@@ -37,11 +37,13 @@ from research.run.run_log import Progress, RunLog, console, evaluation_line
 
 # ---- Model, state and evaluator: shared by training, evaluation, reports, predictions ----
 
-def build_model_and_state(config, info: datasets.DatasetInfo, mesh, plan=None):
+def build_model_and_state(config, info: datasets.DatasetInfo, mesh, plan=None,
+                          where: backend_lib.Backend | None = None):
   """(model, optimizer, jitted init_fn(seed) -> TrainState, abstract state on `mesh`);
   shared by training, evaluation, reports and predictions. `plan` (the run's
   Schedule) sets the learning-rate schedule's length; the state's structure does
-  not depend on it, so restoring for evaluation needs none.
+  not depend on it, so restoring for evaluation needs none. `where` (default: this
+  process's backend) compiles init_fn with its `init_compile_options`.
 
   The state is replicated, or its params and optimizer state are split over the
   devices when `config.shard_params` (FSDP-style); the abstract state carries those
@@ -59,7 +61,9 @@ def build_model_and_state(config, info: datasets.DatasetInfo, mesh, plan=None):
   shapes = models.check_fits(config.model, info.image_shape,
                              lambda: jax.eval_shape(make_state, config.seed))
   state_sharding = mesh_lib.state_shardings(shapes, mesh, config.shard_params)
-  init_fn = jax.jit(make_state, static_argnums=0, out_shardings=state_sharding)
+  where = where or backend_lib.current()
+  init_fn = jax.jit(make_state, static_argnums=0, out_shardings=state_sharding,
+                    compiler_options=where.init_compile_options)
   abstract_state = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       shapes, state_sharding)
@@ -171,7 +175,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # ---- Model and state: built once, on this run's mesh ---------------------------
   mesh = mesh_lib.make_mesh()
   where = backend_lib.current()  # CPU or accelerator forms of the compiled loop
-  model, tx, init_fn, abstract_state = build_model_and_state(config, source.info, mesh, plan)
+  model, tx, init_fn, abstract_state = build_model_and_state(config, source.info, mesh, plan,
+                                                             where)
   _write_config(config, workdir)  # only now: every check above has passed
 
   # ---- Restore: the newest complete checkpoint in the workdir, else init ----------
