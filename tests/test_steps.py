@@ -8,14 +8,15 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import initial_state
 from research import models
 from research.data import datasets
 from research.models.cnn import CNN
-from research.run import steps, train
+from research.run import steps
 
 
 def _state(model, tx):
-  return train.create_state(model, tx, (28, 28, 1), seed=0)
+  return initial_state(model, tx)  # conftest: one compiled program
 
 
 @pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compile-bound
