@@ -10,11 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import initial_state
 from research import models
 from research.data import datasets
 from research.models import layers
-from research.run import steps
+from research.run import steps, train
 from test_zoo_resnets import assert_repeats_the_blocks_of
 from test_zoo_training import REPEATS
 
@@ -107,7 +106,7 @@ def test_a_short_run_in_the_accelerator_form_stays_finite_and_learns(small_split
   tx = optax.adam(3e-3)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
   indices = datasets.batch_indices(0, 0, 60, 64, len(small_split))
-  state, metrics = run(initial_state(model, tx), small_split.images,
+  state, metrics = run(train.create_state(model, tx, (28, 28, 1), 0), small_split.images,
                        small_split.labels, indices)
   losses = np.asarray(metrics["loss"])
   assert np.isfinite(losses).all() and np.isfinite(np.asarray(metrics["grad_norm"])).all()

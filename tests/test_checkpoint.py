@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import initial_state, run_here
+from conftest import run_here
 from research.errors import UserError
 from research.run import checkpoint
 
@@ -258,10 +258,11 @@ def test_eval_mode_with_a_damaged_config_json_uses_the_checkpoints_config(small_
 def test_init_from_a_cnn_run_into_an_mlp_says_the_architectures_differ(small_run):
   import optax
 
+  from research.run import train
   from research.models.mlp import MLP
 
   source, _, _ = small_run
-  mlp = initial_state(MLP(num_classes=10), optax.adam(1e-3))
+  mlp = train.create_state(MLP(num_classes=10), optax.adam(1e-3), (28, 28, 1), 0)
   with pytest.raises(UserError) as error:
     checkpoint.initialize_from(mlp, source, num_classes=10, reinit_head=False)
   message = str(error.value)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import initial_state, records, run_here
+from conftest import records, run_here
 from test_resume import RUN
 
 
@@ -109,7 +109,7 @@ def test_init_from_reinitializes_the_head_only_when_asked(run_of_30_steps):
   from research.models.cnn import CNN
 
   source = run_of_30_steps
-  five_classes = initial_state(CNN(num_classes=5), optax.adam(1e-3))
+  five_classes = train.create_state(CNN(num_classes=5), optax.adam(1e-3), (28, 28, 1), 0)
   with pytest.raises(UserError) as error:
     checkpoint.initialize_from(five_classes, source, num_classes=5, reinit_head=False)
   assert "params/Dense_1/kernel: (64, 10)" in str(error.value)
