@@ -121,19 +121,6 @@ def _cpu_if_forced_devices(env: dict) -> dict:
   return env
 
 
-def initial_state(model, tx, image_shape=(28, 28, 1), seed: int = 0):
-  """train.create_state(model, tx, image_shape, seed) compiled as one program, as a run
-  compiles it (Backend.init_compile_options); run eagerly, model.init would compile each
-  of its operations alone."""
-  import jax
-
-  from research import backend
-  from research.run import train
-
-  return jax.jit(lambda: train.create_state(model, tx, image_shape, seed),
-                 compiler_options=backend.current().init_compile_options)()
-
-
 @pytest.fixture(scope="session")
 def fashion_mnist():
   """(info, train, test) of the real dataset, prepared from Debian's files if needed."""

@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import initial_state
 from research import models
 from research.data import augment, datasets
-from research.run import steps
+from research.run import steps, train
 
 
 def _config(**fields):
@@ -87,7 +86,7 @@ def test_augmented_training_is_reproducible_step_by_step(fashion_mnist):
       steps.train_many, apply_fn=model.apply, tx=tx,
       train_input=augment.make_train_input(_config(crop_padding=2, flip=True))))
   indices = datasets.batch_indices(0, 0, 6, 16, len(train_split))
-  start = initial_state(model, tx)
+  start = train.create_state(model, tx, (28, 28, 1), seed=0)
   whole, _ = run(start, train_split.images, train_split.labels, indices)
   half, _ = run(start, train_split.images, train_split.labels, indices[:3])
   resumed, _ = run(half, train_split.images, train_split.labels, indices[3:])

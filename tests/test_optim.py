@@ -10,11 +10,10 @@ import optax
 import pytest
 
 from configs import default
-from conftest import initial_state
 from research import models
 from research.data import datasets
 from research.errors import UserError
-from research.run import optim, steps
+from research.run import optim, steps, train
 
 
 def _optimizer_config(name, **fields):
@@ -46,7 +45,7 @@ def test_every_optimizer_trains_on_real_batches(fashion_mnist, name):
   config.schedule.name = "warmup_cosine"
   config.schedule.warmup_steps = 5
   model, tx = _mlp(), _build(config, total_steps=40)
-  state = initial_state(model, tx)
+  state = train.create_state(model, tx, (28, 28, 1), seed=0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
   indices = datasets.batch_indices(0, 0, 40, 64, len(train_split))
   state, metrics = run(state, train_split.images, train_split.labels, indices)
@@ -210,11 +209,11 @@ def test_k_micro_batches_equal_one_step_on_the_k_times_larger_batch(fashion_mnis
   plain_tx = _build(config)
   indices = datasets.batch_indices(0, 0, 2 * k, batch, len(train_split))  # two updates
 
-  state = initial_state(model, accumulated_tx)
+  state = train.create_state(model, accumulated_tx, (28, 28, 1), seed=0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=accumulated_tx))
   accumulated, _ = run(state, train_split.images, train_split.labels, indices)
 
-  state = initial_state(model, plain_tx)
+  state = train.create_state(model, plain_tx, (28, 28, 1), seed=0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=plain_tx))
   large, _ = run(state, train_split.images, train_split.labels, indices.reshape(2, k * batch))
 

@@ -8,15 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import initial_state
 from research import models
 from research.data import datasets
 from research.models.cnn import CNN
-from research.run import steps
+from research.run import steps, train
 
 
 def _state(model, tx):
-  return initial_state(model, tx)  # conftest: one compiled program
+  return train.create_state(model, tx, (28, 28, 1), seed=0)
 
 
 @pytest.mark.usefixtures("cheap_compiles")  # conftest.py: compile-bound
