@@ -71,17 +71,12 @@ def small_run(fashion_mnist):
   return model, tx, split, train_many
 
 
-def _initial_state(model, tx):
-  """train.create_state compiled as one program (op by op, each operation compiles alone)."""
-  return jax.jit(lambda: train.create_state(model, tx, (28, 28, 1), 0))()
-
-
 def _chunks(small_run, where, stops=(7, 12)):
   model, tx, split, train_many = small_run
   mesh = mesh_lib.make_mesh()
   feed = data_source.memory_feed(train_many, split, mesh, seed=0, batch_size=32, rows=8,
                                  where=where)
-  state, step, metrics = _initial_state(model, tx), 0, []
+  state, step, metrics = train.create_state(model, tx, (28, 28, 1), 0), 0, []
   for stop in stops:
     state, chunk_metrics, _ = feed.chunk(state, step, stop)
     metrics.append(chunk_metrics)
@@ -111,7 +106,7 @@ def _while_loops(compiled_text: str) -> list[str]:
 @pytest.mark.slow
 def test_accelerator_form_compiles_a_loop_with_a_known_trip_count(small_run):
   model, tx, split, _ = small_run
-  state = _initial_state(model, tx)
+  state = train.create_state(model, tx, (28, 28, 1), 0)
   run = jax.jit(functools.partial(steps.train_many, apply_fn=model.apply, tx=tx))
   indices = jnp.asarray(datasets.batch_indices(0, 0, 8, 32, len(split)))
   images, labels = jnp.asarray(split.images), jnp.asarray(split.labels)
