@@ -18,8 +18,10 @@ takes finished batches and gives them to the devices, with no copy on the host
 research/data/host_buffers.py). Worker w computes steps
 w, w+n, ...; grain interleaves them back in order, so the batches do not depend
 on the worker count. A worker that dies (killed, out of memory) is reported as
-a TrainingFailure within seconds (grain watches its exit code); the checkpoints
-are untouched and the same command resumes.
+a TrainingFailure within seconds; the checkpoints are untouched and the same
+command resumes. The reader watches the workers' exit codes itself, outside grain's
+locks: a worker SIGKILLed while it held one of them (grain's stop Event) would leave
+grain's own report of it, and its close(), waiting forever.
 
 Order. The batch of global step s holds `datasets.batch_indices(seed, s, 1, batch, n)`:
 the indices the in-memory path gathers on the devices. Crops are drawn per
@@ -56,7 +58,10 @@ import atexit
 import collections
 import functools
 import math
+import multiprocessing
 import os
+import queue
+import threading
 import time
 
 import grain
@@ -74,6 +79,10 @@ from research.errors import TrainingFailure, UserError
 # devices as it is (ImageNet at 224, batch 1024: 154 MB a step, one step a call).
 CALL_BYTES = 128 * 2**20
 WORKER_BUFFER = 2  # finished batches each worker may hold ahead
+WATCH_SECONDS = 0.5  # while a batch is awaited, the workers' exit codes are read this often
+# After a worker died, grain's close() may wait on a lock the dead worker held: it gets
+# this long (in a daemon thread) once the other workers are killed.
+ABANDON_SECONDS = 2
 
 
 def open_split(builder, dataset_config, split: str, image_shape) -> ExampleReader:
@@ -117,7 +126,12 @@ def reader_threads(requested: int = 0) -> int:
 
 class _Reader:
   """Iterates a grain MapDataset of batches read ahead in worker processes (or, with
-  workers=0, threads), turning a dead worker into a TrainingFailure."""
+  workers=0, threads), turning a dead worker into a TrainingFailure.
+
+  With workers, grain's iterator runs in a fetcher thread of this reader, one batch per
+  request, while the caller waits in steps of WATCH_SECONDS and reads the workers' exit
+  codes between them: a dead worker ends the wait even when grain's own report of it
+  hangs (see the module's docstring)."""
 
   def __init__(self, dataset, ahead: int, workers: int, threads: int):
     self.workers = workers = worker_count(workers)
@@ -138,6 +152,11 @@ class _Reader:
       dataset = dataset.to_iter_dataset(
           grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, ahead)))
     self._iterator = iter(dataset)
+    # The processes this reader's workers may be: those started after this point.
+    self._others = set(multiprocessing.active_children())
+    self._workers = {}  # pid -> multiprocessing.Process, kept once seen alive
+    self._requests, self._results = queue.Queue(), queue.Queue()
+    self._fetcher = None
 
   def start(self) -> None:
     """Starts reading ahead now (the first batches are read while the step compiles)."""
@@ -145,23 +164,75 @@ class _Reader:
       self._iterator.start_prefetch()
 
   def __next__(self):
-    try:
-      batch = next(self._iterator)
-    except RuntimeError as e:
-      if "terminated unexpectedly" not in str(e):
-        raise
-      raise TrainingFailure(
-          f"An input worker process died ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
-          "A killed worker is most often the host running out of memory: lower "
-          "--config.dataset.workers or the batch size. The checkpoints are untouched; rerun "
-          "the same command to resume.") from None
-    if self.workers:
-      _RECEIVED_BLOCKS.extend(leaf.shm.name for leaf in batch
-                              if getattr(leaf, "shm", None) is not None)
+    if not self.workers:
+      return next(self._iterator)
+    if self._fetcher is None:
+      self._fetcher = threading.Thread(target=self._fetch, name="stream-input-fetch",
+                                       daemon=True)
+      self._fetcher.start()
+    self._requests.put(True)
+    while True:
+      self._raise_if_a_worker_died()
+      try:
+        batch, error = self._results.get(timeout=WATCH_SECONDS)
+        break
+      except queue.Empty:
+        continue
+    if error is not None:
+      self._raise_if_a_worker_died()
+      if isinstance(error, RuntimeError) and "terminated unexpectedly" in str(error):
+        # grain saw a worker die before this reader did.
+        raise _worker_died(str(error).splitlines()[0]) from None
+      raise error
+    _RECEIVED_BLOCKS.extend(leaf.shm.name for leaf in batch
+                            if getattr(leaf, "shm", None) is not None)
     return batch
 
+  def _fetch(self) -> None:
+    """The fetcher thread: one batch from grain per request, until a False request."""
+    while self._requests.get():
+      try:
+        self._results.put((next(self._iterator), None))
+      except BaseException as e:  # handed to the caller's thread
+        self._results.put((None, e))
+
+  def _dead_worker(self):
+    """A worker of this reader that exited with a non-zero code, or None."""
+    for process in multiprocessing.active_children():  # also reaps those that ended
+      if process not in self._others:
+        self._workers.setdefault(process.pid, process)
+    return next((p for p in self._workers.values() if p.exitcode not in (None, 0)), None)
+
+  def _raise_if_a_worker_died(self) -> None:
+    if (dead := self._dead_worker()) is not None:
+      raise _worker_died(f"pid {dead.pid}, exit code {dead.exitcode}")
+
   def close(self) -> None:
-    self._iterator.close()
+    if self._fetcher is not None:
+      self._requests.put(False)
+    if not self.workers or self._dead_worker() is None:
+      self._iterator.close()
+      return
+    # A dead worker may have held a lock grain's close() waits on: it never comes free.
+    # The other workers are stopped here, and grain's close gets a bounded time.
+    for worker in self._workers.values():
+      if worker.exitcode is None:
+        worker.kill()
+    closer = threading.Thread(target=self._iterator.close, name="stream-input-close",
+                              daemon=True)
+    closer.start()
+    closer.join(ABANDON_SECONDS)
+    if closer.is_alive():
+      logging.warning("The input pipeline did not stop within %d s of a worker's death; it "
+                      "is abandoned (its memory is freed when this process ends).",
+                      ABANDON_SECONDS)
+
+
+def _worker_died(what: str) -> TrainingFailure:
+  return TrainingFailure(
+      f"An input worker process died ({what}). A killed worker is most often the host "
+      "running out of memory: lower --config.dataset.workers or the batch size. The "
+      "checkpoints are untouched; rerun the same command to resume.")
 
 
 # The names of the newest shared-memory batches this process received: the only ones a
