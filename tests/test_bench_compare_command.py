@@ -26,7 +26,7 @@ def _shared_bench() -> str:
 # CPU. Its script runs unchanged but for that folder, on the first KERAS_TRAIN training
 # and KERAS_TEST test examples of the same files.
 KERAS_DATA = "/usr/share/datasets/fashion-mnist"
-KERAS_TRAIN, KERAS_TEST = 12000, 1000  # ~0.85 test accuracy after 2 epochs
+KERAS_TRAIN, KERAS_TEST = 6000, 1000  # 0.826 test accuracy after 2 epochs
 
 
 def _subset_idx(source: str, target: str, count: int) -> None:
@@ -81,8 +81,8 @@ def test_make_bench_compare_runs_ours_and_the_keras_reference(tmp_path):
   assert set(round_one) == {"ours (JAX)", "ours (JAX, bf16)", "Keras/TF"}
   for name, measured in round_one.items():
     assert measured["steady_epoch_s"] > 0 and measured["peak_rss_mb"] > 100, name
-  # Ours trained on 1,280 examples; the reference on 12,000 (0.826 measured on 6,000).
-  assert 0.8 < round_one["Keras/TF"]["test_accuracy"] <= 1
+  # Ours trained on 1,280 examples; the reference on 6,000 (0.826 measured): both learn.
+  assert 0.7 < round_one["Keras/TF"]["test_accuracy"] <= 1
   assert 0.3 < round_one["ours (JAX)"]["test_accuracy"] <= 1
   assert set(report["throughput"]) == set(round_one)
   for name, rates in report["throughput"].items():

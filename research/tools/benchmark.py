@@ -165,8 +165,10 @@ def epoch_times(records: list[dict]) -> dict:
           "test_accuracy": run_log.final_evaluation(records).get("accuracy")}
 
 
-def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
-  """Steady-state images/s of the compiled train loop at `batch_size`, and XLA's FLOPs."""
+def throughput(config_file: str, overrides: dict, batch_size: int,
+               count_flops: bool = True) -> dict:
+  """Steady-state images/s of the compiled train loop at `batch_size`, and XLA's FLOPs
+  (without `count_flops`: None; counting compiles the step once or twice more)."""
   import jax
 
   from research import mesh as mesh_lib, models
@@ -190,11 +192,11 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
 
   indices = datasets.batch_indices(config.seed, 0, steps_per_call, batch_size, len(train_split))
   batch = train_split.images[indices[0]], train_split.labels[indices[0]]
-  executed = train_step_flops(model, tx, state, *batch) / batch_size
+  executed = train_step_flops(model, tx, state, *batch) / batch_size if count_flops else None
   # The model's FLOPs are those of its plain form (lax.conv, every conv output computed):
   # the fast CPU form skips outputs the 2x2 pool drops, which must not count as work done.
   flops_per_image = executed
-  if "conv_impl" in models.MODELS[config.model.name].knobs:
+  if count_flops and "conv_impl" in models.MODELS[config.model.name].knobs:
     reference = config.copy_and_resolve_references()
     reference.model.conv_impl = "xla"
     plain_model, _, _, _ = train.build_model_and_state(reference, info, mesh)
@@ -214,7 +216,7 @@ def throughput(config_file: str, overrides: dict, batch_size: int) -> dict:
   return {"batch_size": batch_size, "microbatch_size": config.microbatch_size,
           "images_per_sec": images_per_sec,
           "flops_per_image": flops_per_image, "executed_flops_per_image": executed,
-          "gflops_per_sec": images_per_sec * flops_per_image / 1e9}
+          "gflops_per_sec": images_per_sec * flops_per_image / 1e9 if count_flops else None}
 
 
 def train_step_flops(model, tx, state, images, labels) -> float:
