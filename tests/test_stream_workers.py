@@ -3,7 +3,8 @@
 The worker count changes nothing computed: the same batches with threads (0) and with
 1 or 2 processes (two deal the batches out between them, in an uneven share: 7 batches),
 Inception crops included; a worker killed mid-run is reported as
-a clear error within seconds, never a hang; and a streamed run with workers, killed
+a clear error within seconds, never a hang, even one killed while it held a lock grain
+waits on; and a streamed run with workers, killed
 with SIGKILL, resumes to bitwise-equal parameters.
 """
 
