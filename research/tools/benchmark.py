@@ -171,7 +171,7 @@ def throughput(config_file: str, overrides: dict, batch_size: int,
   (without `count_flops`: None; counting compiles the step once or twice more)."""
   import jax
 
-  from research import mesh as mesh_lib, models
+  from research import mesh as mesh_lib
   from research.data import datasets, data_source
   from research.run import step_schedule, steps, train
 
@@ -192,16 +192,8 @@ def throughput(config_file: str, overrides: dict, batch_size: int,
 
   indices = datasets.batch_indices(config.seed, 0, steps_per_call, batch_size, len(train_split))
   batch = train_split.images[indices[0]], train_split.labels[indices[0]]
-  executed = train_step_flops(model, tx, state, *batch) / batch_size if count_flops else None
-  # The model's FLOPs are those of its plain form (lax.conv, every conv output computed):
-  # the fast CPU form skips outputs the 2x2 pool drops, which must not count as work done.
-  flops_per_image = executed
-  if count_flops and "conv_impl" in models.MODELS[config.model.name].knobs:
-    reference = config.copy_and_resolve_references()
-    reference.model.conv_impl = "xla"
-    plain_model, _, _, _ = train.build_model_and_state(reference, info, mesh)
-    flops_per_image = train_step_flops(plain_model, tx, state, *batch) / batch_size
-
+  flops_per_image, executed = (flops_per_image_of(config, info, mesh, model, tx, state, batch)
+                               if count_flops else (None, None))
   state, metrics = run(state, images, labels, indices)  # compile
   jax.block_until_ready(metrics)
   rates = []
@@ -217,6 +209,22 @@ def throughput(config_file: str, overrides: dict, batch_size: int,
           "images_per_sec": images_per_sec,
           "flops_per_image": flops_per_image, "executed_flops_per_image": executed,
           "gflops_per_sec": images_per_sec * flops_per_image / 1e9 if count_flops else None}
+
+
+def flops_per_image_of(config, info, mesh, model, tx, state, batch) -> tuple[float, float]:
+  """(The model's FLOPs per image, those its compiled train step executes) on `batch`.
+  The model's are those of its plain form (lax.conv, every conv output computed): the
+  fast CPU form skips outputs the 2x2 pool drops, which must not count as work done."""
+  from research import models
+  from research.run import train
+
+  executed = train_step_flops(model, tx, state, *batch) / len(batch[1])
+  if "conv_impl" not in models.MODELS[config.model.name].knobs:
+    return executed, executed
+  reference = config.copy_and_resolve_references()
+  reference.model.conv_impl = "xla"
+  plain_model, _, _, _ = train.build_model_and_state(reference, info, mesh)
+  return train_step_flops(plain_model, tx, state, *batch) / len(batch[1]), executed
 
 
 def train_step_flops(model, tx, state, images, labels) -> float:
