@@ -273,11 +273,6 @@ def _loop(run: _Run, state, start_step: int) -> dict:
   checkpoints, or stops for a preemption. Returns the final evaluation."""
   config, plan, checkpointer = run.config, run.plan, run.checkpointer
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  console("Training %s (%d parameters) on %s: %d steps (%d per epoch), batch %d, %d device(s).",
-          config.model.name, n_params, run.info.name, plan.total_steps, plan.steps_per_epoch,
-          config.batch_size, jax.device_count())
-  progress = Progress(plan, config.batch_size, start_step)
-  started = time.perf_counter()
   step = start_step
   final = {}
   window = []  # per-step train metrics since the last log line
@@ -285,6 +280,12 @@ def _loop(run: _Run, state, start_step: int) -> dict:
   with (_PreemptionFlag() as preempted, contextlib.closing(run.feed),
         run_info.RunRecord(run.workdir, config, start_step, run.info, run.where) as record,
         run.profiler):
+    # Printed once SIGTERM/SIGINT are caught: from this line on, a signal is a checkpoint.
+    console("Training %s (%d parameters) on %s: %d steps (%d per epoch), batch %d, %d "
+            "device(s).", config.model.name, n_params, run.info.name, plan.total_steps,
+            plan.steps_per_epoch, config.batch_size, jax.device_count())
+    progress = Progress(plan, config.batch_size, start_step)
+    started = time.perf_counter()
     while step < plan.total_steps:
       # A profiled window starts and ends between two calls.
       stop = run.profiler.clip(step, plan.next_stop(step))
