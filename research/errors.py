@@ -33,13 +33,21 @@ class UserError(Exception):
 
   def exit(self):
     """Ends a command-line program: the message on stderr, the exit status, no traceback."""
-    print(f"error: {self}", file=sys.stderr, flush=True)
+    message = f"error: {self}\n"
+    if sys.stderr is not sys.__stderr__:  # an in-process caller (a test's capture)
+      print(message, end="", file=sys.stderr, flush=True)
+      sys.exit(self.exit_code)
     # Work this error abandoned (Orbax's background writes after a failed checkpoint) can
-    # still log from other threads and at interpreter shutdown; the message stays last.
-    # Only the process's own stderr: an in-process caller (a test's capture) keeps its own.
-    if sys.stderr is sys.__stderr__:
-      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stderr__.fileno())
-      end_within(self.exit_code)
+    # still write from other threads and at interpreter shutdown: the process's stderr goes
+    # to /dev/null first, then the message is written to the stream it was, so it is last.
+    sys.stderr.flush()
+    stream = sys.__stderr__.fileno()
+    original = os.dup(stream)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream)
+    with open(original, "w", encoding=sys.__stderr__.encoding or "utf-8",
+              errors="backslashreplace") as out:
+      out.write(message)
+    end_within(self.exit_code)
     sys.exit(self.exit_code)
 
 
